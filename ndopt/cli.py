@@ -1,0 +1,154 @@
+"""The `ndopt` command: thin click commands over the library (ndopt.run, ndopt.plan, ...).
+
+An NdoptError prints one line and exits 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from ndopt.errors import NdoptError
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except NdoptError as e:
+            if debug:
+                raise
+            click.echo(f"ndopt: error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def main(debug: bool, quiet: bool) -> None:
+    """ndopt: optimize pyramidal-flow video diffusion pipelines for Snapdragon NPUs."""
+    from ndopt.progress import setup_logging
+
+    setup_logging(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--model", help="Override the recipe's model (preset name or checkpoint dir).")
+@click.option("--target", help="Override the recipe's target.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: <output>/<name>).")
+@_errors
+def run(recipe: str, model: str | None, target: str | None, out: str | None) -> None:
+    """Run RECIPE (a path or a shipped recipe's name) end to end."""
+    from ndopt.runner import run as run_recipe
+
+    report = run_recipe(recipe, model=model, target=target, out=out)
+    click.echo(f"ok: {report['recipe']['name']}: {len(report['steps'])} passes; "
+               f"report at {report['paths']['md']}")
+    r = report.get("ratios") or {}
+    if r:
+        click.echo(f"params {r['params']}x fewer, FLOPs/video {r['flops_per_video']}x fewer, "
+                   f"DiT calls/video {r['dit_calls_per_video']}x fewer")
+
+
+@main.command()
+@click.argument("recipe", required=False)
+@click.option("--model", help="A preset (e.g. pyramid-flow-sd3-768p); with a recipe, overrides its model.")
+@click.option("--target", help="Override the recipe's target.")
+@click.option("--frames", type=int, help="Latent frames per video (default: the preset's).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_errors
+def plan(recipe: str | None, model: str | None, target: str | None, frames: int | None, as_json: bool) -> None:
+    """Show what RECIPE (or --model alone) costs on the real-size model, on the meta device."""
+    from ndopt.runner import plan as plan_recipe
+
+    if recipe is None and model is None:
+        raise click.UsageError("give a RECIPE or --model")
+    result = plan_recipe(recipe, model=model, target=target, latent_frames=frames)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.items() if k != "final_summary"}, indent=2))
+        return
+    from rich.table import Table
+
+    from ndopt.progress import console
+
+    t = Table(title=f"plan: {result.get('recipe', result['model'])} ({result['pipeline']})")
+    for col in ("step", "params", "DiT calls/video", "FLOPs/video"):
+        t.add_column(col, justify="right" if col != "step" else "left")
+    t.add_row("baseline", f"{result['params_total'] / 1e9:.3f}B", str(result["dit_calls_per_video"]),
+              f"{result['flops_per_video'] / 1e12:.1f}T")
+    for s in result.get("passes", []):
+        t.add_row(s["name"], f"{s['params_total'] / 1e9:.3f}B", str(s["dit_calls_per_video"]),
+                  f"{s['flops_per_video'] / 1e12:.1f}T")
+    console.print(t)
+    for name, p in result["params"].items():
+        console.print(f"  {name}: {p / 1e6:.1f}M params, {result['calls_per_video'][name]} calls/video")
+
+
+@main.command()
+@_errors
+def passes() -> None:
+    """List the registered passes (built-in and from installed plugins)."""
+    from ndopt.passmanager import available_passes
+
+    for name, cls in available_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        click.echo(f"{name:32s} {cls.fidelity.kind:8s} {doc}  [{cls.__module__}]")
+
+
+@main.command()
+@_errors
+def targets() -> None:
+    """List the known targets."""
+    from ndopt.target import available_targets
+
+    for name, t in available_targets().items():
+        click.echo(f"{name:24s} {t.description}")
+
+
+@main.command()
+@click.option("--model", default="pyramid-flow-tiny", show_default=True)
+@click.option("--prompt", required=True)
+@click.option("--frames", default=9, show_default=True, help="Video frames: 1 + 8k.")
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["mp4", "gif", "png"]), help="Default: from --out's suffix.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@_errors
+def generate(model: str, prompt: str, frames: int, height: int | None, width: int | None, seed: int,
+             fmt: str | None, out: str) -> None:
+    """Generate a video from a prompt."""
+    from ndopt.frontends import load_model
+    from ndopt.progress import progress
+    from ndopt.runner import generate as gen
+
+    sched = load_model(model, meta=True).schedule if model in _preset_names() else None
+    total = None
+    if sched is not None:
+        sched = sched.with_frames(1 + (frames - 1) // 8)
+        total = sched.steps_per_video
+    with progress("generating", total) as advance:
+        path = gen(model, prompt, out, frames=frames, height=height, width=width, seed=seed, fmt=fmt,
+                   progress=advance)
+    click.echo(f"wrote {path}")
+
+
+def _preset_names() -> list[str]:
+    from ndopt.frontends import preset_names
+
+    return preset_names()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The fidelity probe: fixed prompts and seeds at a small resolution, run through a pipeline.
+
+The PassManager's FidelityInstrument runs the probe after every pass and compares the latents and
+decoded frames with those of the pipeline before the pass (the pass's own effect, checked against
+its contract) and with the unoptimized pipeline (the cumulative effect, reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ndopt.errors import FidelityError
+from ndopt.eval.metrics import latent_metrics, pixel_psnr
+from ndopt.ir.pipeline import Pipeline
+
+log = logging.getLogger("ndopt")
+
+DEFAULT_PROMPTS = (
+    "a red circle moving left on a blue background",
+    "a yellow square moving up on a dark background",
+)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    seed: int = 0
+    latent_frames: int = 2  # 9 video frames
+    height: int = 64
+    width: int = 64
+
+
+@dataclass(frozen=True)
+class ProbeOutput:
+    latents: torch.Tensor
+    video: torch.Tensor
+
+
+class FidelityProbe:
+    """Runs a pipeline on the probe settings; compares outputs."""
+
+    def __init__(self, settings: ProbeSettings = ProbeSettings()) -> None:
+        self.settings = settings
+
+    def outputs(self, pipeline: Pipeline, progress: Any = None) -> ProbeOutput:
+        s = self.settings
+        probe_pipe = pipeline.replace(schedule=pipeline.schedule.with_frames(s.latent_frames, s.height, s.width))
+        g = torch.Generator(device="cpu")
+        g.manual_seed(s.seed)
+        with torch.no_grad():
+            latents = probe_pipe.sampler.sample(probe_pipe, list(s.prompts), generator=g, progress=progress)
+            video = probe_pipe.sampler.decode(probe_pipe, latents)
+        return ProbeOutput(latents.detach().cpu().float(), video.detach().cpu().float())
+
+    @staticmethod
+    def compare(out: ProbeOutput, ref: ProbeOutput) -> dict[str, float]:
+        if out.latents.shape != ref.latents.shape:
+            raise FidelityError(f"probe latents changed shape: {tuple(out.latents.shape)} vs "
+                                f"{tuple(ref.latents.shape)}")
+        m = latent_metrics(out.latents, ref.latents)
+        m["pixel_psnr"] = pixel_psnr(out.video, ref.video) if out.video.shape == ref.video.shape else -math.inf
+        return m
+
+
+@dataclass
+class FidelityInstrument:
+    """PassManager instrument: probe after each pass; enforce exact tolerances and lossy budgets.
+
+    policy `stop` raises FidelityError when a lossy pass leaves its budget; `warn` logs and goes on.
+    Exact and analysis passes always stop on a violation: that is a bug, not a trade-off."""
+
+    probe: FidelityProbe
+    policy: str = "stop"
+    budgets: dict[str, float] = field(default_factory=dict)  # per-pass overrides of budget_db
+    reference: ProbeOutput | None = None
+    _previous: ProbeOutput | None = None
+
+    def before(self, index, p, pipeline, ctx) -> None:  # noqa: ANN001 - Instrument protocol
+        if ctx.plan:
+            return
+        if self.reference is None:
+            self.reference = self.probe.outputs(pipeline)
+            self._previous = self.reference
+
+    def after(self, index, p, before, result, ctx, record) -> None:  # noqa: ANN001
+        if ctx.plan:
+            return
+        kind = p.fidelity.kind
+        if not result.modified:
+            record["fidelity"] = {"contract": kind, "skipped": "pass did not modify the pipeline"}
+            return
+        out = self.probe.outputs(result.pipeline)
+        step = self.compare_checked(out, self._previous, p, kind)
+        total = self.probe.compare(out, self.reference)
+        record["fidelity"] = {"contract": kind, "vs_previous": step, "vs_original": total}
+        self._previous = out
+
+    def compare_checked(self, out: ProbeOutput, prev: ProbeOutput, p, kind: str) -> dict[str, float]:  # noqa: ANN001
+        step = self.probe.compare(out, prev)
+        if kind == "exact":
+            tol = p.fidelity.tolerance
+            if step["latent_rel_err"] > tol:
+                raise FidelityError(f"exact pass {p.name!r} changed the probe latents by "
+                                    f"{step['latent_rel_err']:.3g} (relative), tolerance {tol:g}")
+        elif kind == "analysis":
+            if step["latent_rel_err"] != 0.0:
+                raise FidelityError(f"analysis pass {p.name!r} changed the pipeline output")
+        else:
+            budget = self.budgets.get(p.name, p.fidelity.budget_db)
+            value = step[p.fidelity.metric]
+            if value < budget:
+                msg = (f"lossy pass {p.name!r}: {p.fidelity.metric} {value:.2f} dB is below its budget "
+                       f"{budget:.2f} dB")
+                if self.policy == "stop":
+                    raise FidelityError(msg + " (set fidelity.policy: warn in the recipe to go on)")
+                log.warning(msg)
+        return step

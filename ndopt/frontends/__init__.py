@@ -1,0 +1,39 @@
+"""Frontends build Pipelines: from a preset name or from a checkpoint directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ndopt.errors import CheckpointError, NdoptError
+from ndopt.ir.pipeline import Pipeline
+
+
+def preset_names() -> list[str]:
+    from ndopt.frontends.pyramid_flow.presets import preset_specs
+
+    return sorted(preset_specs())
+
+
+def load_model(ref: str, *, device: torch.device | str = "cpu", seed: int = 0, meta: bool = False,
+               variant: str = "768p") -> Pipeline:
+    """A preset name (built on `device`, or on meta when `meta`) or an upstream checkpoint directory.
+
+    Real-size presets have no bundled weights: they are built on the meta device (costs, plans)."""
+    from ndopt.frontends.pyramid_flow.presets import build_preset, load_checkpoint_dir, preset_specs
+
+    if ref in preset_specs():
+        real = not ref.endswith("tiny")
+        if real and not meta:
+            raise NdoptError(f"preset {ref!r} has no bundled weights (2B+ parameters): use `ndopt plan` "
+                             "(meta device), or pass the upstream checkpoint directory as the model")
+        return build_preset(ref, "meta" if meta else device, seed)
+    path = Path(ref)
+    if path.is_dir():
+        if meta:
+            raise NdoptError("planning from a checkpoint directory loads weights; plan its preset instead")
+        return load_checkpoint_dir(path, variant=variant, device=str(device))
+    if path.exists():
+        raise CheckpointError(f"{ref}: a model is a preset name or an upstream checkpoint directory, not a file")
+    raise NdoptError(f"unknown model {ref!r}: not a preset ({', '.join(preset_names())}) and no such directory")

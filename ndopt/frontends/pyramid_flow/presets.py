@@ -1,0 +1,171 @@
+"""Pyramid-Flow pipelines: the tiny preset, the real-size presets (meta unless weights are given),
+and pipelines loaded from an upstream checkpoint directory.
+
+The pipeline is text_encoder -> dit -> vae_decoder -> video, plus the VAE encoder fed by the
+`image` input (image-to-video conditioning), which text-to-video recipes eliminate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ndopt.errors import CheckpointError
+from ndopt.frontends.pyramid_flow import checkpoint as ckpt
+from ndopt.frontends.pyramid_flow import dit as dit_mod
+from ndopt.frontends.pyramid_flow import text as text_mod
+from ndopt.frontends.pyramid_flow import vae as vae_mod
+from ndopt.frontends.pyramid_flow.sampler import PyramidFlowSampler
+from ndopt.frontends.pyramid_flow.schedule import pyramid_flow_schedule
+from ndopt.ir.component import Component
+from ndopt.ir.pipeline import SINK, Pipeline
+from ndopt.ir.spec import Port, TensorSpec
+
+log = logging.getLogger("ndopt")
+
+
+@dataclass(frozen=True)
+class PresetSpec:
+    name: str
+    dit: dit_mod.MMDiTConfig
+    vae: vae_mod.CausalVAEConfig
+    text: text_mod.TextEncoderConfig
+    height: int
+    width: int
+    latent_frames: int
+    steps: tuple[int, ...] = (20, 20, 20)
+    video_steps: tuple[int, ...] = (10, 10, 10)
+    guidance_scale: float = 7.0
+    video_guidance_scale: float = 5.0
+    prompt_suffix: str = ", hyper quality, Ultra HD, 8K"
+    negative_prompt: str | None = None  # None: upstream's default negative prompt
+
+
+def _real_spec(name: str, height: int, width: int) -> PresetSpec:
+    # upstream README: temp=16 latent frames (5 s at 24 fps), 20-20-20 / 10-10-10, CFG 7 / 5
+    return PresetSpec(name, dit_mod.MMDiTConfig(), vae_mod.CausalVAEConfig(), text_mod.real_config(),
+                      height=height, width=width, latent_frames=16)
+
+
+def preset_specs() -> dict[str, PresetSpec]:
+    return {
+        "pyramid-flow-tiny": PresetSpec(
+            "pyramid-flow-tiny", dit_mod.tiny_config(), vae_mod.tiny_config(), text_mod.tiny_config(),
+            height=64, width=64, latent_frames=2, prompt_suffix="", negative_prompt=""),
+        "pyramid-flow-sd3-384p": _real_spec("pyramid-flow-sd3-384p", 384, 640),
+        "pyramid-flow-sd3-768p": _real_spec("pyramid-flow-sd3-768p", 768, 1280),
+    }
+
+
+@contextlib.contextmanager
+def _build_device(device: torch.device | str, seed: int) -> Iterator[None]:
+    """Build modules on `device`; on a real device with a fixed seed (deterministic init)."""
+    if str(device) == "meta":
+        with torch.device("meta"):
+            yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            yield
+
+
+def assemble(name: str, text: torch.nn.Module, dit: torch.nn.Module, vae: torch.nn.Module,
+             spec: PresetSpec) -> Pipeline:
+    """The Pipeline IR of a Pyramid-Flow model from its modules."""
+    tcfg, dcfg = spec.text, dit.config
+    ctx, pooled, lat = tcfg.context_dim, tcfg.pooled_dim, dcfg.in_channels
+    text_ports_in = (Port("t5_ids", TensorSpec(("B", "L"), "int64")), Port("t5_mask", TensorSpec(("B", "L"), "int64")),
+                     Port("clip_l_ids", TensorSpec(("B", tcfg.clip_max_length), "int64")),
+                     Port("clip_g_ids", TensorSpec(("B", tcfg.clip_max_length), "int64")))
+    text_ports_out = (Port("prompt_embeds", TensorSpec(("B", "L", ctx))),
+                      Port("prompt_attention_mask", TensorSpec(("B", "L"), "int64")),
+                      Port("pooled_projections", TensorSpec(("B", pooled))))
+    latents = TensorSpec(("B", lat, "t", "h", "w"))
+    video = TensorSpec(("B", 3, "F", "H", "W"))
+    encoder, decoder = vae_mod.split_vae(vae)
+    comps = [
+        Component("text_encoder", "text_encoder", text, text_ports_in, text_ports_out, entry="encode_tokens",
+                  attrs={"config": tcfg}),
+        Component("dit", "dit", dit,
+                  (Port("sample", latents, optional=True),  # the sampler's noisy latents (history: the encoder in i2v)
+                   Port("encoder_hidden_states", TensorSpec(("B", "L", ctx))),
+                   Port("encoder_attention_mask", TensorSpec(("B", "L"), "int64")),
+                   Port("pooled_projections", TensorSpec(("B", pooled))),
+                   Port("timestep_ratio", TensorSpec(("B",)), optional=True)),  # the schedule's timesteps
+                  (Port("latents", latents),), attrs={"config": dcfg, "context_dim": ctx,
+                                                       "text_len": tcfg.max_sequence_length}),
+        Component("vae_encoder", "vae_encoder", encoder, (Port("video", video),), (Port("latents", latents),),
+                  attrs={"config": spec.vae, "latent_channels": lat}),
+        Component("vae_decoder", "vae_decoder", decoder, (Port("z", latents),), (Port("video", video),),
+                  attrs={"config": spec.vae, "latent_channels": lat}),
+    ]
+    edges = [
+        ("prompt", "text_encoder", tuple((p.name, p.name) for p in text_ports_in)),
+        ("text_encoder", "dit", (("prompt_embeds", "encoder_hidden_states"),
+                                 ("prompt_attention_mask", "encoder_attention_mask"),
+                                 ("pooled_projections", "pooled_projections"))),
+        ("image", "vae_encoder", (("video", "video"),)),
+        ("vae_encoder", "dit", (("latents", "sample"),)),
+        ("dit", "vae_decoder", (("latents", "z"),)),
+        ("vae_decoder", SINK, (("video", "video"),)),
+    ]
+    schedule = pyramid_flow_schedule(latent_frames=spec.latent_frames, height=spec.height, width=spec.width,
+                                     steps=spec.steps, video_steps=spec.video_steps,
+                                     guidance_scale=spec.guidance_scale,
+                                     video_guidance_scale=spec.video_guidance_scale)
+    sampler = PyramidFlowSampler(prompt_suffix=spec.prompt_suffix,
+                                 **({} if spec.negative_prompt is None else {"negative_prompt": spec.negative_prompt}))
+    return Pipeline(
+        name=name, components={c.name: c for c in comps},
+        graph=Pipeline.build_graph(comps, ("prompt", "image"), edges), schedule=schedule, sampler=sampler,
+        sources={"prompt": text_ports_in, "image": (Port("video", video),)}, sink=(Port("video", video),),
+        inputs=("prompt",))
+
+
+def build_preset(name: str, device: torch.device | str = "cpu", seed: int = 0) -> Pipeline:
+    specs = preset_specs()
+    if name not in specs:
+        raise KeyError(name)
+    spec = specs[name]
+    with _build_device(device, seed):
+        text = text_mod.SD3TextEncoder(spec.text, text_mod.tiny_tokenizers() if name.endswith("tiny") else None)
+        dit = dit_mod.PyramidMMDiT(spec.dit)
+        vae = vae_mod.CausalVideoVAE(spec.vae)
+    if str(device) != "meta":
+        g = torch.Generator().manual_seed(seed)
+        dit_mod.randomize_(dit, g)  # upstream init zeroes the output layers; a random preset must say something
+    for m in (text, dit, vae):
+        m.eval().requires_grad_(False)
+    return assemble(name, text, dit, vae, spec)
+
+
+def load_checkpoint_dir(path: Path, variant: str = "768p", dtype: torch.dtype = torch.float32,
+                        device: str = "cpu") -> Pipeline:
+    """A pipeline from an upstream Pyramid-Flow directory (see checkpoint.py for the layout)."""
+    dit_dir = path / f"diffusion_transformer_{variant}"
+    if not dit_dir.is_dir():
+        found = sorted(p.name for p in path.glob("diffusion_transformer_*"))
+        raise CheckpointError(f"{path}: no diffusion_transformer_{variant}/ (found: {found or 'none'}); "
+                              "pass the variant that exists")
+    dcfg = dit_mod.MMDiTConfig.from_dict(ckpt.read_config(dit_dir))
+    vcfg = vae_mod.CausalVAEConfig.from_dict(ckpt.read_config(path / "causal_video_vae"))
+    text = text_mod.SD3TextEncoder.from_pretrained_dir(path, dtype=dtype, device=device)
+    with torch.device("meta"):
+        dit = dit_mod.PyramidMMDiT(dcfg)
+        vae = vae_mod.CausalVideoVAE(vcfg)
+    ckpt.load_into(dit, ckpt.load_state_dict(dit_dir, dtype=dtype, device=device), source=str(dit_dir), assign=True)
+    ckpt.load_into(vae, ckpt.load_state_dict(path / "causal_video_vae", dtype=dtype, device=device),
+                   source=str(path / "causal_video_vae"), assign=True)
+    for m in (text, dit, vae):
+        m.eval().requires_grad_(False)
+    h, w = (768, 1280) if variant == "768p" else (384, 640)
+    tiny = dcfg.num_layers < 8 and dcfg.inner_dim < 512
+    spec = PresetSpec(f"{path.name}-{variant}", dcfg, vcfg, text.config, height=64 if tiny else h,
+                      width=64 if tiny else w, latent_frames=2 if tiny else 16)
+    return assemble(spec.name, text, dit, vae, spec)

@@ -1,0 +1,278 @@
+"""The pyramidal flow-matching sampler: autoregressive over latent frames, coarse-to-fine per frame.
+
+Follows upstream `PyramidDiTForVideoGeneration.generate`: the first latent frame, then one frame
+per unit with the temporal-pyramid history (the nearest frame at the current stage's resolution,
+older frames at lower ones); within a unit, S stages from 1/2^(S-1) to full scale, with nearest
+upsampling plus block-noise renoise at each stage boundary, and Euler steps of the local sigmas.
+The Schedule in the IR drives everything, so passes that change the schedule change the sampler;
+`call_plan` enumerates the same calls statically (what costs and lowering see).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ndopt.errors import NdoptError
+from ndopt.frontends.pyramid_flow.dit import DiTLayout
+from ndopt.frontends.pyramid_flow.schedule import renoise_coefficients, stage_local_sigmas, stage_timesteps
+from ndopt.frontends.pyramid_flow.vae import denormalize_latents
+from ndopt.ir.component import Component
+from ndopt.ir.pipeline import Pipeline
+from ndopt.ir.schedule import Schedule
+from ndopt.ir.spec import CallSignature, TensorSpec
+
+VAE_SPATIAL = 8
+VAE_TEMPORAL = 8
+
+Progress = Callable[[str], None]
+
+
+def history_clips(unit: int, stage: int, n_stages: int, frame_per_unit: int = 1) -> list[tuple[int, int, int]]:
+    """The history fed at (unit, stage), oldest first, as (first frame, frames, stage resolution).
+
+    Upstream: the last unit at the current stage's resolution, each older unit one stage lower,
+    and once stage 0 is reached every remaining older frame at stage 0 in one clip."""
+    if unit == 0:
+        return []
+    out = [((unit - 1) * frame_per_unit, frame_per_unit, stage)]
+    cur_stage, ptx = stage, 1
+    while ptx < unit:
+        cur_stage = max(cur_stage - 1, 0)
+        if cur_stage == 0:
+            break
+        ptx += 1
+        out.append(((unit - ptx) * frame_per_unit, frame_per_unit, cur_stage))
+    if cur_stage == 0 and ptx < unit:
+        out.append((0, (unit - ptx) * frame_per_unit, 0))
+    return list(reversed(out))
+
+
+def stage_hw(schedule: Schedule, stage: int) -> tuple[int, int]:
+    """Latent height and width at a stage (stage S-1 = full resolution)."""
+    down = 2 ** (len(schedule.stages) - 1 - stage)
+    return schedule.height // VAE_SPATIAL // down, schedule.width // VAE_SPATIAL // down
+
+
+def dit_layout(schedule: Schedule, unit: int, stage: int, batch: int, text_len: int) -> DiTLayout:
+    fpu = schedule.temporal.frame_per_unit
+    clips = []
+    for _, frames, s in history_clips(unit, stage, len(schedule.stages), fpu):
+        clips.append((frames, *stage_hw(schedule, s)))
+    clips.append((1 if unit == 0 else fpu, *stage_hw(schedule, stage)))
+    return DiTLayout(batch=batch, text_len=text_len, clips=tuple(clips))
+
+
+def block_noise(shape: tuple[int, ...], gamma: float, generator: torch.Generator) -> torch.Tensor:
+    """Noise correlated within 2x2 blocks: covariance (1 + gamma) I - gamma 11^T (upstream)."""
+    b, c, t, h, w = shape
+    cov = torch.eye(4, dtype=torch.float64) * (1 + gamma) - torch.ones(4, 4, dtype=torch.float64) * gamma
+    chol = torch.linalg.cholesky(cov).float()
+    z = torch.randn(b * c * t * (h // 2) * (w // 2), 4, generator=generator) @ chol.T
+    z = z.reshape(b, c, t, h // 2, w // 2, 2, 2).permute(0, 1, 2, 3, 5, 4, 6)
+    return z.reshape(b, c, t, h, w)
+
+
+def _resize(x: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
+    b, c, t = x.shape[:3]
+    y = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, *x.shape[-2:])
+    y = F.interpolate(y, size=(h, w), mode=mode) if mode == "nearest" else \
+        F.interpolate(y, size=(h, w), mode=mode, align_corners=False)
+    return y.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+@dataclass(frozen=True)
+class PyramidFlowSampler:
+    """The sampler of a Pyramid-Flow pipeline (implements ndopt.ir.Sampler)."""
+
+    prompt_suffix: str = ", hyper quality, Ultra HD, 8K"  # upstream generate() appends this
+    negative_prompt: str = ("cartoon style, worst quality, low quality, blurry, absolute black, absolute white, "
+                            "low res, extra limbs, extra digits, misplaced objects, mutated anatomy, "
+                            "monochrome, horror")
+
+    # ---- static view ----------------------------------------------------------------------
+    def call_plan(self, pipeline: Pipeline) -> list[CallSignature]:
+        sch = pipeline.schedule
+        plan: list[CallSignature] = []
+        te = pipeline.by_role("text_encoder")
+        text_len = None
+        if te:
+            t = te[0]
+            text_len = int(t.module.config.max_sequence_length)
+            clip_len = int(t.module.config.clip_max_length)
+            n_prompts = 1 if sch.guidance.mode == "none" else 2
+            args = (("t5_ids", TensorSpec((1, text_len), "int64")), ("t5_mask", TensorSpec((1, text_len), "int64")),
+                    ("clip_l_ids", TensorSpec((1, clip_len), "int64")), ("clip_g_ids", TensorSpec((1, clip_len), "int64")))
+            plan.append(CallSignature(t.name, "prompt", args, n_prompts, env=(("B", 1), ("L", text_len))))
+        for d in pipeline.by_role("dit"):
+            cfg = d.module.config
+            ctx_dim = int(d.attrs.get("context_dim", cfg.joint_attention_dim))
+            tl = text_len or int(d.attrs.get("text_len", 128))
+            batch = sch.guidance.batch
+            first_unit = 0 if sch.first_frame == "generate" else 1
+            for unit in range(first_unit, sch.units):
+                for s, stage in enumerate(sch.stages):
+                    steps = stage.steps if unit == 0 else stage.video_steps
+                    if steps == 0:
+                        continue
+                    lay = dit_layout(sch, unit, s, batch, tl)
+                    sample = tuple(TensorSpec((batch, cfg.in_channels, *c)) for c in lay.clips)
+                    t, h, w = lay.clips[-1]
+                    args = (("sample", sample),
+                            ("encoder_hidden_states", TensorSpec((batch, tl, ctx_dim))),
+                            ("encoder_attention_mask", TensorSpec((batch, tl), "int64")),
+                            ("pooled_projections", TensorSpec((batch, cfg.pooled_projection_dim))),
+                            ("timestep_ratio", TensorSpec((batch,))))
+                    plan.append(CallSignature(
+                        d.name, f"unit{unit}/stage{s}", args, steps * sch.guidance.calls_per_step,
+                        env=(("B", batch), ("L", tl), ("t", t), ("h", h), ("w", w)), static=(("layout", lay),),
+                        info=(("unit", unit), ("stage", s), ("tokens", lay.tokens + tl))))
+        for dec in pipeline.by_role("vae_decoder"):
+            h, w = stage_hw(sch, len(sch.stages) - 1)
+            t = sch.latent_frames
+            frames = 1 + VAE_TEMPORAL * (t - 1)
+            z = TensorSpec((1, int(dec.attrs.get("latent_channels", 16)), t, h, w))
+            plan.append(CallSignature(dec.name, "video", (("z", z),), 1,
+                                      env=(("B", 1), ("t", t), ("h", h), ("w", w), ("F", frames),
+                                           ("H", h * VAE_SPATIAL), ("W", w * VAE_SPATIAL))))
+        return plan
+
+    def describe(self, component: Component) -> str:
+        m = component.module
+        if component.role == "dit" and hasattr(m, "transformer_blocks"):
+            return f"blocks={len(m.transformer_blocks)} attention={getattr(m, 'attention_impl', 'sdpa')}"
+        return ""
+
+    # ---- running --------------------------------------------------------------------------
+    def encode_prompts(self, pipeline: Pipeline, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        te = pipeline.by_role("text_encoder")[0]
+        guided = pipeline.schedule.guidance.mode != "none"
+        texts = [p + self.prompt_suffix for p in prompts]
+        emb, mask, pooled = te.module(texts)
+        if not guided:
+            return emb, mask, pooled, None, None, None
+        nemb, nmask, npooled = te.module([self.negative_prompt] * len(prompts))
+        return emb, mask, pooled, nemb, nmask, npooled
+
+    def sample(self, pipeline: Pipeline, prompts: list[str], *, generator: torch.Generator,
+               progress: Progress | None = None) -> torch.Tensor:
+        sch = pipeline.schedule
+        if sch.first_frame != "generate":
+            raise NdoptError("this pipeline's first frame comes from an external image model (hybrid mode); "
+                             "sampling it needs that model, which ndopt does not bundle yet")
+        dit = pipeline.by_role("dit")[0]
+        device = dit.device
+        dtype = next(dit.module.parameters()).dtype
+        emb, mask, pooled, nemb, nmask, npooled = self.encode_prompts(pipeline, prompts)
+        cond = (emb.to(device, dtype), mask.to(device), pooled.to(device, dtype))
+        uncond = None if nemb is None else (nemb.to(device, dtype), nmask.to(device), npooled.to(device, dtype))
+        bsz = len(prompts)
+        c = dit.module.config.in_channels
+        n_stages = len(sch.stages)
+        h, w = stage_hw(sch, n_stages - 1)
+        noise = torch.randn(bsz, c, sch.latent_frames, h, w, generator=generator)
+        for s in range(n_stages - 1):  # upstream starts from bilinearly downsampled noise (x2 keeps unit variance)
+            hh, ww = stage_hw(sch, n_stages - 2 - s)
+            noise = _resize(noise, hh, ww, "bilinear") * 2
+        noise = noise.to(device, dtype)
+
+        generated: list[torch.Tensor] = []
+        fpu = sch.temporal.frame_per_unit
+        for unit in range(sch.units):
+            lo = 0 if unit == 0 else 1 + (unit - 1) * fpu
+            hi = 1 if unit == 0 else 1 + unit * fpu
+            latents = noise[:, :, lo:hi]
+            history = self._history(torch.cat(generated, dim=2), unit, sch) if unit else [[] for _ in sch.stages]
+            for s, stage in enumerate(sch.stages):
+                steps = stage.steps if unit == 0 else stage.video_steps
+                if s > 0:
+                    hh, ww = stage_hw(sch, s)
+                    latents = _resize(latents, hh, ww, "nearest")
+                    alpha, beta = renoise_coefficients(stage, sch.gamma)
+                    latents = alpha * latents + beta * block_noise(tuple(latents.shape), sch.gamma, generator).to(
+                        device, dtype)
+                sigmas = stage_local_sigmas(steps)
+                for i, t in enumerate(stage_timesteps(stage, steps)):
+                    v = self._guided_velocity(dit, latents, history[s], t, cond, uncond,
+                                              sch.guidance.scale if unit == 0 else sch.guidance.video_scale,
+                                              sch.guidance.mode)
+                    latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(dtype)
+                    if progress is not None:
+                        progress(f"frame {unit + 1}/{sch.units} stage {s + 1}/{n_stages} step {i + 1}/{steps}")
+            generated.append(latents)
+        return torch.cat(generated, dim=2)
+
+    @staticmethod
+    def _history(clean: torch.Tensor, unit: int, sch: Schedule) -> list[list[torch.Tensor]]:
+        n_stages = len(sch.stages)
+        pyramid = [clean]
+        x = clean
+        for s in range(n_stages - 1):  # upstream get_pyramid_latent: bilinear, lowest resolution first
+            hh, ww = stage_hw(sch, n_stages - 2 - s)
+            x = _resize(x, hh, ww, "bilinear")
+            pyramid.append(x)
+        pyramid.reverse()
+        out = []
+        for s in range(n_stages):
+            out.append([pyramid[st][:, :, f0:f0 + n] for f0, n, st in
+                        history_clips(unit, s, n_stages, sch.temporal.frame_per_unit)])
+        return out
+
+    @staticmethod
+    def _guided_velocity(dit: Component, latents: torch.Tensor, history: list[torch.Tensor], t: float,
+                         cond: tuple[torch.Tensor, ...], uncond: tuple[torch.Tensor, ...] | None,
+                         scale: float, mode: str) -> torch.Tensor:
+        b = latents.shape[0]
+        if uncond is None or mode == "none":
+            ts = torch.full((b,), t, dtype=latents.dtype, device=latents.device)
+            return dit.call(sample=[*history, latents], encoder_hidden_states=cond[0],
+                            encoder_attention_mask=cond[1], pooled_projections=cond[2], timestep_ratio=ts)
+        if mode == "cfg_batched":  # upstream's own form: one call of batch 2B
+            x = [torch.cat([h, h]) for h in history] + [torch.cat([latents, latents])]
+            ts = torch.full((2 * b,), t, dtype=latents.dtype, device=latents.device)
+            v = dit.call(sample=x, encoder_hidden_states=torch.cat([uncond[0], cond[0]]),
+                         encoder_attention_mask=torch.cat([uncond[1], cond[1]]),
+                         pooled_projections=torch.cat([uncond[2], cond[2]]), timestep_ratio=ts)
+            v_u, v_c = v.chunk(2)
+        else:
+            ts = torch.full((b,), t, dtype=latents.dtype, device=latents.device)
+            v_u = dit.call(sample=[*history, latents], encoder_hidden_states=uncond[0],
+                           encoder_attention_mask=uncond[1], pooled_projections=uncond[2], timestep_ratio=ts)
+            v_c = dit.call(sample=[*history, latents], encoder_hidden_states=cond[0],
+                           encoder_attention_mask=cond[1], pooled_projections=cond[2], timestep_ratio=ts)
+        return v_u + scale * (v_c - v_u)
+
+    def decode(self, pipeline: Pipeline, latents: torch.Tensor) -> torch.Tensor:
+        dec = pipeline.by_role("vae_decoder")[0]
+        z = denormalize_latents(latents.float()).to(dec.device)
+        videos = [dec.call(z=z[i:i + 1]) for i in range(z.shape[0])]
+        return torch.cat(videos).clamp(-1, 1)
+
+
+def video_frames(video: torch.Tensor) -> list:
+    """[B?, 3, F, H, W] in [-1, 1] -> a list of HxWx3 uint8 numpy frames (first video)."""
+    v = video[0] if video.dim() == 5 else video
+    v = ((v.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [v[:, f].permute(1, 2, 0).cpu().numpy() for f in range(v.shape[1])]
+
+
+def count_dit_calls(pipeline: Pipeline, run: Callable[[], object]) -> int:
+    """Calls of the DiT's forward while `run` runs (a counting hook, for tests and benchmarks)."""
+    dit = pipeline.by_role("dit")[0].module
+    n = 0
+
+    def hook(*_: object) -> None:
+        nonlocal n
+        n += 1
+
+    h = dit.register_forward_pre_hook(hook)
+    try:
+        run()
+    finally:
+        h.remove()
+    return n
+
+

@@ -1,0 +1,289 @@
+"""Passes, their registry, and the PassManager that runs them with verification and instruments.
+
+A pass is a small class with a `name`, a pydantic `Config`, the facts it `requires`, `provides`
+and `invalidates`, a `fidelity` contract, and `run(pipeline, ctx) -> PassResult`. Passes never
+mutate their input. The PassManager checks requirements before anything runs, then for each pass:
+instruments before, run (or plan), verify, instruments after (timing, debug diff, artifacts, the
+fidelity probe). Passes from other distributions register through the `ndopt.passes` entry points.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ndopt.errors import NdoptError, PassError
+from ndopt.ir.pipeline import AppliedPass, Pipeline
+from ndopt.ir.verify import verify
+
+log = logging.getLogger("ndopt")
+
+
+class PassConfig(BaseModel):
+    """Base of every pass config: typed, documented defaults, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Exact:
+    """The pass must not change the pipeline's output beyond `tolerance` (relative L-inf)."""
+
+    tolerance: float = 1e-5
+    kind: ClassVar[str] = "exact"
+
+
+@dataclass(frozen=True)
+class Lossy:
+    """The pass may change the output; `metric` (latent_psnr or pixel_psnr) must stay >= budget."""
+
+    metric: str = "latent_psnr"
+    budget_db: float = 30.0
+    kind: ClassVar[str] = "lossy"
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The pass only computes facts (e.g. importance scores); the output must not change at all."""
+
+    kind: ClassVar[str] = "analysis"
+
+
+Fidelity = Exact | Lossy | Analysis
+
+
+@dataclass
+class PassContext:
+    """What a pass may use: where to write, which device/dtype, seeded randomness, plan mode."""
+
+    run_dir: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+    plan: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A fresh generator seeded from the run's seed (and an offset for independent streams)."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed(self.seed + offset)
+        return g
+
+    def pass_dir(self, index: int, name: str) -> Path:
+        d = self.run_dir / "passes" / f"{index:02d}_{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+@dataclass(frozen=True)
+class PassResult:
+    pipeline: Pipeline
+    modified: bool
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    artifacts: Mapping[str, Path] = field(default_factory=dict)
+
+
+class Pass:
+    """Base class of passes. Subclasses set the class attributes and implement `run`."""
+
+    name: ClassVar[str]
+    fidelity: ClassVar[Fidelity] = Exact()
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+    invalidates: ClassVar[tuple[str, ...]] = ()
+
+    class Config(PassConfig):
+        pass
+
+    def __init__(self, config: PassConfig | Mapping[str, Any] | None = None) -> None:
+        if config is None:
+            config = {}
+        self.config = config if isinstance(config, PassConfig) else self.Config(**dict(config))
+
+    def run(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def plan(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
+        """The structural effect only (meta-device pipeline; no training, no calibration).
+
+        Passes whose `run` is already purely structural inherit this default."""
+        return self.run(pipeline, ctx)
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.config.model_dump()})"
+
+
+# ---- registry --------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Pass]] = {}
+_ENTRY_POINTS_LOADED = False
+ENTRY_POINT_GROUP = "ndopt.passes"
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its name."""
+    name = getattr(cls, "name", None)
+    if not name or not isinstance(name, str):
+        raise TypeError(f"{cls.__qualname__} must set a string `name` to be registered")
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise PassError(f"two passes are named {name!r}: {existing.__module__} and {cls.__module__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plugin must not hide the others; say which one and why
+            log.warning("pass plugin %s (%s) failed to load: %s", ep.name, ep.value, e)
+            continue
+        if isinstance(cls, type) and issubclass(cls, Pass):
+            register(cls)
+
+
+def available_passes() -> dict[str, type[Pass]]:
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    passes = available_passes()
+    if name not in passes:
+        raise PassError(f"unknown pass {name!r}; available: {', '.join(passes) or '(none)'}")
+    return passes[name]
+
+
+def providers_of(fact: str) -> list[str]:
+    return [n for n, c in available_passes().items() if fact in c.provides]
+
+
+def check_requirements(passes: Sequence[Pass], facts: Iterable[str] = ()) -> None:
+    """Walk the pass list with the facts each provides and invalidates; fail before any work."""
+    have = set(facts)
+    for i, p in enumerate(passes):
+        missing = [f for f in p.requires if f not in have]
+        if missing:
+            hints = "; ".join(
+                f"{f!r} is provided by {', '.join(repr(x) for x in providers_of(f)) or 'no registered pass'}"
+                for f in missing)
+            raise PassError(f"pass #{i + 1} {p.name!r} requires {', '.join(map(repr, missing))}: {hints}; "
+                            "add that pass before it")
+        have -= set(p.invalidates)
+        have |= set(p.provides)
+
+
+# ---- instruments -----------------------------------------------------------------------------
+class Instrument(Protocol):
+    def before(self, index: int, p: Pass, pipeline: Pipeline, ctx: PassContext) -> None: ...
+
+    def after(self, index: int, p: Pass, before: Pipeline, result: PassResult, ctx: PassContext,
+              record: dict[str, Any]) -> None: ...
+
+
+class Timing:
+    """Wall time of each pass into its record."""
+
+    def before(self, index: int, p: Pass, pipeline: Pipeline, ctx: PassContext) -> None:
+        self._t0 = time.perf_counter()
+
+    def after(self, index, p, before, result, ctx, record) -> None:  # noqa: ANN001 - Instrument protocol
+        record["seconds"] = round(time.perf_counter() - self._t0, 4)
+
+
+class DebugDiff:
+    """With NDOPT_DEBUG=1, log each pass's unified diff of the pipeline summary."""
+
+    def before(self, index: int, p: Pass, pipeline: Pipeline, ctx: PassContext) -> None:
+        pass
+
+    def after(self, index, p, before, result, ctx, record) -> None:  # noqa: ANN001
+        if os.environ.get("NDOPT_DEBUG", "0") in ("", "0"):
+            return
+        import difflib
+
+        diff = difflib.unified_diff(before.summary().splitlines(), result.pipeline.summary().splitlines(),
+                                    f"before {p.name}", f"after {p.name}", lineterm="")
+        log.info("pass %s changed the pipeline:\n%s", p.name, "\n".join(diff) or "(no change)")
+
+
+class SummaryArtifacts:
+    """Writes the pipeline summary after each pass into the pass's directory (atomically)."""
+
+    def before(self, index: int, p: Pass, pipeline: Pipeline, ctx: PassContext) -> None:
+        pass
+
+    def after(self, index, p, before, result, ctx, record) -> None:  # noqa: ANN001
+        from ndopt.io import atomic_write_text
+
+        path = ctx.pass_dir(index, p.name) / "pipeline.txt"
+        atomic_write_text(path, result.pipeline.summary())
+        record.setdefault("artifacts", {})["summary"] = str(path)
+
+
+# ---- the manager -----------------------------------------------------------------------------
+@dataclass
+class PassRecord:
+    index: int
+    name: str
+    config: dict[str, Any]
+    record: dict[str, Any]
+
+
+class PassManager:
+    """Runs passes in order; verifies after each; instruments observe without touching passes."""
+
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Any] = (), *,
+                 verify_calls: bool = True) -> None:
+        self.passes = list(passes)
+        self.instruments = [Timing(), DebugDiff(), SummaryArtifacts(), *instruments]
+        self.verify_calls = verify_calls
+
+    def run(self, pipeline: Pipeline, ctx: PassContext, *,
+            on_pass_done: Any = None) -> tuple[Pipeline, list[PassRecord]]:
+        check_requirements(self.passes, pipeline.facts)
+        records: list[PassRecord] = []
+        for index, p in enumerate(self.passes, 1):
+            missing = [f for f in p.requires if f not in pipeline.facts]
+            if missing:  # facts can vanish at run time (a pass invalidated them)
+                raise PassError(f"pass {p.name!r} requires {missing}, which the pipeline no longer has")
+            for inst in self.instruments:
+                inst.before(index, p, pipeline, ctx)
+            log.info("pass %d/%d: %s", index, len(self.passes), p.name)
+            try:
+                result = p.plan(pipeline, ctx) if ctx.plan else p.run(pipeline, ctx)
+            except NdoptError:
+                raise
+            except Exception as e:
+                raise PassError(f"pass {p.name!r} failed: {type(e).__name__}: {e}") from e
+            if result.pipeline is pipeline and result.modified:
+                raise PassError(f"pass {p.name!r} says it modified the pipeline but returned its input")
+            new = result.pipeline.replace(facts_add=p.provides, facts_remove=p.invalidates) \
+                if result.modified or p.provides else result.pipeline
+            new = new.with_provenance(AppliedPass(p.name, p.config.model_dump(), result.modified,
+                                                  dict(result.metrics)))
+            result = PassResult(new, result.modified, result.metrics, result.artifacts)
+            verify(new, calls=self.verify_calls)
+            record: dict[str, Any] = {"modified": result.modified, "metrics": dict(result.metrics),
+                                      "artifacts": {k: str(v) for k, v in result.artifacts.items()}}
+            for inst in self.instruments:
+                inst.after(index, p, pipeline, result, ctx, record)
+            rec = PassRecord(index, p.name, p.config.model_dump(), record)
+            records.append(rec)
+            pipeline = new
+            if on_pass_done is not None:
+                on_pass_done(pipeline, rec)
+        return pipeline, records

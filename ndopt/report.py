@@ -1,0 +1,116 @@
+"""Run reports: report.json, report.md and PNG plots of params, FLOPs and fidelity per pass.
+
+Everything is written atomically after every pass, so a failed pass leaves the previous report.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ndopt.io import atomic_path, atomic_write_json, atomic_write_text
+
+
+def _num(x: float) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3f}{unit}"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and (math.isinf(x) or math.isnan(x)):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": run_dir / "report.json", "md": run_dir / "report.md"}
+    paths.update(plot_report(run_dir, report))  # first: the markdown links the plots it made
+    atomic_write_json(paths["json"], _jsonable(report))
+    atomic_write_text(paths["md"], render_markdown(report))
+    return paths
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# ndopt run `{report['recipe']['name']}`", "",
+             f"- model: `{report['recipe']['model']}`", f"- status: **{report['status']}**"]
+    if report.get("error"):
+        lines.append(f"- error: {report['error']}")
+    if report.get("targets"):
+        lines.append(f"- targets: {', '.join(report['targets'])} ({report.get('lowering', 'not lowered')})")
+    lines += ["", "## Passes", "",
+              "| # | pass | modified | params | DiT calls/video | FLOPs/video | latent PSNR (vs prev) | "
+              "pixel PSNR (vs orig) | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in report["steps"]:
+        fid = s.get("fidelity", {})
+        prev = fid.get("vs_previous", {})
+        orig = fid.get("vs_original", {})
+        lines.append(f"| {s['index']} | {s['name']} | {s.get('modified', '-')} | {_num(s['cost']['params_total'])} | "
+                     f"{s['cost']['dit_calls_per_video']} | {_num(s['cost']['flops_per_video'])} | "
+                     f"{_num(prev.get('latent_psnr'))} | {_num(orig.get('pixel_psnr'))} | {s.get('seconds', '-')} |")
+    if report["steps"]:
+        first, last = report["steps"][0]["cost"], report["steps"][-1]["cost"]
+        if last["flops_per_video"]:
+            lines += ["", f"FLOPs per video: {_num(first['flops_per_video'])} -> {_num(last['flops_per_video'])} "
+                      f"({first['flops_per_video'] / last['flops_per_video']:.2f}x fewer); params "
+                      f"{_num(first['params_total'])} -> {_num(last['params_total'])}."]
+    lines += ["", "## Final pipeline", "", "```", report.get("final_summary", "").rstrip(), "```", ""]
+    for name in report.get("plots", {}):
+        lines.append(f"![{name}]({name}.png)")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"]
+    if not steps:
+        return {}
+    labels = [s["name"] for s in steps]
+    out: dict[str, Path] = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    axes[0].bar(labels, [s["cost"]["params_total"] / 1e6 for s in steps], color="#4477aa")
+    axes[0].set_ylabel("params (M)")
+    axes[1].bar(labels, [s["cost"]["flops_per_video"] / 1e9 for s in steps], color="#cc6677")
+    axes[1].set_ylabel("FLOPs per video (G)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle("cost after each pass")
+    fig.tight_layout()
+    with atomic_path(run_dir / "cost.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    out["cost"] = run_dir / "cost.png"
+
+    fid = [(s["name"], s["fidelity"]) for s in steps if "vs_original" in s.get("fidelity", {})]
+    if fid:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        vals = [min(f["vs_original"]["latent_psnr"], 100.0) for _, f in fid]
+        pix = [min(f["vs_original"]["pixel_psnr"], 100.0) for _, f in fid]
+        x = range(len(fid))
+        ax.plot(x, vals, "o-", label="latent PSNR vs original")
+        ax.plot(x, pix, "s-", label="pixel PSNR vs original")
+        ax.set_xticks(list(x), [n for n, _ in fid], rotation=30)
+        ax.set_ylabel("dB (capped at 100)")
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(run_dir / "fidelity.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        out["fidelity"] = run_dir / "fidelity.png"
+    report["plots"] = {k: str(v) for k, v in out.items()}
+    return out

@@ -1,0 +1,174 @@
+"""What the CLI calls: `run` a recipe, `plan` a recipe or model, `generate` a video.
+
+`run` loads the model, applies the recipe's passes through the PassManager with verification and
+the fidelity probe, costs the pipeline after every pass, and writes the report atomically after
+each pass. `plan` does the same on the meta device with each pass's structural effect only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ndopt.errors import NdoptError
+from ndopt.eval.probe import FidelityInstrument, FidelityProbe, ProbeSettings
+from ndopt.frontends import load_model
+from ndopt.ir.cost import CostModel, PipelineCost
+from ndopt.ir.pipeline import Pipeline
+from ndopt.ir.verify import verify
+from ndopt.passmanager import PassContext, PassManager, PassRecord
+from ndopt.recipe import Recipe, load_recipe
+from ndopt.report import write_report
+
+log = logging.getLogger("ndopt")
+
+
+def cost_row(cost: PipelineCost, pipeline: Pipeline) -> dict[str, Any]:
+    return {
+        "params_total": cost.params,
+        "params": {c.name: c.params for c in cost.components},
+        "flops_per_video": cost.flops_per_video,
+        "dit_calls_per_video": cost.calls_per_video("dit"),
+        "calls_per_video": {c.name: c.calls_per_video for c in cost.components},
+        "schedule": {"steps": [s.steps for s in pipeline.schedule.stages],
+                     "video_steps": [s.video_steps for s in pipeline.schedule.stages],
+                     "guidance": pipeline.schedule.guidance.mode},
+    }
+
+
+def _ratios(first: dict[str, Any], last: dict[str, Any]) -> dict[str, float]:
+    def r(a: float, b: float) -> float | None:
+        return round(a / b, 4) if b else None
+
+    return {"params": r(first["params_total"], last["params_total"]),
+            "flops_per_video": r(first["flops_per_video"], last["flops_per_video"]),
+            "dit_calls_per_video": r(first["dit_calls_per_video"], last["dit_calls_per_video"])}
+
+
+def _load_recipe_model(r: Recipe, override: str | None, **kwargs: Any) -> Pipeline:
+    """The recipe's model; a failure names the recipe's `model` line unless it came from --model."""
+    try:
+        return load_model(r.spec.model, seed=r.spec.seed, **kwargs)
+    except NdoptError as e:
+        if override:
+            raise
+        raise r.error("model", str(e)) from None
+
+
+def _recipe(ref: str | Path | Recipe) -> Recipe:
+    return ref if isinstance(ref, Recipe) else load_recipe(ref)
+
+
+def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | None = None,
+        out: str | Path | None = None) -> dict[str, Any]:
+    """Run a recipe end to end on real weights; returns the report (also written to the run dir)."""
+    r = _recipe(recipe).with_overrides(model=model, target=target)
+    run_dir = Path(out) if out else Path(r.spec.output) / r.name
+    passes = r.instantiate()
+    pipeline = _load_recipe_model(r, model)
+    verify(pipeline)
+    ctx = PassContext(run_dir=run_dir, seed=r.spec.seed, device=pipeline.device)
+    costs = CostModel()
+    report: dict[str, Any] = {
+        "recipe": {"name": r.name, "source": r.source, "model": r.spec.model,
+                   "passes": [{p.name: p.config} for p in r.passes]},
+        "targets": r.targets, "status": "running", "initial_summary": pipeline.summary(), "steps": [],
+    }
+    base = cost_row(costs.pipeline_cost(pipeline), pipeline)
+    report["baseline"] = base
+    instruments = []
+    if r.spec.probe.enabled:
+        p = r.spec.probe
+        probe = FidelityProbe(ProbeSettings(tuple(p.prompts), p.seed, p.latent_frames, p.height, p.width))
+        instruments.append(FidelityInstrument(probe, r.spec.fidelity.policy, dict(r.spec.fidelity.budgets)))
+
+    def on_pass_done(pipe: Pipeline, rec: PassRecord) -> None:
+        row = {"index": rec.index, "name": rec.name, "config": rec.config, **rec.record,
+               "cost": cost_row(costs.pipeline_cost(pipe), pipe)}
+        report["steps"].append(row)
+        report["final_summary"] = pipe.summary()
+        write_report(run_dir, report)
+
+    manager = PassManager(passes, instruments)
+    try:
+        final, _ = manager.run(pipeline, ctx, on_pass_done=on_pass_done)
+    except Exception as e:
+        report["status"] = "failed"
+        report["error"] = f"{type(e).__name__}: {e}"
+        if report["steps"] or run_dir.exists():
+            write_report(run_dir, report)
+        raise
+    report["status"] = "ok"
+    report["final_summary"] = final.summary()
+    last = report["steps"][-1]["cost"] if report["steps"] else base
+    report["ratios"] = _ratios(base, last)
+    report["lowering"] = "not lowered: no lowering is registered for these targets yet" if r.targets else None
+    paths = write_report(run_dir, report)
+    report["paths"] = {k: str(v) for k, v in paths.items()}
+    return report
+
+
+def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
+         target: str | None = None, latent_frames: int | None = None) -> dict[str, Any]:
+    """A recipe's structural effect on the meta-device model: params, FLOPs, calls per video."""
+    if recipe is None and model is None:
+        raise ValueError("plan needs a recipe or a model")
+    r = _recipe(recipe).with_overrides(model=model, target=target) if recipe is not None else None
+    model_ref = r.spec.model if r else model
+    pipeline = _load_recipe_model(r, model, meta=True) if r else load_model(model_ref, meta=True)
+    if latent_frames:
+        pipeline = pipeline.replace(schedule=replace(pipeline.schedule, latent_frames=latent_frames))
+    verify(pipeline)
+    costs = CostModel()
+    base = costs.pipeline_cost(pipeline)
+    out: dict[str, Any] = {"model": model_ref, "pipeline": pipeline.name, "device": "meta",
+                           "latent_frames": pipeline.schedule.latent_frames,
+                           "resolution": [pipeline.schedule.height, pipeline.schedule.width],
+                           **base.to_json(), "dit_calls_per_video": base.calls_per_video("dit")}
+    if r is None:
+        return out
+    out["recipe"] = r.name
+    out["targets"] = r.targets
+    steps = []
+    ctx = PassContext(run_dir=Path(r.spec.output) / f"{r.name}-plan", plan=True, device=torch.device("meta"))
+    manager = PassManager(r.instantiate(), verify_calls=True)
+    manager.instruments = [i for i in manager.instruments if type(i).__name__ != "SummaryArtifacts"]
+
+    def on_pass_done(pipe: Pipeline, rec: PassRecord) -> None:
+        steps.append({"index": rec.index, "name": rec.name, "config": rec.config,
+                      "modified": rec.record["modified"], "metrics": rec.record["metrics"],
+                      **cost_row(costs.pipeline_cost(pipe), pipe)})
+
+    final, _ = manager.run(pipeline, ctx, on_pass_done=on_pass_done)
+    out["passes"] = steps
+    first = cost_row(base, pipeline)
+    last = steps[-1] if steps else first
+    out["final"] = {k: last[k] for k in ("params_total", "params", "flops_per_video", "dit_calls_per_video",
+                                         "calls_per_video")}
+    out["ratios"] = _ratios(first, last)
+    out["final_summary"] = final.summary()
+    return out
+
+
+def generate(model: str, prompt: str, out: str | Path, *, frames: int = 9, height: int | None = None,
+             width: int | None = None, seed: int = 0, fmt: str | None = None, progress: Any = None) -> Path:
+    """Text to video: writes an .mp4 (or .gif, or a .png strip of the frames) atomically."""
+    from ndopt.frontends.pyramid_flow.sampler import video_frames
+    from ndopt.media import write_video
+
+    pipeline = load_model(model, seed=seed)
+    if (frames - 1) % 8:
+        from ndopt.errors import NdoptError
+
+        raise NdoptError(f"--frames {frames}: the causal VAE makes 1 + 8k frames (1, 9, 17, 25, ..., 49)")
+    sch = pipeline.schedule.with_frames(1 + (frames - 1) // 8, height, width)
+    pipeline = pipeline.replace(schedule=sch)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents = pipeline.sampler.sample(pipeline, [prompt], generator=g, progress=progress)
+        video = pipeline.sampler.decode(pipeline, latents)
+    return write_video(Path(out), video_frames(video), fmt=fmt)

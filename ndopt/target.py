@@ -1,0 +1,47 @@
+"""The target registry: targets are found through the `ndopt.targets` entry-point group.
+
+The core knows no particular target. A target provider (the shipped `targets` package, or another
+distribution) exposes a function returning `{name: target}`; a target has at least `name`,
+`description` and `to_json()`, and may offer `lower(pipeline, out_dir, ctx)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from typing import Any, Protocol
+
+from ndopt.errors import TargetError
+
+log = logging.getLogger("ndopt")
+ENTRY_POINT_GROUP = "ndopt.targets"
+
+
+class Target(Protocol):
+    name: str
+    description: str
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+def available_targets() -> dict[str, Target]:
+    found: dict[str, Target] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            provider = ep.load()
+            targets = provider()
+        except Exception as e:  # one broken provider must not hide the others
+            log.warning("target provider %s (%s) failed to load: %s", ep.name, ep.value, e)
+            continue
+        for name, t in targets.items():
+            if name in found:
+                raise TargetError(f"two targets are named {name!r} (entry point {ep.name})")
+            found[name] = t
+    return dict(sorted(found.items()))
+
+
+def get_target(name: str) -> Target:
+    targets = available_targets()
+    if name not in targets:
+        raise TargetError(f"unknown target {name!r}; available: {', '.join(targets) or '(none)'}")
+    return targets[name]

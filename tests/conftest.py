@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny preset pipeline and an installed plugin distribution."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The bundled tiny Pyramid-Flow pipeline (shared: passes never mutate their input)."""
+    from ndopt.frontends import load_model
+
+    return load_model("pyramid-flow-tiny")
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """A real distribution (tests/fixtures/plugin) built and installed into a private site dir."""
+    site = tmp_path_factory.mktemp("plugin-site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(ROOT / "tests" / "fixtures" / "plugin")],
+                   check=True, capture_output=True)
+    return site
+
+
+@pytest.fixture
+def with_plugin(plugin_site, monkeypatch):
+    """Make the installed plugin visible to this process's entry-point registry."""
+    import ndopt.passmanager as pm
+
+    monkeypatch.syspath_prepend(str(plugin_site))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(pm, "_ENTRY_POINTS_LOADED", False)
+    yield plugin_site
+    for name in ("demo_mark", "demo_needs_mark"):
+        pm._REGISTRY.pop(name, None)
+    pm._ENTRY_POINTS_LOADED = False
