@@ -21,16 +21,67 @@ from ndopt.frontends.pyramid_flow.text import (
     tiny_tokenizers,
 )
 
-PROMPTS = ["a red circle moving left", "two blue squares bouncing slowly on a dark background"]
+PROMPTS = ["a red circle moving left", "two blue box bouncing slowly on a dark background"]
 
 # The procedural-caption vocabulary the tiny tokenizer must cover with one id per word.
-VOCABULARY = (
-    "red green blue yellow orange purple white black pink cyan magenta gray brown "
-    "circle square triangle star ring ball box cube "
-    "moving left right up down bouncing spinning growing shrinking still slowly quickly "
-    "a an the on in with and of background over under dark light scene video frame camera "
-    "small large big tiny two three"
-).split()
+VOCABULARY = [
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "orange",
+    "purple",
+    "white",
+    "black",
+    "pink",
+    "cyan",
+    "magenta",
+    "gray",
+    "brown",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "ring",
+    "ball",
+    "box",
+    "cube",
+    "moving",
+    "left",
+    "right",
+    "up",
+    "down",
+    "bouncing",
+    "spinning",
+    "growing",
+    "shrinking",
+    "still",
+    "slowly",
+    "quickly",
+    "a",
+    "an",
+    "the",
+    "on",
+    "in",
+    "with",
+    "and",
+    "of",
+    "background",
+    "over",
+    "under",
+    "dark",
+    "light",
+    "scene",
+    "video",
+    "frame",
+    "camera",
+    "small",
+    "large",
+    "big",
+    "tiny",
+    "two",
+    "three",
+]
 
 ASSETS = Path(text.__file__).parent / "assets"
 
@@ -110,11 +161,11 @@ def test_tiny_shapes_and_size(tiny: SD3TextEncoder) -> None:
 def test_tiny_deterministic(tiny: SD3TextEncoder) -> None:
     first = tiny(PROMPTS)
     second = tiny(PROMPTS)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     torch.manual_seed(0)
     rebuilt = SD3TextEncoder(tiny_config(), tiny_tokenizers())
-    for a, b in zip(first, rebuilt(PROMPTS)):
+    for a, b in zip(first, rebuilt(PROMPTS), strict=True):
         assert torch.equal(a, b)
 
 
@@ -123,7 +174,7 @@ def test_tiny_padding_is_masked(tiny: SD3TextEncoder) -> None:
     # <s> + one id per word + </s>, then padding
     lengths = [len(p.split()) + 2 for p in PROMPTS]
     assert tokens["t5_mask"].sum(1).tolist() == lengths
-    for row, n in zip(tokens["t5_mask"], lengths):
+    for row, n in zip(tokens["t5_mask"], lengths, strict=True):
         assert row[:n].eq(1).all() and row[n:].eq(0).all()
     assert tokens["clip_l_ids"].shape == tokens["clip_g_ids"].shape == (2, 77)
     assert tokens["t5_ids"].shape == (2, 128)
@@ -198,7 +249,7 @@ def test_save_then_load_round_trips_offline(tiny: SD3TextEncoder, tmp_path: Path
 
     loaded = SD3TextEncoder.from_pretrained_dir(tmp_path)
     assert loaded.config.t5["d_model"] == 64 and loaded.config.pooled_dim == 64
-    for a, b in zip(tiny(PROMPTS), loaded(PROMPTS)):
+    for a, b in zip(tiny(PROMPTS), loaded(PROMPTS), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
     # Saving again over it replaces each subdirectory and leaves no temporaries behind.
@@ -304,3 +355,10 @@ def test_tokenizers_shared_is_one_tokenizer() -> None:
     tokenizers = tiny_tokenizers()
     assert isinstance(tokenizers, Tokenizers)
     assert tokenizers.tokenizer is tokenizers.tokenizer_2 is tokenizers.tokenizer_3
+
+
+def test_config_is_a_hashable_record() -> None:
+    a, b = tiny_config(), tiny_config()
+    assert a == b and hash(a) == hash(b) and len({a, b, real_config()}) == 2
+    with pytest.raises(AttributeError):
+        a.max_sequence_length = 64  # type: ignore[misc]

@@ -11,6 +11,7 @@ builds on the meta device for planning, and the tiny preset runs the same code o
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -69,6 +70,11 @@ class TextEncoderConfig:
         """Width of the concatenated CLIP-L + CLIP-G pooled projections."""
         return int(self.clip_l_config().projection_dim + self.clip_g_config().projection_dim)
 
+    def __hash__(self) -> int:
+        # The dicts are not hashable; their JSON is (configs are JSON by construction).
+        fields = (self.t5, self.clip_l, self.clip_g, self.max_sequence_length, self.clip_max_length)
+        return hash(json.dumps(fields, sort_keys=True, default=str))
+
     def t5_config(self) -> T5Config:
         return T5Config(**copy.deepcopy(self.t5))
 
@@ -107,7 +113,7 @@ class Tokenizers:
 
 
 class SD3TextEncoder(nn.Module):
-    """prompt strings -> (prompt_embeds [B, L, context_dim], attention_mask [B, L] int64, pooled [B, pooled_dim]).
+    """prompts -> (prompt_embeds [B, L, context_dim], attention_mask [B, L] int64, pooled [B, pooled_dim]).
 
     Submodule names are upstream's, so an upstream checkpoint directory maps 1:1. As upstream
     (``_freeze``), the encoders are frozen and in eval mode: they condition, they do not train.
