@@ -34,8 +34,8 @@ class ProbeSpec(_Strict):
     ], min_length=1)
     seed: int = 0
     latent_frames: int = Field(2, ge=1)
-    height: int = Field(64, ge=16, multiple_of=16)
-    width: int = Field(64, ge=16, multiple_of=16)
+    height: int = Field(64, ge=64, multiple_of=64)  # 3 pyramid stages x 8x VAE x patch 2
+    width: int = Field(64, ge=64, multiple_of=64)
     enabled: bool = True
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path as _P
+
+sys.path.insert(0, str(_P(__file__).parent))  # tests/golden.py
+
 import importlib
 import subprocess
 import sys

@@ -38,7 +38,7 @@ BAD = {
     "pass_item_two_keys": ("name: x\nmodel: pyramid-flow-tiny\npasses:\n  - {a: {}, b: {}}\n", 4,
                            ["passes[0]", "one key"]),
     "wrong_probe_type": ("name: x\nmodel: pyramid-flow-tiny\nprobe:\n  height: 60\n", 4,
-                         ["probe.height", "multiple of 16"]),
+                         ["probe.height", "multiple of 64"]),
     "bad_policy": ("name: x\nmodel: pyramid-flow-tiny\nfidelity:\n  policy: ignore\n", 4,
                    ["fidelity.policy", "stop", "warn"]),
     "empty": ("", 1, ["empty"]),

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -99,12 +100,14 @@ class CostModel:
     def signature_cost(self, component: Component, sig: CallSignature) -> SignatureCost:
         key = (id(component.module), component.entry, sig.args, tuple(sorted(map(str, sig.static_dict.items()))))
         if key not in self._cache:
-            with shape_mode(component) as mode:
-                device = "meta" if mode == "meta" else component.device
+            with shape_mode(component) as device:
                 inputs = sig.make_inputs(device=device)
                 counter = FlopCounterMode(display=False)
                 written = _BytesWritten()
-                with counter, written:
+                # the math SDPA backend decomposes attention into matmuls + softmax on every device, so
+                # attention FLOPs are counted the same on meta, CPU and CUDA (fused kernels vary in
+                # whether the flop counter knows them)
+                with sdpa_kernel(SDPBackend.MATH), counter, written:
                     component.call(**inputs)
             self._cache[key] = (counter.get_total_flops(), written.total, written.largest)
             self._alive.append(component.module)

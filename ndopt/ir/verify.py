@@ -23,21 +23,19 @@ from ndopt.ir.spec import CallSignature, Port, TensorSpec
 
 @contextlib.contextmanager
 def shape_mode(component: Component) -> Iterator[str]:
-    """Run a component for shapes only: meta tensors if it lives on meta, else fake tensors."""
-    if component.device.type == "meta":
-        with torch.no_grad():
-            yield "meta"
-        return
+    """Run a component for shapes only: fake tensors over its parameters (real or meta).
+
+    Fake rather than bare meta activations: libraries that branch on tensor values (transformers'
+    mask helpers) recognise fake tensors as tracing and take their static path."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-        yield "fake"
+        yield component.device.type
 
 
 def run_for_shapes(component: Component, signature: CallSignature) -> tuple[torch.Tensor, ...]:
     """The outputs of one call of `component` at `signature`, computed for shapes only."""
-    with shape_mode(component) as mode:
-        device = "meta" if mode == "meta" else component.device
+    with shape_mode(component) as device:
         inputs = signature.make_inputs(device=device)
         out = component.call(**inputs)
     return out if isinstance(out, tuple) else (out,)

@@ -57,6 +57,14 @@ def stage_hw(schedule: Schedule, stage: int) -> tuple[int, int]:
     return schedule.height // VAE_SPATIAL // down, schedule.width // VAE_SPATIAL // down
 
 
+def check_resolution(schedule: Schedule, patch_size: int) -> None:
+    """Every stage's latent grid must be a positive multiple of the DiT's patch size."""
+    need = VAE_SPATIAL * patch_size * 2 ** (len(schedule.stages) - 1)
+    if schedule.height % need or schedule.width % need:
+        raise NdoptError(f"resolution {schedule.height}x{schedule.width}: with {len(schedule.stages)} pyramid "
+                         f"stages, 8x VAE and patch {patch_size}, height and width must be multiples of {need}")
+
+
 def dit_layout(schedule: Schedule, unit: int, stage: int, batch: int, text_len: int) -> DiTLayout:
     fpu = schedule.temporal.frame_per_unit
     clips = []
@@ -109,6 +117,7 @@ class PyramidFlowSampler:
             plan.append(CallSignature(t.name, "prompt", args, n_prompts, env=(("B", 1), ("L", text_len))))
         for d in pipeline.by_role("dit"):
             cfg = d.module.config
+            check_resolution(sch, cfg.patch_size)
             ctx_dim = int(d.attrs.get("context_dim", cfg.joint_attention_dim))
             tl = text_len or int(d.attrs.get("text_len", 128))
             batch = sch.guidance.batch
@@ -164,6 +173,7 @@ class PyramidFlowSampler:
             raise NdoptError("this pipeline's first frame comes from an external image model (hybrid mode); "
                              "sampling it needs that model, which ndopt does not bundle yet")
         dit = pipeline.by_role("dit")[0]
+        check_resolution(sch, dit.module.config.patch_size)
         device = dit.device
         dtype = next(dit.module.parameters()).dtype
         emb, mask, pooled, nemb, nmask, npooled = self.encode_prompts(pipeline, prompts)

@@ -102,7 +102,7 @@ class Tokenizers:
     def from_pretrained_dir(cls, model_dir: Path) -> Tokenizers:
         """Load ``model_dir/{tokenizer,tokenizer_2,tokenizer_3}`` offline."""
         model_dir = Path(model_dir)
-        _require_subdirs(model_dir, TOKENIZER_SUBDIRS, needs_weights=False)
+        _require_subdirs(model_dir, TOKENIZER_SUBDIRS)
         loaded = [_load_tokenizer(model_dir / name) for name in TOKENIZER_SUBDIRS]
         return cls(*loaded)
 
@@ -192,8 +192,7 @@ class SD3TextEncoder(nn.Module):
     ) -> SD3TextEncoder:
         """Load upstream's layout ``model_dir/{text_encoder,..._3,tokenizer,..._3}`` offline."""
         model_dir = Path(model_dir)
-        _require_subdirs(model_dir, MODEL_SUBDIRS, needs_weights=True)
-        _require_subdirs(model_dir, TOKENIZER_SUBDIRS, needs_weights=False)
+        _require_subdirs(model_dir, {**MODEL_SUBDIRS, **TOKENIZER_SUBDIRS})
         clip_l = _load_model(CLIPTextModelWithProjection, model_dir / "text_encoder", dtype)
         clip_g = _load_model(CLIPTextModelWithProjection, model_dir / "text_encoder_2", dtype)
         t5 = _load_model(T5EncoderModel, model_dir / "text_encoder_3", dtype)
@@ -328,10 +327,12 @@ def real_config() -> TextEncoderConfig:
     )
 
 
-def _require_subdirs(model_dir: Path, expected: dict[str, str], needs_weights: bool) -> None:
+def _require_subdirs(model_dir: Path, expected: dict[str, str]) -> None:
+    """Name every missing subdirectory at once (model subdirectories also need config + weights)."""
     problems = []
     for name, what in expected.items():
         sub = model_dir / name
+        needs_weights = name in MODEL_SUBDIRS
         if not sub.is_dir():
             problems.append(f"{sub} is missing (expected the {what})")
         elif needs_weights and not (sub / "config.json").is_file():
