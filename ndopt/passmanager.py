@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ndopt.errors import NdoptError, PassError
+from ndopt.ir.cost import CostModel
 from ndopt.ir.pipeline import AppliedPass, Pipeline
 from ndopt.ir.verify import verify
 
@@ -247,10 +248,11 @@ class PassManager:
     """Runs passes in order; verifies after each; instruments observe without touching passes."""
 
     def __init__(self, passes: Sequence[Pass], instruments: Sequence[Any] = (), *,
-                 verify_calls: bool = True) -> None:
+                 verify_calls: bool = True, costs: CostModel | None = None) -> None:
         self.passes = list(passes)
         self.instruments = [Timing(), DebugDiff(), SummaryArtifacts(), *instruments]
         self.verify_calls = verify_calls
+        self.costs = costs or CostModel()
 
     def run(self, pipeline: Pipeline, ctx: PassContext, *,
             on_pass_done: Any = None) -> tuple[Pipeline, list[PassRecord]]:
@@ -276,7 +278,7 @@ class PassManager:
             new = new.with_provenance(AppliedPass(p.name, p.config.model_dump(), result.modified,
                                                   dict(result.metrics)))
             result = PassResult(new, result.modified, result.metrics, result.artifacts)
-            verify(new, calls=self.verify_calls)
+            verify(new, calls=self.verify_calls, costs=self.costs)
             record: dict[str, Any] = {"modified": result.modified, "metrics": dict(result.metrics),
                                       "artifacts": {k: str(v) for k, v in result.artifacts.items()}}
             for inst in self.instruments:

@@ -70,9 +70,9 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
     run_dir = Path(out) if out else Path(r.spec.output) / r.name
     passes = r.instantiate()
     pipeline = _load_recipe_model(r, model)
-    verify(pipeline)
+    costs = CostModel()  # shared by the verifier and the cost rows: each shape run happens once
+    verify(pipeline, costs=costs)
     ctx = PassContext(run_dir=run_dir, seed=r.spec.seed, device=pipeline.device)
-    costs = CostModel()
     report: dict[str, Any] = {
         "recipe": {"name": r.name, "source": r.source, "model": r.spec.model,
                    "passes": [{p.name: p.config} for p in r.passes]},
@@ -93,7 +93,7 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
         report["final_summary"] = pipe.summary()
         write_report(run_dir, report)
 
-    manager = PassManager(passes, instruments)
+    manager = PassManager(passes, instruments, costs=costs)
     try:
         final, _ = manager.run(pipeline, ctx, on_pass_done=on_pass_done)
     except Exception as e:
@@ -122,8 +122,8 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
     pipeline = _load_recipe_model(r, model, meta=True) if r else load_model(model_ref, meta=True)
     if latent_frames:
         pipeline = pipeline.replace(schedule=replace(pipeline.schedule, latent_frames=latent_frames))
-    verify(pipeline)
     costs = CostModel()
+    verify(pipeline, costs=costs)
     base = costs.pipeline_cost(pipeline)
     out: dict[str, Any] = {"model": model_ref, "pipeline": pipeline.name, "device": "meta",
                            "latent_frames": pipeline.schedule.latent_frames,
@@ -135,7 +135,7 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
     out["targets"] = r.targets
     steps = []
     ctx = PassContext(run_dir=Path(r.spec.output) / f"{r.name}-plan", plan=True, device=torch.device("meta"))
-    manager = PassManager(r.instantiate(), verify_calls=True)
+    manager = PassManager(r.instantiate(), costs=costs)
     manager.instruments = [i for i in manager.instruments if type(i).__name__ != "SummaryArtifacts"]
 
     def on_pass_done(pipe: Pipeline, rec: PassRecord) -> None:

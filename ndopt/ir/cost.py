@@ -1,25 +1,50 @@
 """Cost analysis without weights: params, FLOPs and bytes per call signature, and per video.
 
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` while each component runs for shapes
-only (meta tensors, or fake tensors over real parameters), so the real 2B pipeline is costed on a
-laptop. Bytes written by every op are counted too (the activation traffic a roofline needs).
+only (fake tensors over meta or real parameters), so the real 2B pipeline is costed on a laptop.
+Bytes written by every op are counted too (the activation traffic a roofline needs).
+
+Speed: a 2B DiT has 24 identical blocks and Pyramid-Flow calls it at dozens of distinct shapes.
+Members of a repeated `nn.ModuleList` are memoized by (structure, input shapes): the first call
+of a structurally equal block at a shape runs and records its FLOPs, bytes and output shapes;
+later ones add the recorded figures and return fresh fake outputs of the recorded shapes. The
+totals equal an unmemoized run (a test checks it); the plan of the real model takes seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.spec import CallSignature
-from ndopt.ir.verify import shape_mode
+
+
+@contextlib.contextmanager
+def shape_mode(component: Component, fake: bool = True) -> Iterator[torch.device]:
+    """Run a component for shapes only.
+
+    Meta components run on bare meta tensors when `fake` is False (fastest: C++ meta kernels);
+    otherwise under a FakeTensorMode over the parameters (real or meta). Fake tensors are also what
+    libraries that branch on tensor values (transformers' mask helpers) recognise as tracing."""
+    if not fake and component.device.type == "meta":
+        with torch.no_grad():
+            yield component.device
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        yield component.device
 
 
 class _BytesWritten(TorchDispatchMode):
@@ -30,7 +55,7 @@ class _BytesWritten(TorchDispatchMode):
         self.total = 0
         self.largest = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -90,30 +115,136 @@ class PipelineCost:
         }
 
 
+@dataclass(frozen=True)
+class ShapeRun:
+    """What one shape-only call produced: FLOPs, bytes, and the outputs' shapes and dtypes."""
+
+    flops: int
+    activation_bytes: int
+    largest_activation_bytes: int
+    outputs: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+def _structure_key(m: nn.Module) -> tuple:
+    params = tuple((n, tuple(p.shape), p.dtype) for n, p in m.named_parameters())
+    subs = tuple((n, type(s).__name__) for n, s in m.named_modules())
+    flags = tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))))
+    return type(m).__qualname__, params, subs, flags
+
+
+def _arg_key(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.dtype)
+    if isinstance(x, (list, tuple)):
+        return tuple(_arg_key(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _arg_key(v)) for k, v in x.items()))
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return ("obj", type(x).__qualname__, repr(x))
+
+
+class _BlockMemo:
+    """Memoizes repeated ModuleList members during one shape run (see the module docstring)."""
+
+    def __init__(self, counter: FlopCounterMode, written: _BytesWritten) -> None:
+        self.counter, self.written = counter, written
+        self.memo: dict[Any, tuple[int, int, int, Any, list]] = {}
+
+    @contextlib.contextmanager
+    def patched(self, root: nn.Module) -> Iterator[None]:
+        patched: list[nn.Module] = []
+        for mod in root.modules():
+            if isinstance(mod, nn.ModuleList) and len(mod) > 1:
+                for block in mod:
+                    if "forward" not in vars(block):
+                        block.forward = self._wrap(block, _structure_key(block))
+                        patched.append(block)
+        try:
+            yield
+        finally:
+            for block in patched:
+                del block.forward
+
+    def _wrap(self, block: nn.Module, skey: tuple) -> Any:
+        original = type(block).forward.__get__(block)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            key = (skey, _arg_key(args), _arg_key(kwargs))
+            hit = self.memo.get(key)
+            if hit is not None:
+                flops, nbytes, largest, spec, leaves = hit
+                before = self.written.total
+                outs = [torch.empty(s, dtype=d, device=dev) if kind == "T" else v for kind, s, d, dev, v in leaves]
+                self.written.total = before  # the stand-in outputs are not the model's traffic
+                self._add(flops, nbytes, largest)
+                return tree_unflatten(outs, spec)
+            f0, b0 = self.counter.get_total_flops(), self.written.total
+            out = original(*args, **kwargs)
+            flat, spec = tree_flatten(out)
+            leaves = [("T", tuple(t.shape), t.dtype, t.device, None) if isinstance(t, torch.Tensor)
+                      else ("V", None, None, None, t) for t in flat]
+            self.memo[key] = (self.counter.get_total_flops() - f0, self.written.total - b0,
+                              self.written.largest, spec, leaves)
+            return out
+
+        return forward
+
+    def _add(self, flops: int, nbytes: int, largest: int) -> None:
+        # FlopCounterMode keeps per-module, per-op counts; get_total_flops sums "Global"
+        self.counter.flop_counts["Global"][_MEMO_OP] += flops
+        self.written.total += nbytes
+        self.written.largest = max(self.written.largest, largest)
+
+
+_MEMO_OP = torch.ops.aten.mm.default  # memoized FLOPs are filed under mm (they are matmul FLOPs, mostly)
+
+
 class CostModel:
-    """Costs components at call signatures, caching by (module identity, signature)."""
+    """Runs components at call signatures for shapes, counting FLOPs and bytes; caches results.
 
-    def __init__(self) -> None:
-        self._cache: dict[tuple[int, Any], tuple[int, int, int]] = {}
-        self._alive: list[torch.nn.Module] = []  # keep cached modules alive so ids stay unique
+    The cache is keyed by module identity and signature, so costing a pipeline after a pass
+    recomputes only the components the pass changed."""
 
-    def signature_cost(self, component: Component, sig: CallSignature) -> SignatureCost:
+    def __init__(self, memoize_blocks: bool = True) -> None:
+        self.memoize_blocks = memoize_blocks
+        self._cache: dict[tuple[int, Any], ShapeRun] = {}
+        self._needs_fake: set[int] = set()
+        self._alive: list[nn.Module] = []  # keep cached modules alive so ids stay unique
+
+    def run(self, component: Component, sig: CallSignature) -> ShapeRun:
         key = (id(component.module), component.entry, sig.args, tuple(sorted(map(str, sig.static_dict.items()))))
         if key not in self._cache:
-            with shape_mode(component) as device:
-                inputs = sig.make_inputs(device=device)
-                counter = FlopCounterMode(display=False)
-                written = _BytesWritten()
-                # the math SDPA backend decomposes attention into matmuls + softmax on every device, so
-                # attention FLOPs are counted the same on meta, CPU and CUDA (fused kernels vary in
-                # whether the flop counter knows them)
-                with sdpa_kernel(SDPBackend.MATH), counter, written:
-                    component.call(**inputs)
-            self._cache[key] = (counter.get_total_flops(), written.total, written.largest)
+            if component.device.type == "meta" and id(component.module) not in self._needs_fake:
+                try:
+                    self._cache[key] = self._run(component, sig, fake=False)
+                except RuntimeError:  # e.g. a library calls .item(): fake tensors take its static path
+                    self._needs_fake.add(id(component.module))
+            if key not in self._cache:
+                self._cache[key] = self._run(component, sig, fake=True)
             self._alive.append(component.module)
-        flops, act, largest = self._cache[key]
-        return SignatureCost(sig.component, sig.key, sig.count, int(flops), int(act), int(largest),
-                             sig.input_bytes(), sig.info_dict)
+        return self._cache[key]
+
+    def _run(self, component: Component, sig: CallSignature, fake: bool) -> ShapeRun:
+        with shape_mode(component, fake) as device:
+            inputs = sig.make_inputs(device=device)
+            counter = FlopCounterMode(display=False)
+            written = _BytesWritten()
+            memo = _BlockMemo(counter, written)
+            patch = memo.patched(component.module) if self.memoize_blocks else contextlib.nullcontext()
+            # the math SDPA backend decomposes attention into matmuls + softmax on every device, so
+            # attention FLOPs are counted the same on meta, CPU and CUDA (fused kernels vary in
+            # whether the flop counter knows them)
+            with sdpa_kernel(SDPBackend.MATH), counter, written, patch:
+                out = component.call(**inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        return ShapeRun(int(counter.get_total_flops()), int(written.total), int(written.largest),
+                        tuple((tuple(t.shape), t.dtype) for t in outs))
+
+    def signature_cost(self, component: Component, sig: CallSignature) -> SignatureCost:
+        r = self.run(component, sig)
+        return SignatureCost(sig.component, sig.key, sig.count, r.flops, r.activation_bytes,
+                             r.largest_activation_bytes, sig.input_bytes(), sig.info_dict)
 
     def pipeline_cost(self, pipeline: Pipeline) -> PipelineCost:
         plan = pipeline.call_plan()

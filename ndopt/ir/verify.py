@@ -1,44 +1,19 @@
 """The IR verifier: the flow graph, the edge types, the fx graphs and the schedule agree.
 
 Run after every pass by the PassManager. Shape checks run each component's entry point once per
-call signature without computing anything: on the meta device for meta pipelines, under a
-FakeTensorMode (real parameters, fake activations) otherwise.
+call signature without computing anything (fake tensors, see ndopt.ir.cost.shape_mode), sharing
+those runs with the cost analysis.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Any
-
 import networkx as nx
-import torch
 from torch import fx
 
 from ndopt.errors import VerificationError
-from ndopt.ir.component import Component
+from ndopt.ir.cost import CostModel
 from ndopt.ir.pipeline import SINK, Pipeline
-from ndopt.ir.spec import CallSignature, Port, TensorSpec
-
-
-@contextlib.contextmanager
-def shape_mode(component: Component) -> Iterator[str]:
-    """Run a component for shapes only: fake tensors over its parameters (real or meta).
-
-    Fake rather than bare meta activations: libraries that branch on tensor values (transformers'
-    mask helpers) recognise fake tensors as tracing and take their static path."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-        yield component.device.type
-
-
-def run_for_shapes(component: Component, signature: CallSignature) -> tuple[torch.Tensor, ...]:
-    """The outputs of one call of `component` at `signature`, computed for shapes only."""
-    with shape_mode(component) as device:
-        inputs = signature.make_inputs(device=device)
-        out = component.call(**inputs)
-    return out if isinstance(out, tuple) else (out,)
+from ndopt.ir.spec import Port, TensorSpec
 
 
 def _port_map(pipeline: Pipeline, node: str, *, output: bool) -> dict[str, Port]:
@@ -130,8 +105,11 @@ def verify_structure(pipeline: Pipeline) -> None:
         raise VerificationError(f"pipeline {pipeline.name!r} fails verification: " + "; ".join(problems))
 
 
-def verify_calls(pipeline: Pipeline) -> None:
-    """Every call signature runs (for shapes) and produces what the component's ports declare."""
+def verify_calls(pipeline: Pipeline, costs: CostModel | None = None) -> None:
+    """Every call signature runs (for shapes) and produces what the component's ports declare.
+
+    Shares its shape runs with `costs` (a CostModel) when given: costing afterwards is free."""
+    costs = costs or CostModel()
     problems: list[str] = []
     plan = pipeline.call_plan()
     for sig in plan:
@@ -149,17 +127,17 @@ def verify_calls(pipeline: Pipeline) -> None:
             if not ports[name].spec.bind(env).accepts(tuple(int(d) for d in last.shape), last.torch_dtype):
                 problems.append(f"{comp.name}@{sig.key}: {name} is {last}, port expects {ports[name].spec.bind(env)}")
         try:
-            outs = run_for_shapes(comp, sig)
+            outs = costs.run(comp, sig).outputs
         except Exception as e:  # any failure of the module at this signature is a verification failure
             problems.append(f"{comp.name}@{sig.key}: forward fails: {type(e).__name__}: {e}")
             continue
         if len(outs) != len(comp.outputs):
             problems.append(f"{comp.name}@{sig.key}: returns {len(outs)} outputs, ports declare {len(comp.outputs)}")
             continue
-        for port, t in zip(comp.outputs, outs):
+        for port, (shape, dtype) in zip(comp.outputs, outs):
             want = port.spec.bind(env)
-            if not want.accepts(tuple(t.shape), t.dtype):
-                problems.append(f"{comp.name}@{sig.key}: output {port.name} is {t.dtype}{list(t.shape)}, port declares {want}")
+            if not want.accepts(shape, dtype):
+                problems.append(f"{comp.name}@{sig.key}: output {port.name} is {dtype}{list(shape)}, port declares {want}")
     dit_calls = sum(s.count for s in plan if s.component in pipeline.components
                     and pipeline.components[s.component].role == "dit")
     if pipeline.by_role("dit") and dit_calls != pipeline.schedule.dit_calls_per_video:
@@ -169,9 +147,9 @@ def verify_calls(pipeline: Pipeline) -> None:
         raise VerificationError(f"pipeline {pipeline.name!r} fails call verification: " + "; ".join(problems))
 
 
-def verify(pipeline: Pipeline, *, calls: bool = True) -> None:
+def verify(pipeline: Pipeline, *, calls: bool = True, costs: CostModel | None = None) -> None:
     verify_structure(pipeline)
     if calls:
-        verify_calls(pipeline)
+        verify_calls(pipeline, costs)
 
 

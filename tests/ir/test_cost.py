@@ -48,3 +48,11 @@ def test_per_video_totals_are_sums_of_signatures(tiny):
     # a later frame's full-resolution call attends over its history: costlier than the first frame's
     by_key = {s.key: s.flops for s in sigs}
     assert by_key["unit1/stage2"] > by_key["unit0/stage2"] > by_key["unit0/stage0"]
+
+
+def test_block_memoization_changes_nothing(tiny):
+    """Memoized repeated blocks give exactly the FLOPs and bytes of a plain run."""
+    plain = CostModel(memoize_blocks=False).pipeline_cost(tiny)
+    memo = CostModel(memoize_blocks=True).pipeline_cost(tiny)
+    assert [(s.key, s.flops, s.activation_bytes) for s in plain.signatures] == \
+        [(s.key, s.flops, s.activation_bytes) for s in memo.signatures]

@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from torch import Tensor, nn
 
 ATTENTION_IMPLS = ("sdpa", "matmul")
@@ -162,8 +161,14 @@ class PatchEmbed3D(nn.Module):
         self.interp_condition_pos = interp_condition_pos
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=True)
         # Built with torch (not numpy) so that it lands on the ambient device (meta included).
-        grid = get_2d_sincos_pos_embed(dim, pos_embed_max_size, base_size=sample_size // patch_size,
-                                       device=torch.get_default_device())
+        # diffusers is imported here, not at module level: it costs seconds, and `ndopt plan` should not.
+        if torch.get_default_device().type == "meta":  # shapes only: no table to compute
+            grid = torch.empty(pos_embed_max_size * pos_embed_max_size, dim)
+        else:
+            from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+            grid = get_2d_sincos_pos_embed(dim, pos_embed_max_size, base_size=sample_size // patch_size,
+                                           device=torch.get_default_device())
         self.register_buffer("pos_embed", grid.float().unsqueeze(0), persistent=True)
 
     def cropped_pos_embed(self, height: int, width: int, ori_height: int, ori_width: int) -> Tensor:

@@ -47,9 +47,11 @@ class PresetSpec:
 
 
 def _real_spec(name: str, height: int, width: int) -> PresetSpec:
-    # upstream README: temp=16 latent frames (5 s at 24 fps), 20-20-20 / 10-10-10, CFG 7 / 5
+    # upstream README: 20-20-20 / 10-10-10, CFG 7 / 5. Frames: Neodragon's 49-frame videos (7 latent
+    # frames, the paper's setting we compare against); upstream's README default is temp=16 (5 s),
+    # available as `ndopt plan --frames 16`.
     return PresetSpec(name, dit_mod.MMDiTConfig(), vae_mod.CausalVAEConfig(), text_mod.real_config(),
-                      height=height, width=width, latent_frames=16)
+                      height=height, width=width, latent_frames=7)
 
 
 def preset_specs() -> dict[str, PresetSpec]:
