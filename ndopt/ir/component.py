@@ -45,6 +45,8 @@ class Component:
             raise ValueError(f"component {self.name!r}: unknown role {self.role!r}; one of {ROLES}")
 
     def call(self, **inputs: Any) -> Any:
+        if self.entry == "forward":  # through __call__, so hooks (counters, AIMET, profilers) see it
+            return self.module(**inputs)
         return getattr(self.module, self.entry)(**inputs)
 
     def port(self, name: str, *, output: bool = False) -> Port:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ndopt.errors import CheckpointError
+from ndopt.io import atomic_write_json
 from ndopt.frontends.pyramid_flow import checkpoint as ckpt
 from ndopt.frontends.pyramid_flow import dit as dit_mod
 from ndopt.frontends.pyramid_flow import text as text_mod
@@ -27,6 +28,7 @@ from ndopt.ir.pipeline import SINK, Pipeline
 from ndopt.ir.spec import Port, TensorSpec
 
 log = logging.getLogger("ndopt")
+SAMPLER_SETTINGS = "ndopt_sampler.json"  # ndopt's own addition to the upstream layout (optional)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,50 @@ def load_checkpoint_dir(path: Path, variant: str = "768p", dtype: torch.dtype = 
     for m in (text, dit, vae):
         m.eval().requires_grad_(False)
     h, w = (768, 1280) if variant == "768p" else (384, 640)
-    tiny = dcfg.num_layers < 8 and dcfg.inner_dim < 512
-    spec = PresetSpec(f"{path.name}-{variant}", dcfg, vcfg, text.config, height=64 if tiny else h,
-                      width=64 if tiny else w, latent_frames=2 if tiny else 16)
+    # upstream checkpoints carry no sampler settings: upstream's defaults, unless ndopt wrote the dir
+    settings = {"height": h, "width": w, "latent_frames": 7}
+    extra = path / SAMPLER_SETTINGS
+    if extra.exists():
+        import json
+
+        try:
+            settings.update(json.loads(extra.read_text()))
+            spec = PresetSpec(path.name, dcfg, vcfg, text.config,
+                              **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{extra}: invalid sampler settings: {e}") from None
+    else:
+        spec = PresetSpec(path.name, dcfg, vcfg, text.config, **settings)
     return assemble(spec.name, text, dit, vae, spec)
+
+
+def dit_config_json(cfg: dit_mod.MMDiTConfig) -> dict:
+    """The upstream `config.json` of a DiT (PyramidDiffusionMMDiT keys, with the inference path fixed)."""
+    from dataclasses import asdict
+
+    return {"_class_name": "PyramidDiffusionMMDiT", **asdict(cfg), **dit_mod._REQUIRED_VALUES,
+            "use_flash_attn": False, "use_gradient_checkpointing": False}
+
+
+def save_checkpoint_dir(pipeline: Pipeline, path: Path, variant: str = "768p") -> Path:
+    """Write a Pyramid-Flow pipeline in the upstream directory layout (loadable by upstream and by ndopt)."""
+    dit = pipeline.by_role("dit")[0].module
+    dec = pipeline.by_role("vae_decoder")[0]
+    enc = pipeline.components.get("vae_encoder")
+    if enc is None:
+        raise CheckpointError("the upstream layout stores the whole causal VAE: this pipeline has no vae_encoder "
+                              "(save before dead_component_elimination)")
+    vae = torch.nn.Module()  # upstream keys: encoder.*, quant_conv.*, post_quant_conv.*, decoder.*
+    for name, sub in (*enc.module.named_children(), *dec.module.named_children()):
+        vae.add_module(name, sub)
+    path.mkdir(parents=True, exist_ok=True)
+    ckpt.save_component(path / f"diffusion_transformer_{variant}", dit, dit_config_json(dit.config))
+    ckpt.save_component(path / "causal_video_vae", vae, dec.attrs["config"].to_dict())
+    pipeline.by_role("text_encoder")[0].module.save_pretrained_dir(path)
+    sch, smp = pipeline.schedule, pipeline.sampler
+    settings = {"height": sch.height, "width": sch.width, "latent_frames": sch.latent_frames,
+                "steps": [st.steps for st in sch.stages], "video_steps": [st.video_steps for st in sch.stages],
+                "guidance_scale": sch.guidance.scale, "video_guidance_scale": sch.guidance.video_scale,
+                "prompt_suffix": smp.prompt_suffix, "negative_prompt": smp.negative_prompt}
+    atomic_write_json(path / SAMPLER_SETTINGS, settings)
+    return path

@@ -1,0 +1,128 @@
+"""The PassManager: plugins through entry points, requirements, instruments, fidelity contracts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ndopt.errors import FidelityError, PassError
+from ndopt.eval.probe import FidelityInstrument, FidelityProbe, ProbeSettings
+from ndopt.passmanager import (
+    Exact,
+    Lossy,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassManager,
+    PassResult,
+    available_passes,
+    check_requirements,
+)
+from passes.dead_component_elimination import DeadComponentElimination
+
+PROBE = ProbeSettings(prompts=("a red circle moving left",), latent_frames=1, height=64, width=64)
+
+
+def test_plugin_from_another_distribution_is_listed(plugin_site):
+    env = {**os.environ, "PYTHONPATH": str(plugin_site)}
+    out = subprocess.run([sys.executable, "-m", "ndopt.cli", "passes"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert "demo_mark" in out and "ndopt_plugin_demo" in out and "dead_component_elimination" in out
+
+
+def test_plugin_pass_runs_in_a_recipe(with_plugin, tmp_path):
+    from ndopt.runner import run
+
+    recipe = tmp_path / "plugin.yaml"
+    recipe.write_text("name: plugin\nmodel: pyramid-flow-tiny\npasses:\n  - demo_mark: {label: hi}\n"
+                      "  - demo_needs_mark\nprobe:\n  enabled: false\n")
+    report = run(recipe, out=tmp_path / "run")
+    assert [s["name"] for s in report["steps"]] == ["demo_mark", "demo_needs_mark"]
+    assert report["steps"][1]["metrics"] == {"saw": "hi"}
+    assert "demo_mark" in available_passes()
+
+
+def test_requirements_are_checked_before_anything_runs(with_plugin):
+    needs = available_passes()["demo_needs_mark"]()
+    with pytest.raises(PassError, match="requires 'demo_marked'.*provided by 'demo_mark'"):
+        check_requirements([DeadComponentElimination(), needs])
+    check_requirements([available_passes()["demo_mark"](), needs])
+
+
+class _Perturb(Pass):
+    """Test pass: scales the DiT's output projection (lossy)."""
+
+    name = "test_perturb"
+    fidelity = Lossy(metric="latent_psnr", budget_db=30.0)
+
+    class Config(PassConfig):
+        scale: float = 1.5
+
+    def run(self, pipeline, ctx):
+        import copy
+
+        dit = copy.deepcopy(pipeline["dit"].module)
+        with torch.no_grad():
+            dit.proj_out.weight.mul_(self.config.scale)
+        return PassResult(pipeline.replace(dit=pipeline["dit"].with_module(dit)), modified=True)
+
+
+class _FakeExact(_Perturb):
+    """Test pass that claims to be exact but is not."""
+
+    name = "test_fake_exact"
+    fidelity = Exact(tolerance=1e-5)
+
+
+def test_lossy_pass_over_budget_stops_or_warns(tiny, tmp_path, caplog):
+    probe = FidelityProbe(PROBE)
+    with pytest.raises(FidelityError, match="test_perturb.*below its budget 30.00 dB"):
+        PassManager([_Perturb({"scale": 3.0})], [FidelityInstrument(probe, "stop")]).run(tiny, PassContext(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="ndopt"):
+        final, recs = PassManager([_Perturb({"scale": 3.0})], [FidelityInstrument(probe, "warn")]).run(
+            tiny, PassContext(tmp_path))
+    assert "below its budget" in caplog.text
+    fid = recs[0].record["fidelity"]
+    assert fid["contract"] == "lossy" and fid["vs_previous"]["latent_psnr"] < 30.0
+
+
+def test_small_lossy_change_is_within_budget_and_reported(tiny, tmp_path):
+    _, recs = PassManager([_Perturb({"scale": 1.001})], [FidelityInstrument(FidelityProbe(PROBE))]).run(
+        tiny, PassContext(tmp_path))
+    fid = recs[0].record["fidelity"]
+    assert 30.0 < fid["vs_previous"]["latent_psnr"] < float("inf")
+    assert fid["vs_original"] == fid["vs_previous"]
+
+
+def test_exact_pass_that_changes_numbers_fails(tiny, tmp_path):
+    with pytest.raises(FidelityError, match="exact pass 'test_fake_exact'"):
+        PassManager([_FakeExact()], [FidelityInstrument(FidelityProbe(PROBE))]).run(tiny, PassContext(tmp_path))
+
+
+def test_debug_diff_instrument(tiny, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("NDOPT_DEBUG", "1")
+    with caplog.at_level(logging.INFO, logger="ndopt"):
+        PassManager([DeadComponentElimination()]).run(tiny, PassContext(tmp_path))
+    assert "-  vae_encoder [vae_encoder]" in caplog.text and "+provenance:" in caplog.text
+
+
+def test_pass_that_lies_about_modifying_is_caught(tiny, tmp_path):
+    class Liar(DeadComponentElimination):
+        name = "test_liar"
+
+        def run(self, pipeline, ctx):
+            return PassResult(pipeline, modified=True)
+
+    with pytest.raises(PassError, match="returned its input"):
+        PassManager([Liar()]).run(tiny, PassContext(tmp_path))
+
+
+def test_timing_and_provenance_recorded(tiny, tmp_path):
+    final, recs = PassManager([DeadComponentElimination(), DeadComponentElimination()]).run(tiny, PassContext(tmp_path))
+    assert [p.modified for p in final.provenance] == [True, False]
+    assert all(r.record["seconds"] >= 0 for r in recs)
