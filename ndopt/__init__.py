@@ -22,19 +22,19 @@ __all__ = [
 ]
 
 
-def run(recipe, **kwargs):  # noqa: ANN001, ANN201 - re-exported from ndopt.runner (lazy: torch is heavy)
+def run(recipe, **kwargs):
     from ndopt.runner import run as _run
 
     return _run(recipe, **kwargs)
 
 
-def plan(recipe=None, **kwargs):  # noqa: ANN001, ANN201
+def plan(recipe=None, **kwargs):
     from ndopt.runner import plan as _plan
 
     return _plan(recipe, **kwargs)
 
 
-def load_model(ref, **kwargs):  # noqa: ANN001, ANN201
+def load_model(ref, **kwargs):
     from ndopt.frontends import load_model as _load
 
     return _load(ref, **kwargs)

@@ -96,6 +96,29 @@ def plan(recipe: str | None, model: str | None, target: str | None, frames: int 
 
 
 @main.command()
+@click.argument("onnx_model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--target", required=True, help="A target name (see `ndopt targets`).")
+@click.option("--precision", default="w8a16", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_errors
+def estimate(onnx_model: str, target: str, precision: str, as_json: bool) -> None:
+    """Estimate latency and peak memory of ONNX_MODEL on a target (no device needed)."""
+    from pathlib import Path
+
+    from ndopt.errors import TargetError
+    from ndopt.target import get_target
+
+    t = get_target(target)
+    if not hasattr(t, "estimate_onnx"):
+        raise TargetError(f"target {target!r} offers no estimator")
+    result = t.estimate_onnx(Path(onnx_model), precision)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{target} {precision}: {result['latency_ms']:.2f} ms, peak {result['peak_memory_mb']:.1f} MB")
+
+
+@main.command()
 @_errors
 def passes() -> None:
     """List the registered passes (built-in and from installed plugins)."""

@@ -201,7 +201,7 @@ class Timing:
     def before(self, index: int, p: Pass, pipeline: Pipeline, ctx: PassContext) -> None:
         self._t0 = time.perf_counter()
 
-    def after(self, index, p, before, result, ctx, record) -> None:  # noqa: ANN001 - Instrument protocol
+    def after(self, index, p, before, result, ctx, record) -> None:
         record["seconds"] = round(time.perf_counter() - self._t0, 4)
 
 
@@ -211,7 +211,7 @@ class DebugDiff:
     def before(self, index: int, p: Pass, pipeline: Pipeline, ctx: PassContext) -> None:
         pass
 
-    def after(self, index, p, before, result, ctx, record) -> None:  # noqa: ANN001
+    def after(self, index, p, before, result, ctx, record) -> None:
         if os.environ.get("NDOPT_DEBUG", "0") in ("", "0"):
             return
         import difflib
@@ -227,7 +227,7 @@ class SummaryArtifacts:
     def before(self, index: int, p: Pass, pipeline: Pipeline, ctx: PassContext) -> None:
         pass
 
-    def after(self, index, p, before, result, ctx, record) -> None:  # noqa: ANN001
+    def after(self, index, p, before, result, ctx, record) -> None:
         from ndopt.io import atomic_write_text
 
         path = ctx.pass_dir(index, p.name) / "pipeline.txt"

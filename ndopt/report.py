@@ -48,7 +48,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("error"):
         lines.append(f"- error: {report['error']}")
     if report.get("targets"):
-        lines.append(f"- targets: {', '.join(report['targets'])} ({report.get('lowering', 'not lowered')})")
+        lines.append(f"- targets: {', '.join(report['targets'])}")
+        for name, low in (report.get("lowering") or {}).items():
+            lines.append(f"  - {name}: {low.get('status', '-')}" + (f" ({low['reason']})" if low.get("reason") else ""))
     lines += ["", "## Passes", "",
               "| # | pass | modified | params | DiT calls/video | FLOPs/video | latent PSNR (vs prev) | "
               "pixel PSNR (vs orig) | seconds |", "|---|---|---|---|---|---|---|---|---|"]

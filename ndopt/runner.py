@@ -106,10 +106,31 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
     report["final_summary"] = final.summary()
     last = report["steps"][-1]["cost"] if report["steps"] else base
     report["ratios"] = _ratios(base, last)
-    report["lowering"] = "not lowered: no lowering is registered for these targets yet" if r.targets else None
+    report["lowering"] = lower_targets(final, r.targets, run_dir, ctx)
     paths = write_report(run_dir, report)
     report["paths"] = {k: str(v) for k, v in paths.items()}
     return report
+
+
+def lower_targets(pipeline: Pipeline, names: list[str], run_dir: Path, ctx: PassContext) -> dict[str, Any]:
+    """Lower the final pipeline for each target that offers lowering; say plainly when one does not."""
+    from ndopt.target import get_target
+
+    out: dict[str, Any] = {}
+    for name in names:
+        t = get_target(name)
+        if hasattr(t, "lower"):
+            out[name] = t.lower(pipeline, run_dir / "bundles" / name, ctx)
+        else:
+            out[name] = {"status": "skipped", "reason": f"target {name!r} offers no lowering"}
+            log.info("target %s offers no lowering; skipped", name)
+    return out
+
+
+def target_estimates(pipeline: Pipeline, names: list[str]) -> dict[str, Any]:
+    from ndopt.target import get_target
+
+    return {n: get_target(n).estimate(pipeline) for n in names if hasattr(get_target(n), "estimate")}
 
 
 def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
@@ -130,6 +151,8 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
                            "resolution": [pipeline.schedule.height, pipeline.schedule.width],
                            **base.to_json(), "dit_calls_per_video": base.calls_per_video("dit")}
     if r is None:
+        if target:
+            out["estimates"] = target_estimates(pipeline, [target])
         return out
     out["recipe"] = r.name
     out["targets"] = r.targets
@@ -151,6 +174,7 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
                                          "calls_per_video")}
     out["ratios"] = _ratios(first, last)
     out["final_summary"] = final.summary()
+    out["estimates"] = target_estimates(final, r.targets)
     return out
 
 

@@ -1,8 +1,9 @@
 """The target registry: targets are found through the `ndopt.targets` entry-point group.
 
 The core knows no particular target. A target provider (the shipped `targets` package, or another
-distribution) exposes a function returning `{name: target}`; a target has at least `name`,
-`description` and `to_json()`, and may offer `lower(pipeline, out_dir, ctx)`.
+distribution) exposes a function returning `{name: target}`. A target has at least `name`,
+`description` and `to_json()`; the optional methods below are what `ndopt run`, `ndopt plan` and
+`ndopt estimate` call when a target offers them (see `Target`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,20 @@ ENTRY_POINT_GROUP = "ndopt.targets"
 
 
 class Target(Protocol):
+    """What the core calls on a target. Only `name`, `description`, `to_json` are required.
+
+    Optional, looked up with `hasattr`:
+      lower(pipeline, out_dir: Path, ctx: PassContext) -> dict
+          export every component and call signature, check, write the bundle and manifest.json
+          under out_dir (atomically), estimate, and (with credentials) compile and profile on
+          AI Hub; returns a JSON-able summary merged into the run's report under lowering.<name>.
+      estimate(pipeline) -> dict
+          latency and memory estimates from the pipeline's cost analysis (works on meta
+          pipelines: `ndopt plan` calls it); merged into the plan under estimates.<name>.
+      estimate_onnx(path: Path, precision: str) -> dict
+          {"latency_ms": ..., "peak_memory_mb": ...} for one ONNX graph (`ndopt estimate`).
+    """
+
     name: str
     description: str
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import networkx as nx
 
+from pydantic import Field
+
 from ndopt.ir.pipeline import SINK, Pipeline
 from ndopt.passmanager import Exact, Pass, PassConfig, PassContext, PassResult, register
 
@@ -31,7 +33,7 @@ class DeadComponentElimination(Pass):
     fidelity = Exact(tolerance=0.0)  # removing unused components cannot change a single number
 
     class Config(PassConfig):
-        keep: list[str] = []  # components to keep even if dead (e.g. the VAE encoder for a later i2v recipe)
+        keep: list[str] = Field(default_factory=list)  # components to keep even if dead (e.g. the VAE encoder for a later i2v recipe)
 
     def run(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
         unknown = [k for k in self.config.keep if k not in pipeline.components]

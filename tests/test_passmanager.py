@@ -84,7 +84,7 @@ def test_lossy_pass_over_budget_stops_or_warns(tiny, tmp_path, caplog):
     with pytest.raises(FidelityError, match="test_perturb.*below its budget 30.00 dB"):
         PassManager([_Perturb({"scale": 3.0})], [FidelityInstrument(probe, "stop")]).run(tiny, PassContext(tmp_path))
     with caplog.at_level(logging.WARNING, logger="ndopt"):
-        final, recs = PassManager([_Perturb({"scale": 3.0})], [FidelityInstrument(probe, "warn")]).run(
+        _, recs = PassManager([_Perturb({"scale": 3.0})], [FidelityInstrument(probe, "warn")]).run(
             tiny, PassContext(tmp_path))
     assert "below its budget" in caplog.text
     fid = recs[0].record["fidelity"]

@@ -80,14 +80,14 @@ class FidelityInstrument:
     reference: ProbeOutput | None = None
     _previous: ProbeOutput | None = None
 
-    def before(self, index, p, pipeline, ctx) -> None:  # noqa: ANN001 - Instrument protocol
+    def before(self, index, p, pipeline, ctx) -> None:
         if ctx.plan:
             return
         if self.reference is None:
             self.reference = self.probe.outputs(pipeline)
             self._previous = self.reference
 
-    def after(self, index, p, before, result, ctx, record) -> None:  # noqa: ANN001
+    def after(self, index, p, before, result, ctx, record) -> None:
         if ctx.plan:
             return
         kind = p.fidelity.kind
@@ -100,7 +100,7 @@ class FidelityInstrument:
         record["fidelity"] = {"contract": kind, "vs_previous": step, "vs_original": total}
         self._previous = out
 
-    def compare_checked(self, out: ProbeOutput, prev: ProbeOutput, p, kind: str) -> dict[str, float]:  # noqa: ANN001
+    def compare_checked(self, out: ProbeOutput, prev: ProbeOutput, p, kind: str) -> dict[str, float]:
         step = self.probe.compare(out, prev)
         if kind == "exact":
             tol = p.fidelity.tolerance

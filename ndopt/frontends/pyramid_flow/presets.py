@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from ndopt.errors import CheckpointError
-from ndopt.io import atomic_write_json
 from ndopt.frontends.pyramid_flow import checkpoint as ckpt
 from ndopt.frontends.pyramid_flow import dit as dit_mod
 from ndopt.frontends.pyramid_flow import text as text_mod
 from ndopt.frontends.pyramid_flow import vae as vae_mod
 from ndopt.frontends.pyramid_flow.sampler import PyramidFlowSampler
 from ndopt.frontends.pyramid_flow.schedule import pyramid_flow_schedule
+from ndopt.io import atomic_write_json
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import SINK, Pipeline
 from ndopt.ir.spec import Port, TensorSpec
