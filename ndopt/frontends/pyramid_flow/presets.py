@@ -132,6 +132,44 @@ def assemble(name: str, text: torch.nn.Module, dit: torch.nn.Module, vae: torch.
         inputs=("prompt",))
 
 
+def bundled_weights(name: str) -> Path | None:
+    """The shipped weights of a preset (`weights/<name>.safetensors` in this package), if any."""
+    from importlib import resources
+
+    f = resources.files("ndopt.frontends.pyramid_flow") / "weights" / f"{name}.safetensors"
+    return Path(str(f)) if f.is_file() else None
+
+
+def _load_bundled(path: Path, text: torch.nn.Module, dit: torch.nn.Module, vae: torch.nn.Module) -> None:
+    """One safetensors file with `text_encoder.`, `dit.` and `vae.` prefixed upstream keys."""
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: cannot read the bundled weights ({e}); reinstall ndopt") from None
+    for prefix, module in (("text_encoder.", text), ("dit.", dit), ("vae.", vae)):
+        part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        ckpt.load_into(module, part, source=f"{path} [{prefix.rstrip('.')}]")
+
+
+def save_bundled(path: Path, pipeline: Pipeline) -> None:
+    """Write a pipeline's weights in the bundled-weights format (used by the teacher's training)."""
+    from safetensors.torch import save_file
+
+    from ndopt.io import atomic_path
+
+    enc, dec = pipeline.components.get("vae_encoder"), pipeline.by_role("vae_decoder")[0]
+    if enc is None:
+        raise CheckpointError("bundled weights hold the whole VAE; this pipeline has no vae_encoder")
+    sd = {}
+    for prefix, module in (("text_encoder.", pipeline.by_role("text_encoder")[0].module),
+                           ("dit.", pipeline.by_role("dit")[0].module), ("vae.", enc.module), ("vae.", dec.module)):
+        sd.update({prefix + k: v.detach().contiguous().clone() for k, v in module.state_dict().items()})
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp))
+
+
 def build_preset(name: str, device: torch.device | str = "cpu", seed: int = 0) -> Pipeline:
     specs = preset_specs()
     if name not in specs:
@@ -142,8 +180,12 @@ def build_preset(name: str, device: torch.device | str = "cpu", seed: int = 0) -
         dit = dit_mod.PyramidMMDiT(spec.dit)
         vae = vae_mod.CausalVideoVAE(spec.vae)
     if str(device) != "meta":
-        g = torch.Generator().manual_seed(seed)
-        dit_mod.randomize_(dit, g)  # upstream init zeroes the output layers; a random preset must say something
+        weights = bundled_weights(name)
+        if weights is not None:  # the trained tiny teacher (issue: training engine and tiny teacher)
+            _load_bundled(weights, text, dit, vae)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            dit_mod.randomize_(dit, g)  # upstream init zeroes the output layers; a random preset must say something
     for m in (text, dit, vae):
         m.eval().requires_grad_(False)
     return assemble(name, text, dit, vae, spec)
