@@ -14,6 +14,8 @@ call signature, with the transformer blocks as leaf `call_module` nodes for bloc
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -265,13 +267,23 @@ class PyramidMMDiT(nn.Module):
                 raise ValueError(f"DiT inputs have layout {actual}, but the call was given {layout}")
 
     def forward(self, sample: list[Tensor], encoder_hidden_states: Tensor, encoder_attention_mask: Tensor,
-                pooled_projections: Tensor, timestep_ratio: Tensor, layout: DiTLayout | None = None) -> Tensor:
-        """sample: [B, C, t_i, h_i, w_i] clips, history first; returns [B, C, t, h, w] for the last one."""
+                pooled_projections: Tensor, timestep_ratio: Tensor | None = None, layout: DiTLayout | None = None,
+                timestep_embedding: Tensor | None = None) -> Tensor:
+        """sample: [B, C, t_i, h_i, w_i] clips, history first; returns [B, C, t, h, w] for the last one.
+
+        `timestep_embedding` [B, D] replaces `timestep_ratio` once schedule folding has precomputed the
+        timestep MLP for every step (`fold_timestep_embedding`)."""
         if layout is None:
             layout = DiTLayout.from_inputs(sample, encoder_hidden_states, self.config.patch_size)
         self._check_layout(layout, sample, encoder_hidden_states)
 
-        temb = self.time_text_embed(timestep_ratio, pooled_projections)
+        if timestep_embedding is not None:
+            temb = timestep_embedding + self.time_text_embed.text_embedder(pooled_projections)
+        elif isinstance(self.time_text_embed, FoldedTimeTextEmbed):
+            raise ValueError("this DiT's timestep MLP was folded into the schedule: pass timestep_embedding "
+                             "(the schedule's precomputed row), not timestep_ratio")
+        else:
+            temb = self.time_text_embed(timestep_ratio, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
         hidden = self.pos_embed(sample, layout.clips, layout.batch)
 
@@ -293,6 +305,33 @@ class PyramidMMDiT(nn.Module):
         h, w = height // p, width // p
         x = x.reshape(layout.batch * t, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)   # [Bt, C, h, p, w, p]
         return x.reshape(layout.batch, t, c, height, width).transpose(1, 2)
+
+
+class FoldedTimeTextEmbed(nn.Module):
+    """`time_text_embed` after schedule folding: only the pooled-text MLP stays in the graph; the
+    timestep MLP's outputs are constants of the schedule, fed as `timestep_embedding`."""
+
+    def __init__(self, text_embedder: nn.Module) -> None:
+        super().__init__()
+        self.text_embedder = text_embedder
+
+
+def fold_timestep_embedding(dit: PyramidMMDiT, timesteps: Sequence[float]) -> tuple[PyramidMMDiT, Tensor]:
+    """A DiT sharing every module but `time_text_embed`, and the [len(timesteps), D] table of the
+    timestep MLP at those timesteps (upstream `timestep_embedder(time_proj(t))`). The input is untouched."""
+    tte = dit.time_text_embed
+    if isinstance(tte, FoldedTimeTextEmbed):
+        raise ValueError("the timestep embedding is already folded")
+    p = next(dit.parameters())
+    t = torch.tensor(list(timesteps), dtype=torch.float32, device=p.device)
+    with torch.no_grad():
+        table = tte.timestep_embedder(tte.time_proj(t).to(p.dtype))
+    new = copy.copy(dit)  # shallow: new module dicts below, shared submodules and parameters
+    new._modules = dict(dit._modules)
+    new._parameters = dict(dit._parameters)
+    new._buffers = dict(dit._buffers)
+    new.time_text_embed = FoldedTimeTextEmbed(tte.text_embedder)
+    return new, table
 
 
 @torch.no_grad()
@@ -344,13 +383,23 @@ class _DiTAtLayout(nn.Module):
                                  timestep_ratio, layout=self.layout)
 
 
+class _FoldedDiTAtLayout(_DiTAtLayout):
+    """A schedule-folded DiT at one layout: takes the precomputed timestep embedding."""
+
+    def forward(self, sample: list[Tensor], encoder_hidden_states: Tensor, encoder_attention_mask: Tensor,
+                pooled_projections: Tensor, timestep_embedding: Tensor) -> Tensor:
+        return self._dit.forward(sample, encoder_hidden_states, encoder_attention_mask, pooled_projections,
+                                 layout=self.layout, timestep_embedding=timestep_embedding)
+
+
 def trace_dit(dit: PyramidMMDiT, layout: DiTLayout) -> torch.fx.GraphModule:
     """One GraphModule per call signature; it shares parameters with `dit`.
 
     forward(sample, encoder_hidden_states, encoder_attention_mask, pooled_projections, timestep_ratio)
-    equals `dit(..., layout=layout)`.
+    equals `dit(..., layout=layout)` (timestep_embedding instead of timestep_ratio once folded).
     """
-    wrapper = _DiTAtLayout(dit, layout)
+    folded = isinstance(dit.time_text_embed, FoldedTimeTextEmbed)
+    wrapper = (_FoldedDiTAtLayout if folded else _DiTAtLayout)(dit, layout)
     graph = DiTBlockTracer().trace(wrapper)
     gm = torch.fx.GraphModule(wrapper, graph, class_name="PyramidMMDiTAtLayout")
     gm.graph.lint()

@@ -92,6 +92,36 @@ def _resize(x: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
     return y.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
 
 
+FOLDED = "schedule_folding"  # the analyses key of a folded schedule
+
+
+@dataclass(frozen=True)
+class FoldedSchedule:
+    """Constants of a fixed schedule: the timestep MLP's rows and which call uses which row."""
+
+    stages: tuple  # the Schedule.stages it was folded for
+    timesteps: tuple[float, ...]
+    table: torch.Tensor  # [len(timesteps), D]
+    rows: dict[tuple[str, int, int], int]  # ("first" | "video", stage, step) -> row
+
+    def embedding(self, kind: str, stage: int, step: int) -> torch.Tensor:
+        return self.table[self.rows[(kind, stage, step)]][None]
+
+
+def folded_time(dit: Component) -> bool:
+    return any(p.name == "timestep_embedding" for p in dit.inputs)
+
+
+def folded_schedule(pipeline: Pipeline) -> FoldedSchedule:
+    f = pipeline.analyses.get(FOLDED)
+    if f is None:
+        raise NdoptError("the DiT's timestep MLP is folded but the pipeline has no folded schedule")
+    if f.stages != pipeline.schedule.stages:
+        raise NdoptError("the schedule changed after schedule_folding: fold it again (run schedule_folding "
+                         "after every pass that changes steps)")
+    return f
+
+
 @dataclass(frozen=True)
 class PyramidFlowSampler:
     """The sampler of a Pyramid-Flow pipeline (implements ndopt.ir.Sampler)."""
@@ -130,11 +160,13 @@ class PyramidFlowSampler:
                     lay = dit_layout(sch, unit, s, batch, tl)
                     sample = tuple(TensorSpec((batch, cfg.in_channels, *c)) for c in lay.clips)
                     t, h, w = lay.clips[-1]
+                    time_arg = (("timestep_embedding", TensorSpec((batch, cfg.inner_dim))) if folded_time(d)
+                                else ("timestep_ratio", TensorSpec((batch,))))
                     args = (("sample", sample),
                             ("encoder_hidden_states", TensorSpec((batch, tl, ctx_dim))),
                             ("encoder_attention_mask", TensorSpec((batch, tl), "int64")),
                             ("pooled_projections", TensorSpec((batch, cfg.pooled_projection_dim))),
-                            ("timestep_ratio", TensorSpec((batch,))))
+                            time_arg)
                     plan.append(CallSignature(
                         d.name, f"unit{unit}/stage{s}", args, steps * sch.guidance.calls_per_step,
                         env=(("B", batch), ("L", tl), ("t", t), ("h", h), ("w", w)), static=(("layout", lay),),
@@ -191,6 +223,7 @@ class PyramidFlowSampler:
 
         generated: list[torch.Tensor] = []
         fpu = sch.temporal.frame_per_unit
+        folded = folded_schedule(pipeline) if folded_time(dit) else None
         for unit in range(sch.units):
             lo = 0 if unit == 0 else 1 + (unit - 1) * fpu
             hi = 1 if unit == 0 else 1 + unit * fpu
@@ -206,9 +239,10 @@ class PyramidFlowSampler:
                         device, dtype)
                 sigmas = stage_local_sigmas(steps)
                 for i, t in enumerate(stage_timesteps(stage, steps)):
+                    temb = folded.embedding("first" if unit == 0 else "video", s, i) if folded else None
                     v = self._guided_velocity(dit, latents, history[s], t, cond, uncond,
                                               sch.guidance.scale if unit == 0 else sch.guidance.video_scale,
-                                              sch.guidance.mode)
+                                              sch.guidance.mode, temb)
                     latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(dtype)
                     if progress is not None:
                         progress(f"frame {unit + 1}/{sch.units} stage {s + 1}/{n_stages} step {i + 1}/{steps}")
@@ -234,25 +268,27 @@ class PyramidFlowSampler:
     @staticmethod
     def _guided_velocity(dit: Component, latents: torch.Tensor, history: list[torch.Tensor], t: float,
                          cond: tuple[torch.Tensor, ...], uncond: tuple[torch.Tensor, ...] | None,
-                         scale: float, mode: str) -> torch.Tensor:
+                         scale: float, mode: str, temb: torch.Tensor | None = None) -> torch.Tensor:
+        def time(batch: int) -> dict[str, torch.Tensor]:
+            if temb is not None:  # a folded schedule: the timestep MLP's precomputed row
+                return {"timestep_embedding": temb.to(latents.device, latents.dtype).expand(batch, -1)}
+            return {"timestep_ratio": torch.full((batch,), t, dtype=latents.dtype, device=latents.device)}
+
         b = latents.shape[0]
         if uncond is None or mode == "none":
-            ts = torch.full((b,), t, dtype=latents.dtype, device=latents.device)
             return dit.call(sample=[*history, latents], encoder_hidden_states=cond[0],
-                            encoder_attention_mask=cond[1], pooled_projections=cond[2], timestep_ratio=ts)
+                            encoder_attention_mask=cond[1], pooled_projections=cond[2], **time(b))
         if mode == "cfg_batched":  # upstream's own form: one call of batch 2B
             x = [torch.cat([h, h]) for h in history] + [torch.cat([latents, latents])]
-            ts = torch.full((2 * b,), t, dtype=latents.dtype, device=latents.device)
             v = dit.call(sample=x, encoder_hidden_states=torch.cat([uncond[0], cond[0]]),
                          encoder_attention_mask=torch.cat([uncond[1], cond[1]]),
-                         pooled_projections=torch.cat([uncond[2], cond[2]]), timestep_ratio=ts)
+                         pooled_projections=torch.cat([uncond[2], cond[2]]), **time(2 * b))
             v_u, v_c = v.chunk(2)
         else:
-            ts = torch.full((b,), t, dtype=latents.dtype, device=latents.device)
             v_u = dit.call(sample=[*history, latents], encoder_hidden_states=uncond[0],
-                           encoder_attention_mask=uncond[1], pooled_projections=uncond[2], timestep_ratio=ts)
+                           encoder_attention_mask=uncond[1], pooled_projections=uncond[2], **time(b))
             v_c = dit.call(sample=[*history, latents], encoder_hidden_states=cond[0],
-                           encoder_attention_mask=cond[1], pooled_projections=cond[2], timestep_ratio=ts)
+                           encoder_attention_mask=cond[1], pooled_projections=cond[2], **time(b))
         return v_u + scale * (v_c - v_u)
 
     def decode(self, pipeline: Pipeline, latents: torch.Tensor) -> torch.Tensor:
@@ -286,3 +322,31 @@ def count_dit_calls(pipeline: Pipeline, run: Callable[[], object]) -> int:
     return n
 
 
+
+
+def unroll(pipeline: Pipeline) -> list[dict]:
+    """The explicit call list of one video: every DiT evaluation with its constants, in order.
+
+    What lowering writes into the manifest: which DiT signature, the timestep (or the folded table
+    row), the Euler step, the guidance scale, and the renoise coefficients entering a stage."""
+    sch = pipeline.schedule
+    dit = pipeline.by_role("dit")[0]
+    folded = folded_schedule(pipeline) if folded_time(dit) else None
+    calls = []
+    first_unit = 0 if sch.first_frame == "generate" else 1
+    for unit in range(first_unit, sch.units):
+        kind = "first" if unit == 0 else "video"
+        for s, stage in enumerate(sch.stages):
+            steps = stage.steps if unit == 0 else stage.video_steps
+            sigmas = stage_local_sigmas(steps)
+            renoise = list(renoise_coefficients(stage, sch.gamma)) if s > 0 else None
+            for i, t in enumerate(stage_timesteps(stage, steps)):
+                calls.append({
+                    "unit": unit, "stage": s, "step": i, "dit_signature": f"unit{unit}/stage{s}",
+                    "timestep": t, "timestep_row": folded.rows[(kind, s, i)] if folded else None,
+                    "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "dt": sigmas[i + 1] - sigmas[i],
+                    "guidance": sch.guidance.mode,
+                    "guidance_scale": sch.guidance.scale if unit == 0 else sch.guidance.video_scale,
+                    "renoise": renoise if i == 0 else None,
+                })
+    return calls
