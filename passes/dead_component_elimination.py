@@ -7,7 +7,6 @@ nothing reachable from the prompt feeds it: lowering it would waste a graph and 
 from __future__ import annotations
 
 import networkx as nx
-
 from pydantic import Field
 
 from ndopt.ir.pipeline import SINK, Pipeline

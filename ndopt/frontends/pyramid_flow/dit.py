@@ -15,7 +15,6 @@ call signature, with the transformer blocks as leaf `call_module` nodes for bloc
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import logging
 from collections.abc import Sequence
