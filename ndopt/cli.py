@@ -50,9 +50,13 @@ def main(debug: bool, quiet: bool) -> None:
 @_errors
 def run(recipe: str, model: str | None, target: str | None, out: str | None) -> None:
     """Run RECIPE (a path or a shipped recipe's name) end to end."""
+    from ndopt.progress import progress
+    from ndopt.recipe import load_recipe
     from ndopt.runner import run as run_recipe
 
-    report = run_recipe(recipe, model=model, target=target, out=out)
+    r = load_recipe(recipe)
+    with progress(f"running {r.name}", len(r.passes)) as advance:
+        report = run_recipe(r, model=model, target=target, out=out, progress=advance)
     click.echo(f"ok: {report['recipe']['name']}: {len(report['steps'])} passes; "
                f"report at {report['paths']['md']}")
     r = report.get("ratios") or {}

@@ -63,9 +63,24 @@ def _recipe(ref: str | Path | Recipe) -> Recipe:
     return ref if isinstance(ref, Recipe) else load_recipe(ref)
 
 
+class _PassProgress:
+    """Instrument: advances a progress bar as passes finish."""
+
+    def __init__(self, advance: Any) -> None:
+        self.advance = advance
+
+    def before(self, index, p, pipeline, ctx) -> None:  # noqa: ANN001 - Instrument protocol
+        pass
+
+    def after(self, index, p, before, result, ctx, record) -> None:  # noqa: ANN001
+        self.advance(p.name)
+
+
 def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | None = None,
-        out: str | Path | None = None) -> dict[str, Any]:
-    """Run a recipe end to end on real weights; returns the report (also written to the run dir)."""
+        out: str | Path | None = None, progress: Any = None) -> dict[str, Any]:
+    """Run a recipe end to end on real weights; returns the report (also written to the run dir).
+
+    `progress(label)` is called as each pass finishes (the CLI passes a rich progress bar's)."""
     r = _recipe(recipe).with_overrides(model=model, target=target)
     run_dir = Path(out) if out else Path(r.spec.output) / r.name
     passes = r.instantiate()
@@ -80,7 +95,7 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
     }
     base = cost_row(costs.pipeline_cost(pipeline), pipeline)
     report["baseline"] = base
-    instruments = []
+    instruments: list[Any] = [_PassProgress(progress)] if progress else []
     if r.spec.probe.enabled:
         p = r.spec.probe
         probe = FidelityProbe(ProbeSettings(tuple(p.prompts), p.seed, p.latent_frames, p.height, p.width))
