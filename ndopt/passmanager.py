@@ -262,6 +262,7 @@ class PassManager:
             missing = [f for f in p.requires if f not in pipeline.facts]
             if missing:  # facts can vanish at run time (a pass invalidated them)
                 raise PassError(f"pass {p.name!r} requires {missing}, which the pipeline no longer has")
+            ctx.options["pass_index"] = index  # passes name their directory with ctx.pass_dir(index, name)
             for inst in self.instruments:
                 inst.before(index, p, pipeline, ctx)
             log.info("pass %d/%d: %s", index, len(self.passes), p.name)

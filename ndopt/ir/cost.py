@@ -157,9 +157,13 @@ class _BlockMemo:
         for mod in root.modules():
             if isinstance(mod, nn.ModuleList) and len(mod) > 1:
                 for block in mod:
-                    if "forward" not in vars(block):
-                        block.forward = self._wrap(block, _structure_key(block))
-                        patched.append(block)
+                    # opt-outs: empty slots, blocks with state across calls (`ndopt_memoize = False`),
+                    # blocks whose forward is already patched on the instance
+                    if (not isinstance(block, nn.Module) or not getattr(block, "ndopt_memoize", True)
+                            or "forward" in vars(block)):
+                        continue
+                    block.forward = self._wrap(block, _structure_key(block))
+                    patched.append(block)
         try:
             yield
         finally:

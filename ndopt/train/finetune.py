@@ -1,0 +1,99 @@
+"""Fine-tunes of a pipeline's DiT that several passes share: data latents, distillation, flow matching.
+
+- `training_latents(pipeline, data, ...)`: captioned clips (procedural or a folder) encoded once
+  through the pipeline's VAE encoder into a LatentCache;
+- `distill_dit(teacher, student, data, ...)`: teacher-student output matching on pyramidal
+  flow-matching inputs, plus block-feature matching for given (student, teacher) block pairs
+  (block pruning's stage 1);
+- `flow_match_dit(pipeline, data, ...)`: the pyramidal flow-matching objective on data (stage 2).
+
+Both train the student's DiT in place (the caller owns it: a pass builds it fresh) and leave the
+teacher and the text encoder untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ndopt.errors import PassError
+from ndopt.ir.pipeline import Pipeline
+from ndopt.train.data import FolderVideos, LatentCache, ProceduralConfig, ProceduralVideos
+from ndopt.train.engine import TrainConfig, Trainer, TrainResult
+from ndopt.train.objectives import (
+    Distillation,
+    PromptEncoder,
+    PyramidalFlowMatching,
+    pyramid_distillation_inputs,
+)
+
+log = logging.getLogger("ndopt")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where fine-tuning clips come from: `procedural` or a folder with captions.jsonl."""
+
+    source: str = "procedural"
+    clips: int = 512
+    frames: int = 9
+    height: int = 64
+    width: int = 64
+    seed: int = 0
+
+
+def training_latents(pipeline: Pipeline, data: DataSpec, cache_dir: Path) -> LatentCache:
+    enc = pipeline.components.get("vae_encoder")
+    if enc is None:
+        raise PassError("fine-tuning on data needs the pipeline's vae_encoder to encode clips: run this pass "
+                        "before dead_component_elimination (or keep vae_encoder there)")
+    if data.source == "procedural":
+        ds = ProceduralVideos(ProceduralConfig(frames=data.frames, height=data.height, width=data.width),
+                              seed=data.seed + 7)
+        name = f"procedural{data.frames}x{data.height}x{data.width}s{data.seed}"
+    else:
+        ds = FolderVideos(data.source, frames=data.frames, height=data.height, width=data.width)
+        name = Path(data.source).name or "folder"
+    return LatentCache(ds, enc.module, cache_dir, size=data.clips, name=name).load()
+
+
+def text_len_for(pipeline: Pipeline, captions: Sequence[str]) -> int:
+    """The shortest T5 length (a multiple of 8) that holds every caption: exact, and cheaper than 128."""
+    te = pipeline.by_role("text_encoder")[0].module
+    longest = int(te.tokenize([*captions, ""])["t5_mask"].sum(1).max())
+    return min(int(te.config.max_sequence_length), -(-longest // 8) * 8)
+
+
+def _config(steps: int, lr: float, batch_size: int, seed: int, **kw) -> TrainConfig:
+    return TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                       log_every=max(1, min(10, steps // 10)), **kw)
+
+
+def distill_dit(teacher: Pipeline, student: Pipeline, data: LatentCache, *, steps: int, lr: float,
+                batch_size: int, run_dir: Path, feature_pairs: Sequence[tuple[int, int]] = (),
+                feature_weight: float = 1.0, seed: int = 0, device: torch.device | None = None,
+                **train_kw) -> TrainResult:
+    """Stage 1: the student DiT matches the teacher DiT's velocity (and paired block outputs)."""
+    te = PromptEncoder(teacher.by_role("text_encoder")[0].module, text_len_for(teacher, data.captions))
+    objective = Distillation(
+        student="dit", teacher="teacher", inputs=pyramid_distillation_inputs(teacher.schedule),
+        feature_weight=feature_weight if feature_pairs else 0.0,
+        features=tuple((f"transformer_blocks.{s}", f"transformer_blocks.{t}") for s, t in feature_pairs))
+    return Trainer(trainable={"dit": student.by_role("dit")[0].module},
+                   frozen={"teacher": teacher.by_role("dit")[0].module, "text_encoder": te},
+                   objective=objective, data=data, config=_config(steps, lr, batch_size, seed, **train_kw),
+                   run_dir=run_dir, device=device, name="distill").fit()
+
+
+def flow_match_dit(pipeline: Pipeline, data: LatentCache, *, steps: int, lr: float, batch_size: int,
+                   run_dir: Path, seed: int = 0, device: torch.device | None = None, **train_kw) -> TrainResult:
+    """Stage 2: the DiT learns the pyramidal flow-matching objective on the data's latents."""
+    te = PromptEncoder(pipeline.by_role("text_encoder")[0].module, text_len_for(pipeline, data.captions))
+    return Trainer(trainable={"dit": pipeline.by_role("dit")[0].module}, frozen={"text_encoder": te},
+                   objective=PyramidalFlowMatching(pipeline.schedule), data=data,
+                   config=_config(steps, lr, batch_size, seed, **train_kw), run_dir=run_dir, device=device,
+                   name="flow_matching").fit()

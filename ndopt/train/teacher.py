@@ -1,0 +1,231 @@
+"""Train the tiny teacher: the bundled weights of `pyramid-flow-tiny`, from scratch, on procedural videos.
+
+    python -m ndopt.train.teacher --out runs/tiny-teacher [--config ndopt/train/tiny_teacher.yaml]
+                                  [--install] [--scale 0.01]
+
+Three phases, each a `Trainer.fit()` that checkpoints and resumes (rerun the same command after
+an interruption and it carries on where it stopped):
+
+1. `vae`: the causal VAE (encoder and decoder) autoencodes procedural clips (VAEReconstruction);
+2. `latents`: a pool of clips is encoded once through the trained encoder (LatentCache);
+3. `dit`: the DiT and the text encoder learn the pyramidal flow-matching objective (seed eq. 6-7)
+   on the pool, with 10% of captions dropped for classifier-free guidance, and an EMA of weights.
+
+Then the pipeline is checked for prompt following on held-out (colour, shape) pairs, and its
+weights are written with `presets.save_bundled` to `<out>/pyramid-flow-tiny.safetensors` (and,
+with `--install`, to the package's `weights/`, where the tiny preset loads them by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import replace as dc_replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ndopt.errors import NdoptError
+from ndopt.io import atomic_write_json
+from ndopt.ir.pipeline import Pipeline
+from ndopt.train.data import LatentCache, ProceduralConfig, ProceduralVideos
+from ndopt.train.engine import TrainConfig, Trainer
+from ndopt.train.objectives import (
+    PromptEncoder,
+    PyramidalFlowMatching,
+    VAEReconstruction,
+    standardize_latents,
+)
+from ndopt.train.prompt_following import held_out_scenes, prompt_following
+
+log = logging.getLogger("ndopt")
+
+DEFAULT_CONFIG = Path(__file__).with_name("tiny_teacher.yaml")
+PRESET = "pyramid-flow-tiny"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PhaseSpec(_Strict):
+    steps: int = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    lr_multipliers: dict[str, float] = Field(default_factory=dict)
+
+    def train_config(self, seed: int, checkpoint_every: int, scale: float = 1.0) -> TrainConfig:
+        steps = max(1, round(self.steps * scale)) if self.steps else 0
+        return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup_steps=min(self.warmup_steps, steps // 4), lr_schedule=self.lr_schedule,
+                           weight_decay=self.weight_decay, grad_clip=self.grad_clip, ema_decay=self.ema_decay,
+                           lr_multipliers=dict(self.lr_multipliers), checkpoint_every=checkpoint_every,
+                           log_every=max(1, min(25, steps // 10)), seed=seed)
+
+
+class VAESpec(PhaseSpec):
+    frames: int = 9  # clip length of this phase (1: images, cheap; 9: the temporal path too)
+    latent_noise: float = 0.05
+    foreground_weight: float = 0.0
+
+
+class DiTSpec(PhaseSpec):
+    text_len: int = 24
+    uncond_prob: float = 0.1
+    train_text_encoder: bool = True
+
+
+class EvalSpec(_Strict):
+    prompts: int = 16
+    steps: tuple[int, int, int] = (6, 6, 6)
+    seed: int = 0
+
+
+class TeacherConfig(_Strict):
+    seed: int = 0
+    data: dict[str, Any] = Field(default_factory=dict)  # ProceduralConfig fields
+    vae: list[VAESpec] = Field(min_length=1)  # phases, in order (e.g. images first, then clips)
+    vae_init: str = "default"  # "default": PyTorch's init (trains faster than upstream's N(0, 0.02) here)
+    latent_clips: int = Field(4096, ge=1)
+    dit: DiTSpec
+    checkpoint_every: int = 100
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    def procedural(self) -> ProceduralConfig:
+        return ProceduralConfig(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
+                                   if isinstance(v, list) else v for k, v in self.data.items()})
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG) -> TeacherConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return TeacherConfig(**raw)
+    except FileNotFoundError:
+        raise NdoptError(f"{path}: no such teacher config") from None
+    except (yaml.YAMLError, ValidationError, TypeError) as e:
+        raise NdoptError(f"{path}: invalid teacher config: {e}") from None
+
+
+def fresh_pipeline(seed: int) -> Pipeline:
+    """The tiny preset's modules with upstream's initialisation (never the bundled weights)."""
+    from ndopt.frontends.pyramid_flow import dit as dit_mod
+    from ndopt.frontends.pyramid_flow import text as text_mod
+    from ndopt.frontends.pyramid_flow import vae as vae_mod
+    from ndopt.frontends.pyramid_flow.presets import assemble, preset_specs
+
+    spec = preset_specs()[PRESET]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text = text_mod.SD3TextEncoder(spec.text, text_mod.tiny_tokenizers())
+        dit = dit_mod.PyramidMMDiT(spec.dit)
+        vae = vae_mod.CausalVideoVAE(spec.vae)
+    for m in (text, dit, vae):
+        m.eval().requires_grad_(False)
+    return assemble(PRESET, text, dit, vae, spec)
+
+
+def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, device: str = "cpu",
+                  show_progress: bool | None = None) -> tuple[Pipeline, dict[str, Any]]:
+    """Run the three phases (resuming each from its checkpoints) and evaluate; returns the pipeline."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    pipe = fresh_pipeline(config.seed)
+    data_cfg = config.procedural()
+    dev = torch.device(device)
+    report: dict[str, Any] = {"config": config.model_dump(), "scale": scale, "phases": {}}
+
+    enc, dec = pipe["vae_encoder"].module, pipe["vae_decoder"].module
+    if config.vae_init == "default":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            for m in [*enc.modules(), *dec.modules()]:
+                if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear)):
+                    m.reset_parameters()
+    for i, vae in enumerate(config.vae):
+        res = Trainer(trainable={"vae_encoder": enc, "vae_decoder": dec},
+                      objective=VAEReconstruction(vae.latent_noise, foreground_weight=vae.foreground_weight),
+                      data=ProceduralVideos(dc_replace(data_cfg, frames=vae.frames), seed=config.seed + 100 * i),
+                      config=vae.train_config(config.seed + i, config.checkpoint_every, scale),
+                      run_dir=out / f"vae{i}", device=dev, name=f"teacher/vae{i}", show_progress=show_progress).fit()
+        report["phases"][f"vae{i}"] = {"final": res.final, "seconds": res.seconds}
+    calib = torch.stack([ProceduralVideos(data_cfg, seed=config.seed + 99)[i].video for i in range(32)]).to(dev)
+    report["standardize"] = standardize_latents(enc, dec, calib)
+
+    clips = max(8, round(config.latent_clips * min(1.0, scale * 10)))
+    cache = LatentCache(ProceduralVideos(data_cfg, seed=config.seed + 1), enc, out / "cache", size=clips,
+                        name="procedural").load()
+    lat = cache.latents
+    report["latents"] = {"clips": clips, "mean": float(lat.mean()), "std": float(lat.std())}
+    log.info("teacher: latent pool %d clips, mean %.3f std %.3f", clips, float(lat.mean()), float(lat.std()))
+
+    d = config.dit
+    te = PromptEncoder(pipe["text_encoder"].module, d.text_len)
+    objective = PyramidalFlowMatching(pipe.schedule, uncond_prob=d.uncond_prob,
+                                      train_text_encoder=d.train_text_encoder)
+    trainable = {"dit": pipe["dit"].module}
+    frozen = {}
+    (trainable if d.train_text_encoder else frozen)["text_encoder"] = te
+    res = Trainer(trainable=trainable, frozen=frozen, objective=objective, data=cache,
+                  config=d.train_config(config.seed, config.checkpoint_every, scale), run_dir=out / "dit",
+                  device=dev, name="teacher/dit", show_progress=show_progress).fit()
+    report["phases"]["dit"] = {"final": res.final, "seconds": res.seconds}
+
+    ev = config.eval
+    pf = prompt_following(pipe, held_out_scenes(ev.prompts, data_cfg), seed=ev.seed, steps=ev.steps,
+                          config=data_cfg)
+    report["prompt_following"] = pf.to_json()
+    report["seconds"] = time.perf_counter() - t0
+    log.info("teacher: prompt following on %d held-out prompts: %.0f%%", pf.n, 100 * pf.rate)
+    atomic_write_json(out / "report.json", report)
+    return pipe, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ndopt.frontends.pyramid_flow.presets import save_bundled
+    from ndopt.progress import setup_logging
+
+    ap = argparse.ArgumentParser(prog="python -m ndopt.train.teacher", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, cache, report)")
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (smoke runs: 0.01)")
+    ap.add_argument("--install", action="store_true",
+                    help="also write the weights into the package (the tiny preset's default weights)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 on a shared machine: OpenMP threads spin badly when oversubscribed)")
+    args = ap.parse_args(argv)
+    setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe, _report = train_teacher(load_config(args.config), args.out, scale=args.scale, device=args.device)
+    pipe = pipe.replace()  # modules are back in eval mode; save from CPU
+    weights = args.out / f"{PRESET}.safetensors"
+    save_bundled(weights, _to_cpu(pipe))
+    log.info("teacher: weights %s (%.1f MB)", weights, weights.stat().st_size / 1e6)
+    if args.install:
+        from importlib import resources
+
+        target = Path(str(resources.files("ndopt.frontends.pyramid_flow"))) / "weights" / f"{PRESET}.safetensors"
+        save_bundled(target, _to_cpu(pipe))
+        log.info("teacher: installed as the tiny preset's weights: %s", target)
+    return 0
+
+
+def _to_cpu(pipe: Pipeline) -> Pipeline:
+    for c in pipe.components.values():
+        c.module.to("cpu")
+    return pipe
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""block_pruning: structure (summary, fx block graph), fired, numerics (planted identity, exact fold,
+fidelity budget, plan figures of the seed), rejection of a second pruning, errors, fine-tune stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from golden import check_golden
+from pydantic import ValidationError
+from test_block_importance import FAST, plant_identity
+
+from ndopt.errors import FidelityError, PassError
+from ndopt.eval.probe import FidelityInstrument, FidelityProbe, ProbeSettings
+from ndopt.frontends.pyramid_flow.dit import JointTransformerBlock, PyramidMMDiT
+from ndopt.passmanager import PassContext, PassManager
+from passes.block_importance import BlockImportance
+from passes.block_pruning import BlockPruning, build_pruned_dit, dit_layout, rewrite_block_graph
+
+QUICK = {"evaluate": False}
+
+
+def _scored(p, tmp_path):
+    return BlockImportance(FAST).run(p, PassContext(run_dir=tmp_path)).pipeline.replace(
+        facts_add=["block_importance"])
+
+
+def _inputs(dit: PyramidMMDiT, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    c = dit.config
+    return dict(sample=[torch.randn(2, c.in_channels, 1, 4, 4, generator=g), torch.randn(2, c.in_channels, 1, 8, 8,
+                                                                                      generator=g)],
+                encoder_hidden_states=torch.randn(2, 12, c.joint_attention_dim, generator=g),
+                encoder_attention_mask=torch.ones(2, 12, dtype=torch.int64),
+                pooled_projections=torch.randn(2, c.pooled_projection_dim, generator=g),
+                timestep_ratio=torch.tensor([900.0, 300.0]))
+
+
+def test_structure_golden(tiny, tmp_path):
+    final, _ = PassManager([BlockImportance(FAST), BlockPruning({"keep": 16, **QUICK})]).run(
+        tiny, PassContext(run_dir=tmp_path))
+    check_golden("tiny_after_block_pruning.txt", final.summary())
+    graph = (tmp_path / "passes" / "02_block_pruning" / "block_graph.py").read_text()
+    check_golden("tiny_block_graph_after_pruning.txt", graph)
+    assert graph.count("self.transformer_blocks") == 4 and "transformer_blocks, \"4\"" not in graph
+
+
+def test_fired_removes_the_least_important_blocks(tiny, tmp_path):
+    scored = _scored(tiny, tmp_path)
+    res = BlockPruning({"keep": 16, **QUICK}).run(scored, PassContext(run_dir=tmp_path))
+    order = scored.analyses["block_importance"].order()
+    m = res.metrics
+    assert res.modified and m["removed_blocks"] == sorted(order[:2]) and m["blocks"] == [6, 4]
+    new = res.pipeline["dit"].module
+    assert len(new.transformer_blocks) == 4 and new.config.num_layers == 4
+    assert m["dit_params"] == sum(p.numel() for p in new.parameters()) == tiny["dit"].params() - m["params_removed"]
+    assert len(tiny["dit"].module.transformer_blocks) == 6  # the input is untouched
+    # renumbered state dict: kept block j holds old block keep[j]'s weights
+    old = tiny["dit"].module
+    for j, i in enumerate(m["kept_blocks"][:-1]):
+        assert torch.equal(new.transformer_blocks[j].attn.to_q.weight, old.transformer_blocks[i].attn.to_q.weight)
+    assert new.transformer_blocks[-1].context_pre_only
+    assert set(new.state_dict()) == set(PyramidMMDiT(new.config).state_dict())  # loads as a num_layers=4 DiT
+
+
+def test_planted_identity_block_is_removed_first_and_barely_matters(tiny, tmp_path):
+    planted = plant_identity(tiny, 1)
+    scored = _scored(planted, tmp_path)
+    res = BlockPruning({"keep": 20, "evaluate_latent_frames": 1, "evaluate_steps": [4, 4, 4]}).run(
+        scored, PassContext(run_dir=tmp_path))
+    assert res.metrics["removed_blocks"] == [1] and res.metrics["blocks"] == [6, 5]
+    assert res.metrics["latent_psnr_vs_unpruned"]["no_finetune"] > 35.0
+
+
+@pytest.mark.parametrize("removed", [[5], [2, 5]])
+def test_folding_the_last_block_is_exact(tiny, removed):
+    dit = tiny["dit"].module
+    keep = [i for i in range(6) if i not in removed]
+    folded, kept = build_pruned_dit(dit, keep, True), build_pruned_dit(dit, keep, False)
+    assert folded.transformer_blocks[-1].context_pre_only and not kept.transformer_blocks[-1].context_pre_only
+    assert sum(p.numel() for p in folded.parameters()) < sum(p.numel() for p in kept.parameters())
+    x = _inputs(dit)
+    with torch.no_grad():
+        a, b = folded(**x), kept(**x)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    # the rewritten fx graph computes the same as the new module
+    gm = rewrite_block_graph(dit, folded, keep, dit_layout(tiny))
+    lay = dit_layout(tiny)
+    y = {**_inputs(dit), "sample": [torch.randn(lay.batch, 16, *c) for c in lay.clips],
+         "encoder_hidden_states": torch.randn(lay.batch, lay.text_len, 64),
+         "encoder_attention_mask": torch.ones(lay.batch, lay.text_len, dtype=torch.int64),
+         "pooled_projections": torch.randn(lay.batch, 64), "timestep_ratio": torch.full((lay.batch,), 500.0)}
+    with torch.no_grad():
+        assert torch.equal(gm(**y), folded(**y, layout=lay))
+
+
+def test_fidelity_within_budget_through_the_probe(tiny, tmp_path):
+    probe = FidelityProbe(ProbeSettings(latent_frames=1))
+    inst = FidelityInstrument(probe, policy="stop")
+    _, recs = PassManager([BlockImportance(FAST), BlockPruning({"keep": 20, **QUICK})], [inst]).run(
+        tiny, PassContext(run_dir=tmp_path))
+    fid = recs[1].record["fidelity"]["vs_previous"]
+    assert fid["latent_psnr"] >= BlockPruning.fidelity.budget_db
+    strict = FidelityInstrument(probe, policy="stop", budgets={"block_pruning": 200.0})
+    with pytest.raises(FidelityError, match="below its budget"):
+        PassManager([BlockImportance(FAST), BlockPruning({"keep": 20, **QUICK})], [strict]).run(
+            tiny, PassContext(run_dir=tmp_path / "strict"))
+
+
+def test_second_pruning_needs_fresh_scores(tiny, tmp_path):
+    with pytest.raises(PassError, match="requires 'block_importance'"):
+        PassManager([BlockImportance(FAST), BlockPruning({"keep": 20, **QUICK}),
+                     BlockPruning({"keep": 16, **QUICK})]).run(tiny, PassContext(run_dir=tmp_path))
+    # named blocks need no scores, and a stale score set is refused
+    named = BlockPruning({"remove": [0], **QUICK})
+    assert named.requires == ()
+    scored = _scored(tiny, tmp_path)
+    once = BlockPruning({"keep": 20, **QUICK}).run(scored, PassContext(run_dir=tmp_path)).pipeline
+    with pytest.raises(PassError, match="cover 6 blocks but the DiT has 5"):
+        BlockPruning({"keep": 16, **QUICK}).run(once, PassContext(run_dir=tmp_path))
+
+
+def test_errors(tiny, tmp_path):
+    with pytest.raises(ValidationError, match="either keep or remove"):
+        BlockPruning({"keep": 4, "remove": [1]})
+    with pytest.raises(ValidationError, match="each block once"):
+        BlockPruning({"remove": [1, 1]})
+    with pytest.raises(ValidationError):
+        BlockPruning({"kep": 4})
+    ctx = PassContext(run_dir=tmp_path)
+    with pytest.raises(PassError, match="removes nothing or everything"):
+        BlockPruning({"keep": 6, "reference_depth": None, **QUICK}).run(_scored(tiny, tmp_path), ctx)
+    with pytest.raises(PassError, match="blocks 0..5"):
+        BlockPruning({"remove": [6], **QUICK}).run(tiny, ctx)
+    with pytest.raises(PassError, match="no block importance scores"):
+        BlockPruning({"keep": 16, **QUICK}).run(tiny, ctx)
+
+
+def test_plan_on_the_real_model_matches_the_seed(tmp_path):
+    from ndopt.frontends import load_model
+
+    meta = load_model("pyramid-flow-sd3-768p", meta=True)
+    ctx = PassContext(run_dir=tmp_path, plan=True, device=torch.device("meta"))
+    for keep, seed_params in ((18, 1.518e9), (16, 1.348e9)):
+        final, recs = PassManager([BlockImportance(), BlockPruning({"keep": keep})]).run(meta, ctx)
+        dit = final["dit"].module
+        assert abs(final["dit"].params() / seed_params - 1) < 0.005
+        assert len(dit.transformer_blocks) == keep and isinstance(dit.transformer_blocks[-1], JointTransformerBlock)
+        assert recs[1].record["metrics"]["selection"].startswith("plan placeholder")
+
+
+@pytest.mark.slow
+def test_plan_flops_ratio_matches_the_seed(tmp_path):
+    """DiT FLOPs per video pruned / unpruned: seed 41.94/55.99 (18 blocks), 37.25/55.99 (16)."""
+    from ndopt.frontends import load_model
+    from ndopt.ir.cost import CostModel
+
+    meta = load_model("pyramid-flow-sd3-768p", meta=True)
+    cm = CostModel()
+
+    def dit_flops(p):
+        return sum(cm.signature_cost(p[s.component], s).flops * s.count for s in p.call_plan()
+                   if p[s.component].role == "dit")
+
+    base = dit_flops(meta)
+    ctx = PassContext(run_dir=tmp_path, plan=True, device=torch.device("meta"))
+    for keep, seed in ((18, 41.94), (16, 37.25)):
+        final, _ = PassManager([BlockImportance(), BlockPruning({"keep": keep})]).run(meta, ctx)
+        assert abs((dit_flops(final) / base) / (seed / 55.99) - 1) < 0.01
+
+
+@pytest.mark.slow
+def test_two_stage_finetune_runs_resumes_and_reports(tiny, tmp_path):
+    cfg = {"keep": 16, "evaluate_latent_frames": 1, "evaluate_steps": [4, 4, 4],
+           "data": {"clips": 24},
+           "stage1": {"steps": 4, "lr": 1e-4, "batch_size": 6, "checkpoint_every": 2},
+           "stage2": {"steps": 4, "lr": 1e-4, "batch_size": 6, "checkpoint_every": 2}}
+    scored = _scored(tiny, tmp_path)
+    res = BlockPruning(cfg).run(scored, PassContext(run_dir=tmp_path))
+    fid = res.metrics["latent_psnr_vs_unpruned"]
+    assert set(fid) == {"no_finetune", "stage1", "stage2"}
+    assert len(res.metrics["stage1_loss"]) == 4 and len(res.metrics["stage2_loss"]) == 4
+    stage_dir = tmp_path / "passes" / "01_block_pruning"
+    assert (stage_dir / "stage1" / "checkpoints" / "latest").is_file()
+    # a rerun loads the saved fine-tunes instead of training again
+    again = BlockPruning(cfg).run(scored, PassContext(run_dir=tmp_path))
+    a, b = res.pipeline["dit"].module.state_dict(), again.pipeline["dit"].module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,113 @@
+"""ndopt.train.data: procedural clips (deterministic, in-vocabulary captions, held-out pairs), folders, cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ndopt.errors import NdoptError
+from ndopt.train.data import (
+    FolderVideos,
+    LatentCache,
+    ProceduralConfig,
+    ProceduralVideos,
+    caption_words,
+    collate,
+)
+from ndopt.train.prompt_following import shape_colour
+
+
+def test_procedural_is_a_function_of_seed_and_index():
+    a, b = ProceduralVideos(seed=3), ProceduralVideos(seed=3)
+    x, y = a[17], b[17]
+    assert x.caption == y.caption and torch.equal(x.video, y.video)
+    assert x.video.shape == (3, 9, 64, 64) and x.video.min() >= -1 and x.video.max() <= 1
+    assert ProceduralVideos(seed=4)[17].caption != x.caption or not torch.equal(ProceduralVideos(seed=4)[17].video,
+                                                                               x.video)
+
+
+def test_caption_words_are_whole_tokens_of_the_tiny_tokenizer():
+    from ndopt.frontends.pyramid_flow.text import tiny_tokenizers
+
+    tok = tiny_tokenizers().tokenizer
+    vocab = tok.get_vocab()
+    config = ProceduralConfig()
+    missing = sorted(w for w in caption_words(config) if w not in vocab)
+    assert not missing, f"caption words outside the tiny tokenizer's vocabulary: {missing}"
+    ds = ProceduralVideos(config)
+    for i in range(50):
+        cap = ds.scene(i)[0].caption
+        ids = tok(cap, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(cap.split()) and tok.unk_token_id not in ids, cap
+
+
+def test_held_out_pairs_never_appear_in_training_captions():
+    config = ProceduralConfig()
+    train = ProceduralVideos(config)
+    held = {f"{c} {s}" for c, s in config.held_out}
+    for i in range(400):
+        sc = train.scene(i)[0]
+        assert f"{sc.colour} {sc.shape}" not in held
+    test = ProceduralVideos(config, held_out=True)
+    assert all((test.scene(i)[0].colour, test.scene(i)[0].shape) in set(config.held_out) for i in range(20))
+
+
+def test_shape_colour_reads_the_rendered_colour():
+    config = ProceduralConfig()
+    ds = ProceduralVideos(config, seed=5)
+    hits = sum(shape_colour(ds[i].video[:, 0], config.colours) == ds.scene(i)[0].colour for i in range(24))
+    assert hits >= 22  # tiny "small" shapes on a similar background may be missed
+    flat = torch.zeros(3, 64, 64)
+    assert shape_colour(flat, config.colours) is None
+
+
+def test_bad_procedural_config():
+    with pytest.raises(NdoptError, match="colours"):
+        ProceduralConfig(colours=("red", "mauve"))
+    with pytest.raises(NdoptError, match="1 \\+ 8k"):
+        ProceduralConfig(frames=4)
+
+
+def test_folder_dataset(tmp_path):
+    import imageio.v3 as iio
+
+    frames = np.zeros((9, 48, 80, 3), dtype=np.uint8)
+    for t in range(9):  # a box moving right (identical frames would be merged by the GIF writer)
+        frames[t, 10:20, 30 + 2 * t:40 + 2 * t] = (255, 0, 0)
+    iio.imwrite(tmp_path / "clip.gif", frames, extension=".gif")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"video": "clip.gif", "caption": "a red box"}) + "\n")
+    ds = FolderVideos(tmp_path, frames=9, height=64, width=64)
+    ex = ds[0]
+    assert len(ds) == 1 and ex.caption == "a red box" and ex.video.shape == (3, 9, 64, 64)
+    with pytest.raises(NdoptError, match="captions.jsonl"):
+        FolderVideos(tmp_path / "nowhere")
+    (tmp_path / "captions.jsonl").write_text('{"video": "clip.gif"}\n')
+    with pytest.raises(NdoptError, match=":1: expected"):
+        FolderVideos(tmp_path)
+
+
+def test_latent_cache_encodes_once(tiny, tmp_path):
+    enc = tiny["vae_encoder"].module
+    ds = ProceduralVideos(seed=1)
+    cache = LatentCache(ds, enc, tmp_path, size=3, batch_size=2).load()
+    assert cache.path.is_file() and len(cache) == 3
+    ex = cache[2]
+    assert ex.caption == ds[2].caption and ex.latents.shape == (16, 2, 8, 8)
+    again = LatentCache(ds, enc, tmp_path, size=3)
+    calls = []
+    h = enc.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again.load()
+    finally:
+        h.remove()
+    assert not calls and torch.equal(again[2].latents, ex.latents)
+
+
+def test_collate_keeps_positions_and_seeds():
+    ds = ProceduralVideos()
+    b = collate([ds[0], ds[1]], [10, 11], [5, 6])
+    assert b.videos.shape == (2, 3, 9, 64, 64) and b.latents is None and b.indices.tolist() == [10, 11]
+    assert torch.equal(torch.randn(3, generator=b.generators()[0]), torch.randn(3, generator=torch.Generator().manual_seed(5)))
