@@ -1,19 +1,64 @@
 """Snapdragon targets as data: one YAML file per chip, validated with pydantic.
 
-A new chip is a new YAML file in this folder and nothing else. Lowering (ONNX, legality,
-estimator, AI Hub) builds on these records.
+A new chip is a new YAML file in this folder and nothing else: `registry()` (the `ndopt.targets`
+entry point) builds one `SnapdragonTarget` per file. The code that lowers, checks, estimates and
+profiles lives beside this file (lowering, legality, numerics, bundle, estimator, aihub) and reads
+only these records.
 """
 
 from __future__ import annotations
 
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ndopt.errors import TargetError
+
+if TYPE_CHECKING:
+    from targets.snapdragon import SnapdragonTarget
+
+PrecisionName = Literal["fp16", "w8a16", "w8a8", "w4a16", "w4a8"]
+
+# (weight bits, activation bits) of each precision; what the estimator prices tensors at.
+PRECISION_BITS: dict[str, tuple[int, int]] = {
+    "fp16": (16, 16), "w8a16": (8, 16), "w8a8": (8, 8), "w4a16": (4, 16), "w4a8": (4, 8),
+}
+
+
+class Efficiency(BaseModel):
+    """Fraction of the nominal peak each op class reaches, and a fixed cost per graph node.
+
+    MAC classes: `conv` (Conv), `matmul` (a matmul with a weight operand: Linear, Gemm),
+    `attention` (a matmul of two activations: q k^T, p v). The memory roof has two parts: `weights`
+    scales the DRAM bandwidth for weight reads (streamed from DRAM every call), `activations` for
+    activation traffic (it may exceed 1: tiles stay in the NPU's on-chip memory between ops).
+    Fitted by `targets.calibration.fit` on `targets/calibration.tsv` (bench/bench_estimator.py
+    prints the fit and its errors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    conv: float = Field(gt=0)
+    matmul: float = Field(gt=0)
+    attention: float = Field(gt=0)
+    weights: float = Field(gt=0)
+    activations: float = Field(gt=0)
+    node_us: float = Field(ge=0)
+    calibrated: bool = True  # False: derived from another precision, not fitted to measurements
+
+
+class LegalityRules(BaseModel):
+    """What the NPU compiler accepts (REFERENCE.md, Hexagon lowering constraints)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_rank: int = 5
+    warn_rank: int = 5  # tensors of this rank or more compile but run slowly: warn
+    forbidden_ops: list[str] = Field(default_factory=list)
+    forbidden_dtypes: list[str] = Field(default_factory=list)
+    static_shapes: bool = True
 
 
 class TargetSpec(BaseModel):
@@ -24,29 +69,69 @@ class TargetSpec(BaseModel):
     ai_hub_devices: list[str] = Field(min_length=1)
     hexagon_arch: Literal["v68", "v69", "v73", "v75", "v79", "v81"]
     aimet_config: str
-    precisions: list[Literal["fp16", "w8a16", "w8a8", "w4a16", "w4a8"]]
+    precisions: list[PrecisionName]
+    default_precision: PrecisionName = "w8a16"
     npu_int8_tops: float = Field(gt=0)
-    npu_effective_tmacs_w8a16: float = Field(gt=0)
+    # MAC rate of each precision relative to int8 x int8 (HMX nominal); efficiencies absorb the rest
+    mac_rate: dict[PrecisionName, float] = Field(default_factory=lambda: {
+        "fp16": 0.5, "w8a16": 0.5, "w8a8": 1.0, "w4a16": 0.5, "w4a8": 1.0})
     dram_bandwidth_gbs: float = Field(gt=0)
     memory_budget_gb: float = Field(gt=0)
-    max_rank: int = 5
-    forbidden_ops: list[str] = Field(default_factory=list)
-    forbidden_dtypes: list[str] = Field(default_factory=list)
+    legality: LegalityRules = Field(default_factory=LegalityRules)
+    efficiency: dict[PrecisionName, Efficiency]
+    opset: int = Field(default=17, ge=17)
+    aihub_options: str = "--target_runtime qnn_context_binary"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TargetSpec:
+        if self.default_precision not in self.precisions:
+            raise ValueError(f"default_precision {self.default_precision!r} is not in precisions {self.precisions}")
+        missing = [p for p in self.precisions if p not in self.efficiency]
+        if missing:
+            raise ValueError(f"efficiency has no entry for precisions {missing}; every precision needs one")
+        return self
+
+    def peak_macs(self, precision: str) -> float:
+        """Nominal MACs per second at a precision (int8 TOPS count 2 ops per MAC)."""
+        return self.npu_int8_tops * 1e12 / 2 * self.mac_rate[precision]
+
+    def check_precision(self, precision: str) -> str:
+        if precision not in self.precisions:
+            raise TargetError(f"target {self.name}: precision {precision!r} is not supported; "
+                              f"choose one of {', '.join(self.precisions)} (targets/{self.name}.yaml)")
+        return precision
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump()
 
 
+def load_spec(text: str, source: str) -> TargetSpec:
+    """One target file's record; errors name the file and the field."""
+    try:
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise TargetError(f"{source}: a target file is a YAML mapping (name, description, ...)")
+        return TargetSpec(**data)
+    except yaml.YAMLError as e:
+        raise TargetError(f"{source}: invalid YAML: {e}") from None
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise TargetError(f"{source}: invalid target file: {errs}; fix the field(s) named") from None
+
+
 @cache
-def registry() -> dict[str, TargetSpec]:
-    """Entry point of the `ndopt.targets` group: every `targets/*.yaml`."""
+def specs() -> dict[str, TargetSpec]:
+    """Every `targets/*.yaml`, by name."""
     out: dict[str, TargetSpec] = {}
     for f in sorted(resources.files(__name__).iterdir(), key=lambda p: p.name):
-        if not f.name.endswith(".yaml"):
-            continue
-        try:
-            spec = TargetSpec(**yaml.safe_load(f.read_text()))
-        except (yaml.YAMLError, ValidationError, TypeError) as e:
-            raise TargetError(f"targets/{f.name}: invalid target file: {e}") from None
-        out[spec.name] = spec
+        if f.name.endswith(".yaml"):
+            spec = load_spec(f.read_text(), f"targets/{f.name}")
+            out[spec.name] = spec
     return out
+
+
+def registry() -> dict[str, SnapdragonTarget]:
+    """Entry point of the `ndopt.targets` group: one target per `targets/*.yaml`."""
+    from targets.snapdragon import SnapdragonTarget
+
+    return {name: SnapdragonTarget(spec) for name, spec in specs().items()}

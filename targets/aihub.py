@@ -1,0 +1,139 @@
+"""Qualcomm AI Hub: compile every graph of a bundle to a QNN context binary and profile it on a
+real device, then merge the measured latencies next to the estimates.
+
+`qai_hub` is the optional extra `ndopt[hub]`, imported only here and only when a bundle is
+submitted. Without the package or without credentials (`~/.qai_hub/client.ini`, or the file
+named by QAIHUB_CLIENT_INI), one line says how to configure them and lowering carries on offline.
+The API token is never read, logged or written by ndopt; error texts from the client pass
+through `redact` before they reach a log or a report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ndopt")
+
+CONFIGURE_HINT = ("AI Hub: no credentials found (~/.qai_hub/client.ini or QAIHUB_CLIENT_INI); to compile and "
+                  "profile on real devices run `qai-hub configure --api_token <TOKEN>` (pip install 'ndopt[hub]'); "
+                  "continuing offline with estimates only")
+MISSING_HINT = ("AI Hub: the qai-hub package is not installed (pip install 'ndopt[hub]', then `qai-hub configure "
+                "--api_token <TOKEN>`); continuing offline with estimates only")
+_SECRET = re.compile(r"(api_token\s*[=:]\s*)\S+|(token\s*[=:]\s*)\S+|\b[A-Za-z0-9_\-]{32,}\b", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Remove anything token-shaped (key=value pairs naming a token, long opaque strings)."""
+    return _SECRET.sub(lambda m: (m.group(1) or m.group(2) or "") + "<redacted>", str(text))
+
+
+def config_path() -> Path:
+    env = os.environ.get("QAIHUB_CLIENT_INI")
+    return Path(env).expanduser() if env else Path.home() / ".qai_hub" / "client.ini"
+
+
+@dataclass(frozen=True)
+class HubStatus:
+    available: bool
+    reason: str  # one line when not available
+
+    def to_json(self) -> dict[str, Any]:
+        return {"available": self.available, "reason": self.reason}
+
+
+def hub_status() -> tuple[Any, HubStatus]:
+    """The qai_hub module when it is installed and configured, else None and the one-line reason."""
+    if not config_path().is_file():
+        return None, HubStatus(False, CONFIGURE_HINT)
+    try:
+        import qai_hub
+    except ImportError:
+        return None, HubStatus(False, MISSING_HINT)
+    return qai_hub, HubStatus(True, "")
+
+
+@dataclass(frozen=True)
+class GraphJob:
+    """What to submit for one graph: its file (an .onnx, or a directory with .onnx + .data) and inputs."""
+
+    graph: str
+    model: Path
+    input_specs: dict[str, tuple[tuple[int, ...], str]]
+
+
+def profile_bundle(jobs: list[GraphJob], device_name: str, options: str,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Compile and profile every graph on `device_name`; returns {"status", "graphs": {...}}.
+
+    Per graph: compile job (QNN context binary), then a profiling inference job on the compiled
+    model; measured latency (ms) and peak memory (MB) from the profile. A failed job is recorded
+    for its graph and the others go on; a client/credentials failure stops with one line."""
+    hub, status = hub_status()
+    if hub is None:
+        log.info("%s", status.reason)
+        return {"status": "offline", "reason": status.reason}
+    say = progress or (lambda _msg: None)
+    results: dict[str, Any] = {}
+    try:
+        device = hub.Device(device_name)
+        submitted = []
+        for job in jobs:
+            compile_job = hub.submit_compile_job(model=str(job.model), device=device, name=f"ndopt:{job.graph}",
+                                                 input_specs=job.input_specs, options=options)
+            log.info("AI Hub: compile %s submitted (%s)", job.graph, getattr(compile_job, "job_id", "?"))
+            say(f"compile {job.graph}")
+            submitted.append((job, compile_job))
+        for job, compile_job in submitted:
+            row: dict[str, Any] = {"compile_job": getattr(compile_job, "job_id", None)}
+            results[job.graph] = row
+            done = compile_job.wait()
+            if not getattr(done, "success", False):
+                row.update(status="compile_failed", message=redact(getattr(done, "message", "") or ""))
+                log.warning("AI Hub: compile of %s failed: %s", job.graph, row["message"])
+                continue
+            target_model = compile_job.get_target_model()
+            profile_job = _submit_profile(hub, target_model, device, f"ndopt:{job.graph}")
+            row["profile_job"] = getattr(profile_job, "job_id", None)
+            say(f"profile {job.graph}")
+            done = profile_job.wait()
+            if not getattr(done, "success", False):
+                row.update(status="profile_failed", message=redact(getattr(done, "message", "") or ""))
+                log.warning("AI Hub: profile of %s failed: %s", job.graph, row["message"])
+                continue
+            summary = profile_job.download_profile().get("execution_summary", {})
+            row["status"] = "ok"
+            row["measured_latency_ms"] = float(summary["estimated_inference_time"]) / 1000.0
+            peak = summary.get("inference_memory_peak_range") or summary.get("estimated_inference_peak_memory")
+            if peak is not None:
+                row["measured_peak_memory_mb"] = float(max(peak) if isinstance(peak, (list, tuple)) else peak) / 2**20
+            log.info("AI Hub: %s on %s: %.3f ms", job.graph, device_name, row["measured_latency_ms"])
+    except Exception as e:  # the client's own errors (auth, network, quota) end the session, not the run
+        reason = f"AI Hub: {type(e).__name__}: {redact(str(e)).splitlines()[0] if str(e) else ''}; continuing offline"
+        log.warning("%s", reason)
+        return {"status": "failed", "reason": reason, "device": device_name, "graphs": results}
+    return {"status": "ok", "device": device_name, "graphs": results}
+
+
+def _submit_profile(hub: Any, target_model: Any, device: Any, name: str) -> Any:
+    """Profiling is an inference job with profile=True in current clients (submit_profile_job before)."""
+    try:
+        return hub.submit_inference_job(model=target_model, device=device, name=name, profile=True)
+    except TypeError:
+        return hub.submit_profile_job(model=target_model, device=device, name=name)
+
+
+def merge_measured(estimates: dict[str, dict[str, Any]], hub_result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per graph: the estimate and, where profiled, the measurement and estimate/measured ratio."""
+    out = {g: dict(e) for g, e in estimates.items()}
+    for g, row in (hub_result.get("graphs") or {}).items():
+        if g in out and "measured_latency_ms" in row:
+            out[g]["measured_latency_ms"] = row["measured_latency_ms"]
+            out[g]["estimate_over_measured"] = round(out[g]["latency_ms"] / row["measured_latency_ms"], 4) \
+                if row["measured_latency_ms"] else None
+    return out

@@ -1,0 +1,411 @@
+"""`SnapdragonTarget`: what `ndopt run`, `ndopt plan` and `ndopt estimate` call (ndopt.target.Target).
+
+- `lower(pipeline, out_dir, ctx)`: every component at every distinct call signature to ONNX,
+  onnxsim, legalized and checked (legality, onnx.checker, onnxruntime vs torch), written with
+  `manifest.json` into `out_dir` atomically, estimated, and, with AI Hub credentials, compiled and
+  profiled on the target's device.
+- `estimate(pipeline)`: latency and peak memory per component and per video from the pipeline's
+  cost analysis (meta pipelines too: `ndopt plan`).
+- `estimate_onnx(path, precision)`: one ONNX graph (`ndopt estimate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from ndopt.errors import LoweringError, TargetError
+from ndopt.io import atomic_dir, atomic_write_json
+from ndopt.ir.component import Component
+from ndopt.ir.pipeline import Pipeline
+from ndopt.progress import progress
+from targets import TargetSpec, aihub, bundle
+from targets.estimator import Estimate, estimate_graph, memory_plan
+from targets.legality import LegalityReport, legalize
+from targets.lowering import (
+    EXTERNAL_DATA_BYTES,
+    GraphPlan,
+    example_inputs,
+    export_graph,
+    npu_friendly,
+    plan_graphs,
+    save_model,
+    simplify,
+    weight_bytes,
+)
+from targets.numerics import NumericsReport, check_model, check_numerics
+from targets.onnx_costs import onnx_graph_cost
+from targets.torch_costs import torch_graph_cost
+
+log = logging.getLogger("ndopt")
+
+
+@dataclass(frozen=True)
+class LoweredGraph:
+    plan: GraphPlan
+    model: onnx.ModelProto
+    legality: LegalityReport
+    numerics: NumericsReport
+    simplify: str
+    seconds: float
+
+
+class _LoweredCache:
+    """Lowered graphs of small components, reused within a process: a second target whose rules
+    agree, or a second load of the same model, lowers nothing again. The key is the content: the
+    module tree (types, scalar attributes), every weight's bytes, the call signature, the opset and
+    the legality rules. Components past `max_bytes` are never cached (hashing them costs seconds)."""
+
+    def __init__(self, size: int = 64, max_bytes: int = 256 * 2**20) -> None:
+        self.size, self.max_bytes = size, max_bytes
+        self.items: OrderedDict[Any, LoweredGraph] = OrderedDict()
+
+    def key(self, component: Component, plan: GraphPlan, spec: TargetSpec) -> Any:
+        m = component.module
+        if weight_bytes(m) > self.max_bytes:
+            return None
+        h = hashlib.sha256()
+        for name, t in (*m.named_parameters(), *m.named_buffers()):
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        tree = tuple((n, f"{type(s).__module__}.{type(s).__qualname__}",
+                      tuple(sorted((k, v) for k, v in vars(s).items() if isinstance(v, (bool, int, float, str)))))
+                     for n, s in m.named_modules())
+        try:
+            return hash((h.hexdigest(), tree, component.entry, plan.signature.args, repr(plan.signature.static),
+                         spec.opset, spec.legality.model_dump_json())), h.hexdigest()
+        except TypeError:  # an unhashable static argument: no caching
+            return None
+
+    def get(self, key: Any) -> LoweredGraph | None:
+        if key is None or key not in self.items:
+            return None
+        self.items.move_to_end(key)
+        return self.items[key]
+
+    def put(self, key: Any, value: LoweredGraph) -> None:
+        if key is None:
+            return
+        self.items[key] = value
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+_CACHE = _LoweredCache()
+
+
+class SnapdragonTarget:
+    """A Snapdragon NPU target built from its data file (`targets/<name>.yaml`)."""
+
+    def __init__(self, spec: TargetSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.description = spec.description
+
+    def to_json(self) -> dict[str, Any]:
+        return self.spec.to_json()
+
+    def __repr__(self) -> str:
+        return f"SnapdragonTarget({self.name!r})"
+
+    # ---- estimates ---------------------------------------------------------------------------
+    def estimate_onnx(self, path: Path, precision: str) -> dict[str, float]:
+        """{"latency_ms", "peak_memory_mb"} of one ONNX graph at a precision."""
+        self.spec.check_precision(precision)
+        try:
+            model = onnx.load(str(path), load_external_data=False)  # shapes only: weights stay on disk
+        except Exception as e:
+            raise TargetError(f"{path}: cannot read it as an ONNX model ({type(e).__name__}); pass a .onnx file") from None
+        est = estimate_graph(onnx_graph_cost(model), self.spec, precision)
+        return {"latency_ms": round(est.latency_ms, 4), "peak_memory_mb": round(est.peak_memory_mb, 3)}
+
+    def _precision_of(self, component: Component, default: str) -> str:
+        p = component.attrs.get("precision")
+        return p if isinstance(p, str) and p in self.spec.precisions else default
+
+    def estimate(self, pipeline: Pipeline, precision: str | None = None) -> dict[str, Any]:
+        """Latency and peak memory per component and per video (works on meta pipelines).
+
+        A component that records its own `precision` attr (the quantization pass) is priced at it;
+        the rest at `precision` (the target's default, w8a16)."""
+        from ndopt.ir.cost import CostModel
+
+        precision = self.spec.check_precision(precision or self.spec.default_precision)
+        costs = CostModel()  # fresh: every signature runs once under the recording mode
+        seen: dict[Any, tuple[Estimate, float]] = {}
+        comps: dict[str, dict[str, Any]] = {}
+        sigs = []
+        for sig in pipeline.call_plan():
+            comp = pipeline[sig.component]
+            prec = self._precision_of(comp, precision)
+            ident = (sig.component, sig.args, repr(sig.static))
+            if ident not in seen:
+                with npu_friendly(comp.module):
+                    cost = torch_graph_cost(comp, sig, costs)
+                seen[ident] = (estimate_graph(cost, self.spec, prec), cost.flops)
+            est, flops = seen[ident]
+            row = comps.setdefault(sig.component, {
+                "role": comp.role, "precision": prec, "calls_per_video": 0, "latency_ms": 0.0,
+                "flops_per_video": 0.0, "weights_mb": est.weights_mb, "peak_activations_mb": 0.0})
+            row["calls_per_video"] += sig.count
+            row["latency_ms"] += sig.count * est.latency_ms
+            row["flops_per_video"] += sig.count * flops
+            row["peak_activations_mb"] = max(row["peak_activations_mb"], est.activations_mb)
+            sigs.append({"component": sig.component, "key": sig.key, "count": sig.count,
+                         "latency_ms": round(est.latency_ms, 4), "peak_memory_mb": round(est.peak_memory_mb, 3)})
+        total = sum(r["latency_ms"] for r in comps.values())
+        plan = memory_plan([(n, [n]) for n in pipeline.topo_order() if n in comps],
+                           {n: r["weights_mb"] * 2**20 for n, r in comps.items()},
+                           {n: r["peak_activations_mb"] * 2**20 for n, r in comps.items()},
+                           _state_bytes(pipeline, precision), self.spec.memory_budget_gb * 2**30)
+        for r in comps.values():
+            r["share"] = round(r["latency_ms"] / total, 4) if total else 0.0
+            for k in ("latency_ms", "flops_per_video", "weights_mb", "peak_activations_mb"):
+                r[k] = round(r[k], 4)
+        eff = self.spec.efficiency[precision]
+        return {"target": self.name, "precision": precision, "calibrated": eff.calibrated,
+                "latency_ms": round(total, 3), "latency_s": round(total / 1000, 4),
+                "peak_memory_mb": plan["peak_mb"], "components": comps, "memory_plan": plan, "signatures": sigs}
+
+    # ---- lowering -------------------------------------------------------------------------------
+    def lower(self, pipeline: Pipeline, out_dir: Path, ctx: Any = None) -> dict[str, Any]:
+        """Export, check and write the bundle (see the module docstring); returns the run's summary."""
+        if pipeline.is_meta:
+            raise LoweringError(f"target {self.name}: pipeline {pipeline.name!r} is on the meta device (no weights); "
+                                "lowering exports real graphs: run it on a loaded model, or use `ndopt plan` for "
+                                "estimates")
+        t0 = time.perf_counter()
+        precision = self.spec.default_precision
+        plans = plan_graphs(pipeline)
+        lowered: list[LoweredGraph] = []
+        with progress(f"lowering for {self.name}", total=len(plans)) as advance:
+            for plan in plans:
+                lowered.append(self._lower_graph(pipeline[plan.component], plan))
+                advance(plan.name)
+        _raise_on_failures(self.name, lowered)
+
+        out_dir = Path(out_dir)
+        graphs: dict[str, dict[str, Any]] = {}
+        estimates: dict[str, dict[str, Any]] = {}
+        with atomic_dir(out_dir) as tmp:
+            for lg in lowered:
+                files = save_model(lg.model, tmp / f"{lg.plan.name}.onnx")
+                comp = pipeline[lg.plan.component]
+                est = estimate_graph(onnx_graph_cost(lg.model), self.spec, self._precision_of(comp, precision))
+                estimates[lg.plan.name] = est.to_json()
+                graphs[lg.plan.name] = {
+                    "file": files[0], "external_data": files[1] if len(files) > 1 else None,
+                    "sha256": _sha256(tmp / files[0]), "component": lg.plan.component, "role": lg.plan.role,
+                    "call_signatures": list(lg.plan.keys), "calls_per_video": lg.plan.calls_per_video,
+                    "inputs": [io.to_json() for io in _graph_io(lg.model.graph.input, lg.model)],
+                    "outputs": [io.to_json() for io in _graph_io(lg.model.graph.output, lg.model)],
+                    "precision": self._precision_of(comp, precision), "encodings": _encodings(comp, tmp, lg.plan),
+                    "simplify": lg.simplify, "legality": lg.legality.to_json(), "numerics": lg.numerics.to_json(),
+                    "estimate": estimates[lg.plan.name]}
+            prog = bundle.program(pipeline, plans)
+            consts = bundle.constants(pipeline)
+            for fname, c in consts.items():
+                np.save(tmp / fname, c["array"])
+            calls = bundle.graph_calls(prog)
+            expected = {p.name: p.calls_per_video for p in plans}
+            if calls != expected:
+                raise LoweringError(f"target {self.name}: the manifest program calls graphs {calls} times, the call "
+                                    f"plan says {expected}; the program generator and the sampler disagree (a bug)")
+            video = self._video_estimate(pipeline, lowered, estimates, precision)
+            man = bundle.manifest(target=self._target_json(precision), pipeline=pipeline, graphs=graphs, prog=prog,
+                                  memory=video.pop("memory_plan"), estimate=video,
+                                  constants={f: {"shape": list(c["array"].shape), "dtype": "float32",
+                                                 "timesteps": c["timesteps"]} for f, c in consts.items()})
+            atomic_write_json(tmp / "manifest.json", man)
+        hub = self._profile_on_hub(out_dir, lowered)
+        if hub.get("status") == "ok":
+            man["estimate"]["graphs"] = aihub.merge_measured(estimates, hub)
+            man["aihub"] = hub
+            atomic_write_json(out_dir / "manifest.json", man)
+        seconds = round(time.perf_counter() - t0, 2)
+        log.info("%s: %d graphs lowered and checked in %.1f s -> %s", self.name, len(lowered), seconds, out_dir)
+        return {"status": "ok", "bundle": str(out_dir), "manifest": str(out_dir / "manifest.json"),
+                "precision": precision, "seconds": seconds, "graphs": {
+                    g: {"legal": r["legality"]["ok"], "rewrites": r["legality"]["rewrites"],
+                        "warnings": {k: v["count"] for k, v in r["legality"]["warnings"].items()},
+                        "numerics_max_abs_err": r["numerics"]["max_abs_err"], "numerics_ok": r["numerics"]["ok"],
+                        "calls_per_video": r["calls_per_video"], "latency_ms": r["estimate"]["latency_ms"]}
+                    for g, r in graphs.items()},
+                "estimate": {k: man["estimate"][k] for k in ("precision", "calibrated", "latency_ms", "latency_s",
+                                                              "peak_memory_mb", "components")},
+                "aihub": {k: v for k, v in hub.items() if k != "graphs"} | (
+                    {"graphs": hub["graphs"]} if hub.get("graphs") else {})}
+
+    def _lower_graph(self, component: Component, plan: GraphPlan) -> LoweredGraph:
+        key = _CACHE.key(component, plan, self.spec)
+        hit = _CACHE.get(key)
+        if hit is not None:
+            log.debug("%s: %s reused from this process's lowering cache", self.name, plan.name)
+            return LoweredGraph(plan, hit.model, hit.legality, hit.numerics, hit.simplify, 0.0)
+        t0 = time.perf_counter()
+        example = example_inputs(plan)
+        with _threads_for(component):
+            model = export_graph(component, plan, example, self.spec.opset)
+            model, simplified = simplify(model, plan.name)
+            model, report = legalize(model, self.spec.legality, plan.name)
+            if report.ok:
+                check_model(model, plan.name)
+                numerics = check_numerics(model, component, plan, example)
+            else:
+                numerics = NumericsReport(plan.name)
+        lg = LoweredGraph(plan, model, report, numerics, simplified, round(time.perf_counter() - t0, 3))
+        _CACHE.put(key, lg)
+        return lg
+
+    def _video_estimate(self, pipeline: Pipeline, lowered: list[LoweredGraph], estimates: dict[str, dict[str, Any]],
+                        precision: str) -> dict[str, Any]:
+        comps: dict[str, dict[str, float]] = {}
+        for lg in lowered:
+            e = estimates[lg.plan.name]
+            row = comps.setdefault(lg.plan.component, {"latency_ms": 0.0, "weights_mb": 0.0, "activations_mb": 0.0})
+            row["latency_ms"] += lg.plan.calls_per_video * e["latency_ms"]
+            row["weights_mb"] = max(row["weights_mb"], e["weights_mb"])  # graphs of a component share weights
+            row["activations_mb"] = max(row["activations_mb"], e["activations_mb"])
+        total = sum(r["latency_ms"] for r in comps.values())
+        plan = memory_plan([(n, [n]) for n in pipeline.topo_order() if n in comps],
+                           {n: r["weights_mb"] * 2**20 for n, r in comps.items()},
+                           {n: r["activations_mb"] * 2**20 for n, r in comps.items()},
+                           _state_bytes(pipeline, precision), self.spec.memory_budget_gb * 2**30)
+        plan["weight_sharing"] = "graphs of one component share its weights (one QNN context per component)"
+        return {"precision": precision, "calibrated": self.spec.efficiency[precision].calibrated,
+                "latency_ms": round(total, 3), "latency_s": round(total / 1000, 4), "peak_memory_mb": plan["peak_mb"],
+                "components": {n: {k: round(v, 4) for k, v in r.items()} for n, r in comps.items()},
+                "graphs": estimates, "memory_plan": plan}
+
+    def _profile_on_hub(self, out_dir: Path, lowered: list[LoweredGraph]) -> dict[str, Any]:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ndopt-aihub-") as staging:
+            jobs = [aihub.GraphJob(lg.plan.name, _hub_model(out_dir, lg.plan.name, Path(staging)),
+                                   {io.name: (tuple(io.shape), io.dtype)
+                                    for io in _graph_io(lg.model.graph.input, lg.model)})
+                    for lg in lowered]
+            with progress(f"AI Hub {self.spec.ai_hub_devices[0]}", total=2 * len(jobs)) as advance:
+                return aihub.profile_bundle(jobs, self.spec.ai_hub_devices[0], self.spec.aihub_options, advance)
+
+    def _target_json(self, precision: str) -> dict[str, Any]:
+        s = self.spec
+        return {"name": s.name, "hexagon_arch": s.hexagon_arch, "ai_hub_devices": s.ai_hub_devices,
+                "aimet_config": s.aimet_config, "precision": precision, "opset": s.opset,
+                "aihub_options": s.aihub_options}
+
+
+def _raise_on_failures(target: str, lowered: list[LoweredGraph]) -> None:
+    bad_legal = [(lg.plan.name, v) for lg in lowered for v in lg.legality.errors]
+    if bad_legal:
+        shown = "; ".join(f"graph {g}: {v}" for g, v in bad_legal[:3])
+        more = f" (and {len(bad_legal) - 3} more)" if len(bad_legal) > 3 else ""
+        raise LoweringError(f"target {target}: {len(bad_legal)} legality violation(s) no rewrite could fix: {shown}{more}")
+    bad_num = [lg.numerics for lg in lowered if not lg.numerics.ok]
+    if bad_num:
+        n = bad_num[0]
+        raise LoweringError(f"target {target}: graph {n.graph} differs from the torch component in onnxruntime "
+                            f"(max abs err {n.max_abs_err:.3g} > atol {n.atol} + rtol {n.rtol}*|ref|); "
+                            "a legalization rewrite or the export changed the math: run with --debug and "
+                            "compare the graph before and after `targets.legality.legalize`")
+
+
+def _threads_for(component: Component) -> Any:
+    """One intra-op thread for small components while exporting and checking: their ops are too
+    small to split, and OpenMP workers spinning on a shared 2-core machine cost more than they save."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def single() -> Any:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return single() if weight_bytes(component.module) < 64 * 2**20 else contextlib.nullcontext()
+
+
+def _graph_io(values: Any, model: onnx.ModelProto) -> list[Any]:
+    from targets.lowering import TensorIO
+
+    names = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT32: "int32",
+             onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        out.append(TensorIO(v.name, tuple(d.dim_value for d in t.shape.dim), names.get(t.elem_type, str(t.elem_type))))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _encodings(component: Component, tmp: Path, plan: GraphPlan) -> str | None:
+    """AIMET encodings recorded by the quantization pass (`attrs["encodings"]`: a path), copied beside
+    the graph. Encodings name the tensors of AIMET's own export, so they are attached, not remapped."""
+    src = component.attrs.get("encodings")
+    if not src:
+        return None
+    src = Path(str(src))
+    if not src.is_file():
+        raise LoweringError(f"component {component.name!r}: its encodings file {src} does not exist; rerun the "
+                            "quantization pass or remove the `encodings` attr")
+    dst = tmp / f"{plan.name}.encodings"
+    dst.write_bytes(src.read_bytes())
+    return dst.name
+
+
+def _hub_model(out_dir: Path, name: str, staging: Path) -> Path:
+    """The graph as AI Hub takes it: the .onnx file, or, with external data, a directory named
+    `<name>.onnx` holding the .onnx and its .data (hard links into a staging folder)."""
+    import os
+    import shutil
+
+    onnx_path, data = out_dir / f"{name}.onnx", out_dir / f"{name}.onnx.data"
+    if not data.exists():
+        return onnx_path
+    d = staging / f"{name}.onnx"
+    d.mkdir()
+    for f in (onnx_path, data):
+        try:
+            os.link(f, d / f.name)
+        except OSError:
+            shutil.copy2(f, d / f.name)
+    return d
+
+
+def _state_bytes(pipeline: Pipeline, precision: str) -> float:
+    """What lives across phases: the latents of the whole video (noise and generated frames) and the
+    text encoder's outputs, at the precision's activation width."""
+    from targets import PRECISION_BITS
+
+    abits = PRECISION_BITS[precision][1]
+    total = 0
+    for sig in pipeline.call_plan():
+        comp = pipeline[sig.component]
+        if comp.role == "vae_decoder":
+            total += 2 * sum(s.numel() for _, s in sig.args if not isinstance(s, tuple))  # noise + generated
+        elif comp.role == "text_encoder":
+            env = sig.env_dict
+            for p in comp.outputs:
+                total += sig.count * p.spec.bind(env).numel() if p.spec.bind(env).is_concrete else 0
+    return total * abits / 8
+
+
+__all__ = ["EXTERNAL_DATA_BYTES", "SnapdragonTarget"]

@@ -1,0 +1,137 @@
+"""Lowering the tiny pipeline: `ndopt run` per target writes a bundle whose every graph passes
+onnx.checker, the legality rules and onnxruntime-vs-torch numerics (1e-4); the bundle is atomic."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import TARGETS, bundle_files
+
+from ndopt.errors import LoweringError
+from targets import registry, specs
+from targets.bundle import graph_calls
+from targets.legality import check
+from targets.lowering import EXTERNAL_DATA_BYTES, example_inputs, plan_graphs, save_model
+from targets.numerics import ATOL, RTOL, compare, onnxruntime_outputs, torch_reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_run_lowers_every_graph_checked(lowered_runs, tiny, target):
+    run = lowered_runs[target]
+    low = run["report"]["lowering"][target]
+    assert run["report"]["status"] == "ok" and low["status"] == "ok"
+    man = run["manifest"]
+    expected = {p.name: p.calls_per_video for p in plan_graphs(tiny)}
+    assert set(man["graphs"]) == set(expected) == {f.stem for f in bundle_files(run["bundle"])}
+    # the runtime's program calls every graph exactly as often as the sampler's call plan
+    assert graph_calls(man["program"]) == expected
+    rules = specs()[target].legality
+    for f in bundle_files(run["bundle"]):
+        onnx.checker.check_model(str(f), full_check=True)
+        model = onnx.load(str(f))
+        report = check(model, rules, f.stem)
+        assert report.ok, [str(v) for v in report.errors]
+        g = man["graphs"][f.stem]
+        assert g["numerics"]["ok"] and g["numerics"]["max_abs_err"] <= ATOL
+        assert g["sha256"] and g["legality"]["ok"]
+        # no int64 and no SDPA at the boundary or inside; rank 5 at most
+        types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+        assert onnx.TensorProto.INT64 not in types.values()
+        assert not {n.op_type for n in model.graph.node} & {"Einsum", "Attention", "MultiHeadAttention"}
+    # the DiT's rank-6 unpatchify was legalized, its int64 mask lowered to int32
+    dit = man["graphs"]["dit__unit1_stage2"]
+    assert dit["legality"]["rewrites"].get("reduce_transpose_rank") and dit["legality"]["rewrites"].get("lower_int64")
+    assert {i["name"]: i["dtype"] for i in dit["inputs"]}["encoder_attention_mask"] == "int32"
+    # atomic: nothing half-written next to the bundle
+    assert not [p for p in run["bundle"].parent.iterdir() if p.name.startswith(".ndopt-")]
+    assert man["estimate"]["latency_ms"] > 0 and man["memory_plan"]["fits"]
+    assert low["aihub"]["status"] == "offline"
+
+
+@pytest.mark.slow
+def test_graph_from_disk_matches_torch(lowered_runs, tiny):
+    """Independent of the manifest's record: onnxruntime on the written file vs the torch component."""
+    bundle = lowered_runs["snapdragon-8-elite"]["bundle"]
+    plan = next(p for p in plan_graphs(tiny) if p.name == "dit__unit1_stage2")
+    example = example_inputs(plan, seed=7)  # not the inputs lowering checked with
+    feeds = {io.name: example[io.name].numpy().astype(np.int32 if io.dtype == "int32" else np.float32)
+             for io in plan.inputs}
+    got = onnxruntime_outputs(bundle / "dit__unit1_stage2.onnx", feeds)
+    ref = torch_reference(tiny["dit"], plan, example)
+    rep = compare(plan.name, ["latents"], ref, got, ATOL, RTOL)
+    assert rep.ok, rep.to_json()
+    assert rep.max_abs_err > 0  # a real comparison, not a copy
+
+
+@pytest.mark.slow
+def test_targets_agree_on_graphs_and_differ_in_estimates(lowered_runs):
+    a, b = (lowered_runs[t]["manifest"] for t in TARGETS)
+    assert {g: v["sha256"] for g, v in a["graphs"].items()} == {g: v["sha256"] for g, v in b["graphs"].items()}
+    assert a["target"]["hexagon_arch"] == "v79" and b["target"]["hexagon_arch"] == "v73"
+    assert a["estimate"]["latency_ms"] != b["estimate"]["latency_ms"]
+
+
+def test_plan_graphs_dedupes_identical_signatures(tiny):
+    base = tiny.sampler
+
+    @dataclasses.dataclass(frozen=True)
+    class Twice(type(base)):  # the same DiT layout called from two places of the schedule
+        def call_plan(self, pipeline):
+            plan = base.call_plan(pipeline)
+            extra = next(s for s in plan if s.key == "unit1/stage2")
+            return [*plan, dataclasses.replace(extra, key="unit9/stage2", count=3)]
+
+    pipe = dataclasses.replace(tiny, sampler=Twice(**dataclasses.asdict(base)))
+    plans = plan_graphs(pipe)
+    dup = next(p for p in plans if p.name == "dit__unit1_stage2")
+    assert dup.keys == ("unit1/stage2", "unit9/stage2") and dup.calls_per_video == 20 + 3
+    assert len(plans) == len(plan_graphs(tiny))
+
+
+def test_failed_lowering_leaves_previous_bundle(tiny, tmp_path, monkeypatch, offline):
+    """A failure while the bundle is written leaves the old bundle exactly as it was."""
+    import targets.snapdragon as sd
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"previous": true}\n')
+    monkeypatch.setattr(sd, "plan_graphs", lambda p: plan_graphs(p)[:1])  # the text encoder only: fast
+    with pytest.raises(LoweringError, match="needs a graph for"):
+        registry()["snapdragon-8-elite"].lower(tiny.replace(remove=["vae_encoder"]), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    assert [p.name for p in out.iterdir()] == ["manifest.json"]
+    assert json.loads((out / "manifest.json").read_text()) == {"previous": True}
+
+
+def test_meta_pipeline_is_refused_with_what_to_do(tmp_path):
+    from ndopt.frontends import load_model
+
+    meta = load_model("pyramid-flow-sd3-384p", meta=True)
+    with pytest.raises(LoweringError, match="meta device.*ndopt plan"):
+        registry()["snapdragon-8-elite"].lower(meta, tmp_path / "b")
+
+
+def test_external_data_past_the_threshold(tmp_path):
+    """Weights go to <graph>.onnx.data past the threshold (2 GB by default); the graph still loads,
+    checks and estimates (the estimator reads shapes only)."""
+    from targets.snapdragon import SnapdragonTarget
+
+    lin = torch.nn.Linear(64, 64)
+    buf = tmp_path / "m.onnx"
+    torch.onnx.export(lin, (torch.randn(2, 64),), str(buf), input_names=["x"], opset_version=17, dynamo=False)
+    model = onnx.load(str(buf))
+    files = save_model(model, tmp_path / "g.onnx", external_threshold=1024)
+    assert files == ["g.onnx", "g.onnx.data"] and (tmp_path / "g.onnx.data").stat().st_size >= 64 * 64 * 4
+    assert (tmp_path / "g.onnx").stat().st_size < 4096
+    onnx.checker.check_model(str(tmp_path / "g.onnx"), full_check=True)
+    got = onnxruntime_outputs(tmp_path / "g.onnx", {"x": np.ones((2, 64), np.float32)})[0]
+    np.testing.assert_allclose(got, lin(torch.ones(2, 64)).detach().numpy(), atol=1e-5)
+    est = SnapdragonTarget(specs()["snapdragon-8-elite"]).estimate_onnx(tmp_path / "g.onnx", "w8a16")
+    assert set(est) == {"latency_ms", "peak_memory_mb"} and est["latency_ms"] > 0
+    assert save_model(model, tmp_path / "h.onnx") == ["h.onnx"] and EXTERNAL_DATA_BYTES > 2**30
