@@ -69,10 +69,10 @@ class _PassProgress:
     def __init__(self, advance: Any) -> None:
         self.advance = advance
 
-    def before(self, index, p, pipeline, ctx) -> None:  # noqa: ANN001 - Instrument protocol
+    def before(self, index, p, pipeline, ctx) -> None:
         pass
 
-    def after(self, index, p, before, result, ctx, record) -> None:  # noqa: ANN001
+    def after(self, index, p, before, result, ctx, record) -> None:
         self.advance(p.name)
 
 
