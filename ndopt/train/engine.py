@@ -238,7 +238,7 @@ class Trainer:
         return path
 
     def _load(self, path: Path, optimizer: torch.optim.Optimizer, scaler: Any) -> dict[str, Any]:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if self._fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
