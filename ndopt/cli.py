@@ -70,15 +70,22 @@ def run(recipe: str, model: str | None, target: str | None, out: str | None) -> 
 @click.option("--model", help="A preset (e.g. pyramid-flow-sd3-768p); with a recipe, overrides its model.")
 @click.option("--target", help="Override the recipe's target.")
 @click.option("--frames", type=int, help="Latent frames per video (default: the preset's).")
+@click.option("--height", type=int, help="Video height the DiT generates (Neodragon: 320).")
+@click.option("--width", type=int, help="Video width the DiT generates (Neodragon: 512).")
+@click.option("--first-frame", type=click.Choice(["generate", "external"]),
+              help="external: Neodragon's hybrid mode, the first frame comes from an image model.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Report directory (default: <output>/<recipe>-plan).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_errors
-def plan(recipe: str | None, model: str | None, target: str | None, frames: int | None, as_json: bool) -> None:
+def plan(recipe: str | None, model: str | None, target: str | None, frames: int | None, height: int | None,
+         width: int | None, first_frame: str | None, out_dir: str | None, as_json: bool) -> None:
     """Show what RECIPE (or --model alone) costs on the real-size model, on the meta device."""
     from ndopt.runner import plan as plan_recipe
 
     if recipe is None and model is None:
         raise click.UsageError("give a RECIPE or --model")
-    result = plan_recipe(recipe, model=model, target=target, latent_frames=frames)
+    result = plan_recipe(recipe, model=model, target=target, latent_frames=frames, height=height, width=width,
+                         first_frame=first_frame, report_dir=out_dir)
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "final_summary"}, indent=2))
         return
@@ -97,6 +104,12 @@ def plan(recipe: str | None, model: str | None, target: str | None, frames: int 
     console.print(t)
     for name, p in result["params"].items():
         console.print(f"  {name}: {p / 1e6:.1f}M params, {result['calls_per_video'][name]} calls/video")
+    for name, e in (result.get("estimates") or {}).items():
+        if isinstance(e, dict) and "latency_s" in e:
+            console.print(f"  {name}: ~{e['latency_s']:.2f} s per video, peak {e['peak_memory_mb'] / 1024:.2f} GB "
+                          f"({e.get('precision', '-')})")
+    if result.get("paths"):
+        console.print(f"  report: {result['paths'].get('md')}")
 
 
 @main.command()

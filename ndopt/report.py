@@ -42,6 +42,63 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     return paths
 
 
+def write_plan_report(run_dir: Path, plan: dict[str, Any]) -> dict[str, Path]:
+    """`ndopt plan`'s report: plan.json, report.md, cost.png (per pass) and estimates.png (per target)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = [{"name": "baseline", "cost": {"params_total": plan["params_total"],
+                                          "flops_per_video": plan["flops_per_video"]}}]
+    steps += [{"name": s["name"], "cost": s} for s in plan.get("passes", [])]
+    paths = {"json": run_dir / "plan.json", "md": run_dir / "report.md"}
+    paths.update(plot_report(run_dir, {"steps": steps}))
+    paths.update(_plot_estimates(run_dir, plan.get("estimates")))
+    atomic_write_json(paths["json"], _jsonable({k: v for k, v in plan.items() if k != "final_summary"}))
+    atomic_write_text(paths["md"], render_plan_markdown(plan, [n for n in paths if n not in ("json", "md")]))
+    return paths
+
+
+def _plot_estimates(run_dir: Path, estimates: dict[str, Any] | None) -> dict[str, Path]:
+    if not estimates:
+        return {}
+    try:
+        from targets.plot import plot_estimates
+    except ImportError:  # a build without the bundled targets package: no estimates plot
+        return {}
+    return plot_estimates(run_dir, estimates)
+
+
+def _estimate_lines(estimates: dict[str, Any] | None) -> list[str]:
+    lines: list[str] = []
+    for name, e in (estimates or {}).items():
+        if not isinstance(e, dict) or "latency_s" not in e:
+            continue
+        lines += ["", f"### {name} ({e.get('precision', '-')}, calibrated: {e.get('calibrated', '-')})", "",
+                  f"{e['latency_s']:.2f} s per video, peak memory {e['peak_memory_mb'] / 1024:.2f} GB", "",
+                  "| component | calls/video | latency (s) | share | weights (MB) | peak activations (MB) |",
+                  "|---|---|---|---|---|---|"]
+        for c, v in e.get("components", {}).items():
+            lines.append(f"| {c} | {v.get('calls_per_video', '-')} | {v['latency_ms'] / 1000:.3f} | "
+                         f"{v.get('share', 0):.1%} | {v.get('weights_mb', 0):.1f} | {v.get('peak_activations_mb', 0):.1f} |")
+    return lines
+
+
+def render_plan_markdown(plan: dict[str, Any], plots: list[str]) -> str:
+    lines = [f"# ndopt plan `{plan.get('recipe', plan['model'])}`", "",
+             f"- model: `{plan['model']}` on the meta device, {plan['latent_frames']} latent frames at "
+             f"{plan['resolution'][0]}x{plan['resolution'][1]}", "",
+             "| step | params | DiT calls/video | FLOPs/video | x fewer FLOPs |", "|---|---|---|---|---|",
+             f"| baseline | {_num(plan['params_total'])} | {plan['dit_calls_per_video']} | "
+             f"{_num(plan['flops_per_video'])} | 1 |"]
+    for s in plan.get("passes", []):
+        lines.append(f"| {s['name']} | {_num(s['params_total'])} | {s['dit_calls_per_video']} | "
+                     f"{_num(s['flops_per_video'])} | {s.get('ratios', {}).get('flops_per_video', '-')} |")
+    if plan.get("estimates"):
+        lines += ["", "## Target estimates", *_estimate_lines(plan["estimates"])]
+    if plan.get("final_summary"):
+        lines += ["", "## Final pipeline", "", "```", plan["final_summary"].rstrip(), "```"]
+    lines += [""] + [f"![{n}]({n}.png)" for n in plots]
+    return "\n".join(lines) + "\n"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# ndopt run `{report['recipe']['name']}`", "",
              f"- model: `{report['recipe']['model']}`", f"- status: **{report['status']}**"]
@@ -54,19 +111,30 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Passes", "",
               "| # | pass | modified | params | DiT calls/video | FLOPs/video | latent PSNR (vs prev) | "
               "pixel PSNR (vs orig) | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def fewer(s: dict[str, Any], key: str) -> str:  # x fewer than the unoptimized pipeline
+        r = s.get("ratios", {}).get(key)
+        return f" ({r:g}x)" if r else ""
+
     for s in report["steps"]:
         fid = s.get("fidelity", {})
         prev = fid.get("vs_previous", {})
         orig = fid.get("vs_original", {})
         lines.append(f"| {s['index']} | {s['name']} | {s.get('modified', '-')} | {_num(s['cost']['params_total'])} | "
-                     f"{s['cost']['dit_calls_per_video']} | {_num(s['cost']['flops_per_video'])} | "
+                     f"{s['cost']['dit_calls_per_video']}{fewer(s, 'dit_calls_per_video')} | "
+                     f"{_num(s['cost']['flops_per_video'])}{fewer(s, 'flops_per_video')} | "
                      f"{_num(prev.get('latent_psnr'))} | {_num(orig.get('pixel_psnr'))} | {s.get('seconds', '-')} |")
     if report["steps"]:
-        first, last = report["steps"][0]["cost"], report["steps"][-1]["cost"]
+        first, last = report.get("baseline") or report["steps"][0]["cost"], report["steps"][-1]["cost"]
         if last["flops_per_video"]:
             lines += ["", f"FLOPs per video: {_num(first['flops_per_video'])} -> {_num(last['flops_per_video'])} "
-                      f"({first['flops_per_video'] / last['flops_per_video']:.2f}x fewer); params "
+                      f"({first['flops_per_video'] / last['flops_per_video']:.2f}x fewer); DiT calls per video "
+                      f"{first['dit_calls_per_video']} -> {last['dit_calls_per_video']}; params "
                       f"{_num(first['params_total'])} -> {_num(last['params_total'])}."]
+    est = {t: low["estimate"] for t, low in (report.get("lowering") or {}).items()
+           if isinstance(low, dict) and isinstance(low.get("estimate"), dict)}
+    if est:
+        lines += ["", "## Target estimates", *_estimate_lines(est)]
     lines += ["", "## Final pipeline", "", "```", report.get("final_summary", "").rstrip(), "```", ""]
     for name in report.get("plots", {}):
         lines.append(f"![{name}]({name}.png)")
@@ -114,5 +182,8 @@ def plot_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
         out["fidelity"] = run_dir / "fidelity.png"
+    est = {t: low["estimate"] for t, low in (report.get("lowering") or {}).items()
+           if isinstance(low, dict) and isinstance(low.get("estimate"), dict)}
+    out.update(_plot_estimates(run_dir, est))
     report["plots"] = {k: str(v) for k, v in out.items()}
     return out

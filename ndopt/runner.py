@@ -22,7 +22,7 @@ from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.verify import verify
 from ndopt.passmanager import PassContext, PassManager, PassRecord
 from ndopt.recipe import Recipe, load_recipe
-from ndopt.report import write_report
+from ndopt.report import write_plan_report, write_report
 
 log = logging.getLogger("ndopt")
 
@@ -32,6 +32,7 @@ def cost_row(cost: PipelineCost, pipeline: Pipeline) -> dict[str, Any]:
         "params_total": cost.params,
         "params": {c.name: c.params for c in cost.components},
         "flops_per_video": cost.flops_per_video,
+        "dit_flops_per_video": sum(c.flops_per_video for c in cost.components if c.role == "dit"),
         "dit_calls_per_video": cost.calls_per_video("dit"),
         "calls_per_video": {c.name: c.calls_per_video for c in cost.components},
         "schedule": {"steps": [s.steps for s in pipeline.schedule.stages],
@@ -46,6 +47,7 @@ def _ratios(first: dict[str, Any], last: dict[str, Any]) -> dict[str, float]:
 
     return {"params": r(first["params_total"], last["params_total"]),
             "flops_per_video": r(first["flops_per_video"], last["flops_per_video"]),
+            "dit_flops_per_video": r(first["dit_flops_per_video"], last["dit_flops_per_video"]),
             "dit_calls_per_video": r(first["dit_calls_per_video"], last["dit_calls_per_video"])}
 
 
@@ -104,6 +106,7 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
     def on_pass_done(pipe: Pipeline, rec: PassRecord) -> None:
         row = {"index": rec.index, "name": rec.name, "config": rec.config, **rec.record,
                "cost": cost_row(costs.pipeline_cost(pipe), pipe)}
+        row["ratios"] = _ratios(base, row["cost"])  # vs the unoptimized pipeline (x fewer)
         report["steps"].append(row)
         report["final_summary"] = pipe.summary()
         write_report(run_dir, report)
@@ -149,15 +152,27 @@ def target_estimates(pipeline: Pipeline, names: list[str]) -> dict[str, Any]:
 
 
 def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
-         target: str | None = None, latent_frames: int | None = None) -> dict[str, Any]:
-    """A recipe's structural effect on the meta-device model: params, FLOPs, calls per video."""
+         target: str | None = None, latent_frames: int | None = None, height: int | None = None,
+         width: int | None = None, first_frame: str | None = None, report_dir: str | Path | None = None
+         ) -> dict[str, Any]:
+    """A recipe's structural effect on the meta-device model: params, FLOPs, calls per video.
+
+    `height`/`width` change the video size the sampler generates (Neodragon runs its DiT at 320x512),
+    `first_frame="external"` is Neodragon's hybrid mode (the first frame comes from an image model).
+    With a recipe, a report (`plan.json`, `report.md`, cost and estimate plots) is written to
+    `report_dir` (default `<recipe output>/<name>-plan`)."""
     if recipe is None and model is None:
         raise ValueError("plan needs a recipe or a model")
     r = _recipe(recipe).with_overrides(model=model, target=target) if recipe is not None else None
     model_ref = r.spec.model if r else model
     pipeline = _load_recipe_model(r, model, meta=True) if r else load_model(model_ref, meta=True)
-    if latent_frames:
-        pipeline = pipeline.replace(schedule=replace(pipeline.schedule, latent_frames=latent_frames))
+    sch = pipeline.schedule
+    if latent_frames or height or width:
+        sch = sch.with_frames(latent_frames or sch.latent_frames, height, width)
+    if first_frame:
+        sch = replace(sch, first_frame=first_frame)
+    if sch != pipeline.schedule:
+        pipeline = pipeline.replace(schedule=sch)
     costs = CostModel()
     verify(pipeline, costs=costs)
     base = costs.pipeline_cost(pipeline)
@@ -172,24 +187,27 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
     out["recipe"] = r.name
     out["targets"] = r.targets
     steps = []
-    ctx = PassContext(run_dir=Path(r.spec.output) / f"{r.name}-plan", plan=True, device=torch.device("meta"))
+    first = cost_row(base, pipeline)
+    run_dir = Path(report_dir) if report_dir else Path(r.spec.output) / f"{r.name}-plan"
+    ctx = PassContext(run_dir=run_dir, plan=True, device=torch.device("meta"))
     manager = PassManager(r.instantiate(), costs=costs)
     manager.instruments = [i for i in manager.instruments if type(i).__name__ != "SummaryArtifacts"]
 
     def on_pass_done(pipe: Pipeline, rec: PassRecord) -> None:
+        row = cost_row(costs.pipeline_cost(pipe), pipe)
         steps.append({"index": rec.index, "name": rec.name, "config": rec.config,
                       "modified": rec.record["modified"], "metrics": rec.record["metrics"],
-                      **cost_row(costs.pipeline_cost(pipe), pipe)})
+                      **row, "ratios": _ratios(first, row)})  # vs the unoptimized pipeline (x fewer)
 
     final, _ = manager.run(pipeline, ctx, on_pass_done=on_pass_done)
     out["passes"] = steps
-    first = cost_row(base, pipeline)
     last = steps[-1] if steps else first
     out["final"] = {k: last[k] for k in ("params_total", "params", "flops_per_video", "dit_calls_per_video",
                                          "calls_per_video")}
     out["ratios"] = _ratios(first, last)
     out["final_summary"] = final.summary()
     out["estimates"] = target_estimates(final, r.targets)
+    out["paths"] = {k: str(v) for k, v in write_plan_report(run_dir, out).items()}
     return out
 
 

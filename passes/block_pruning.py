@@ -135,6 +135,9 @@ def build_pruned_dit(dit: PyramidMMDiT, keep: list[int], fold_last_context: bool
     cfg = dc_replace(dit.config, num_layers=k)
     with torch.device("meta"):
         new = PyramidMMDiT(cfg)
+    for name, child in dit.named_children():  # earlier passes' rewrites (e.g. a dropped context_embedder) stay
+        if name != "transformer_blocks" and type(child) is not type(getattr(new, name, None)):
+            setattr(new, name, copy.deepcopy(child))
     last = dit.transformer_blocks[keep[-1]]
     if last.context_pre_only or fold_last_context:
         blocks = {i: dit.transformer_blocks[i] for i in keep}

@@ -41,6 +41,28 @@ def test_plan_model_json_has_the_named_fields():
     assert d["calls_per_video"]["dit"] == 180 and d["calls_per_video"]["vae_encoder"] == 0
 
 
+def test_plan_recipe_with_size_and_hybrid_first_frame_writes_a_report(tmp_path):
+    """Neodragon's setting: the DiT at 320x512, the first frame from an image model (hybrid mode)."""
+    from ndopt.frontends import load_model
+
+    out = tmp_path / "plan"
+    args = ["plan", "recipes/default.yaml", "--target", "snapdragon-8-elite", "--json", "--out", str(out)]
+    full = json.loads(CliRunner().invoke(main, args, catch_exceptions=False).stdout)
+    res = CliRunner().invoke(main, [*args, "--height", "64", "--width", "128", "--first-frame", "external"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["resolution"] == [64, 128] and full["resolution"] == [64, 64]
+    sch = load_model("pyramid-flow-tiny", meta=True).schedule
+    first = 2 * sum(s.steps for s in sch.stages)  # CFG: two calls per step
+    assert full["dit_calls_per_video"] - d["dit_calls_per_video"] == first
+    assert d["flops_per_video"] != full["flops_per_video"]
+    for name in ("plan.json", "report.md", "cost.png", "estimates.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    assert "| schedule_folding |" in md and "snapdragon-8-elite" in md and "![estimates](estimates.png)" in md
+    assert json.loads((out / "plan.json").read_text())["resolution"] == [64, 128]
+
+
 def test_plan_real_768p_matches_the_reference_sizes():
     """REFERENCE.md / the seed: DiT 2.028B (24 blocks), VAE decoder 225.8M, encoder 109.6M, T5-XXL ~4.76B."""
     from ndopt.runner import plan
