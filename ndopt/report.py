@@ -114,7 +114,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
     def fewer(s: dict[str, Any], key: str) -> str:  # x fewer than the unoptimized pipeline
         r = s.get("ratios", {}).get(key)
-        return f" ({r:g}x)" if r else ""
+        return f" ({r:.3g}x)" if r else ""
 
     for s in report["steps"]:
         fid = s.get("fidelity", {})

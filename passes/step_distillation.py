@@ -1,0 +1,361 @@
+"""Step distillation (Neodragon, Pyramidal DMD): a guidance-free student for a few-step schedule.
+
+Seed, "Pyramidal DMD Step-Distillation" (eq. 6-10). Three DiTs, all from the teacher's weights:
+
+- the student D_theta, trained for a k-step schedule per stage (`steps`, default 1-1-1). At stage i
+  its input z_sigma is the pyramidal flow-matching point of a data latent (eq. 6-7) at a local
+  level r, global sigma = (1 - r) s_end + r s_start, and its clean-latent prediction is one Euler
+  step of its velocity down to sigma = 0:  z_theta = z_sigma - sigma / (s_start - s_end) D_theta.
+  The sampler's Euler step with the same velocity (local r -> r', global sigma -> sigma') lands on
+  (1 - sigma') z_theta + sigma' eps_hat, the straight line through z_sigma and z_theta, so the
+  prediction trained here is exactly what each sampler step uses (and at the last stage, where
+  s_end = 0, a 1-step stage lands on z_theta itself).
+- the fake score model D_phi, trained with the pyramidal flow-matching objective on the student's
+  outputs: y_start, y_end and z_tau of eq. 8-10, tau_local ~ U(0, 1), target y_start - y_end.
+- the real score: the frozen teacher with classifier-free guidance at the pipeline's own scales
+  (Pyramid-Flow's 7 for the first frame, 5 for later ones) and the sampler's negative prompt.
+
+The student's loss is the DMD loss, whose gradient is (D(z_tau) - D_phi(z_tau)) dz_theta/dtheta
+weighted per sample by 1 / mean|D(z_tau) - (y_start - y_end)| (seed; Yin et al. 2024's
+1 / mean|x - x_real| written in velocity units: the two are the same weight), plus 0.5 times the
+Cauchy loss log(1 + ||z_theta - Down(z, 2^i)||_2^2) (squared L2 norm per sample, as in the seed).
+Updates alternate: one student update per two fake-model updates (`student_every` = 3 steps; one
+AdamW holds both, and the module that does not learn on a step gets no gradient, so AdamW skips it).
+
+"Four fixed local noise levels": the student only ever runs at the sampler's local sigmas of its
+target schedule, linspace(1, 1/1000, k) per stage (upstream `get_stage_sigmas`), so it is trained
+at exactly those k levels; the seed's four are those of its 4-4-4 schedule (Fig. 5), while 1-1-1
+trains at the single level r = 1 (the stage's start point). The upstream Neodragon code ships the
+inference side only (`pyramid_scheduler.py`: the 1-1-1 student runs without CFG); no DMD training
+code is published, so the hyperparameters below that the seed does not give are ours.
+
+The result: the student DiT, the Schedule with the new steps and guidance scales 1.0, and the fact
+`guidance_free`, so `cfg_folding` afterwards drops the unconditional branch. `plan()` applies the
+schedule only. Metrics: latent PSNR of the student at the new schedule and of the undistilled
+teacher at the same steps (the seed's "Undistilled" row), both against the teacher's full
+schedule (same prompts, seeds and noise), DiT calls per video before and after, the loss curves.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from ndopt.errors import PassError
+from ndopt.frontends.pyramid_flow.sampler import folded_time
+from ndopt.frontends.pyramid_flow.schedule import stage_local_sigmas
+from ndopt.ir.pipeline import Pipeline
+from ndopt.ir.schedule import Schedule, Stage
+from ndopt.passmanager import Lossy, Pass, PassConfig, PassContext, PassResult, register
+from ndopt.train.data import Batch
+from ndopt.train.objectives import (
+    TRAIN_STEPS,
+    LossOutput,
+    StepInfo,
+    TrainModules,
+    encode_prompts,
+    latent_pyramid,
+    pyramid_flow_inputs,
+    resize,
+    stage_grid,
+)
+from passes.block_importance import ANALYSIS_KEY, pass_index
+from passes.block_pruning import DataConfig
+from passes.cfg_folding import GUIDANCE_FREE
+
+log = logging.getLogger("ndopt")
+
+STUDENT_EVERY = 3      # seed: one update of theta per two updates of phi
+CAUCHY_WEIGHT = 0.5    # seed: the supervised Cauchy (teacher) loss, weight 0.5
+
+
+# ---- the seed's quantities ----------------------------------------------------------------------
+def student_levels(k: int) -> list[float]:
+    """The k fixed local noise levels of a k-step stage: the sampler's local sigmas (upstream)."""
+    return stage_local_sigmas(k)[:-1]
+
+
+def grid_index(ratio: Tensor) -> Tensor:
+    """Upstream's 1000-point stage grid index of a local ratio (1 -> 0, 1/1000 -> 999)."""
+    return ((1.0 - ratio.double()) * TRAIN_STEPS).round().long().clamp(0, TRAIN_STEPS - 1)
+
+
+def global_sigma(stage: Stage, ratio: Tensor) -> Tensor:
+    """sigma = (1 - r) s_end + r s_start (seed)."""
+    return (1 - ratio) * stage.sigma_end + ratio * stage.sigma_start
+
+
+def is_student_step(step: int, every: int = STUDENT_EVERY) -> bool:
+    """Steps 0, 1 train the fake model, step 2 the student, and so on."""
+    return step % every == every - 1
+
+
+def stage_endpoints(z_theta: Tensor, eps: Tensor, stage: Stage, first_stage: bool) -> tuple[Tensor, Tensor]:
+    """(y_start, y_end) of a student prediction: seed eq. 8 and 9."""
+    if first_stage:  # s_start = 1: pure noise (and the lowest stage may not halve)
+        y_start = eps
+    else:
+        h, w = z_theta.shape[-2:]
+        up_down = resize(resize(z_theta, h // 2, w // 2, "bilinear"), h, w, "nearest")
+        y_start = (1 - stage.sigma_start) * up_down + stage.sigma_start * eps
+    y_end = (1 - stage.sigma_end) * z_theta + stage.sigma_end * eps
+    return y_start, y_end
+
+
+def dmd_weight(real: Tensor, flow: Tensor) -> Tensor:
+    """The sample-specific weight 1 / mean |D(z_tau) - (y_start - y_end)| (seed; Yin et al. 2024)."""
+    return 1.0 / (real - flow).abs().flatten(1).mean(1).clamp(min=1e-6).view(-1, *[1] * (real.dim() - 1))
+
+
+def cauchy_loss(z_theta: Tensor, clean: Tensor) -> Tensor:
+    """Per sample log(1 + ||z_theta - Down(z, 2^i)||_2^2) (seed)."""
+    return torch.log1p((z_theta - clean).pow(2).flatten(1).sum(1))
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) ^ 0x2545F4914F6CDD1D) & ((1 << 63) - 1))
+
+
+# ---- the objective ------------------------------------------------------------------------------
+@dataclass
+class PyramidalDMD:
+    """The alternating student / fake-model objective (see the module docstring).
+
+    `schedule` is the teacher's (stages, guidance scales); `steps` / `video_steps` the student's
+    target steps per stage. On a student step the fake and real scores run under no_grad; on a
+    fake step the student's sample does."""
+
+    schedule: Schedule
+    steps: tuple[int, ...]
+    video_steps: tuple[int, ...]
+    negative_prompt: str = ""
+    prompt_suffix: str = ""
+    cauchy_weight: float = CAUCHY_WEIGHT
+    student_every: int = STUDENT_EVERY
+    corrupt_ratio: float = 1 / 3  # upstream: history noise level ~ U(0, 1/3)
+    uses: tuple[str, ...] = ("student", "fake", "teacher", "text_encoder")
+
+    def __call__(self, modules: TrainModules, batch: Batch, info: StepInfo) -> LossOutput:
+        if batch.latents is None:
+            raise PassError("step_distillation needs latents: wrap the dataset in a LatentCache")
+        student_turn = is_student_step(info.step, self.student_every)
+        captions = [c + self.prompt_suffix for c in batch.captions]
+        cond = encode_prompts(modules, captions, trainable=False)
+        uncond = encode_prompts(modules, [self.negative_prompt] * len(captions), trainable=False) \
+            if student_turn else None
+        pyramid = latent_pyramid(batch.latents, len(self.schedule.stages))
+        fpu = self.schedule.temporal.frame_per_unit
+        losses, metrics = [], {}
+        for inp in pyramid_flow_inputs(batch.latents, batch, self.schedule, info, corrupt_ratio=self.corrupt_ratio):
+            s, stage, rows = inp.stage, self.schedule.stages[inp.stage], inp.rows
+            gens = [_seeded(batch.seeds[k]) for k in rows]
+            dev = inp.target.device
+
+            def call(name: str, sample: Tensor, t: Tensor, c: tuple[Tensor, ...], inp=inp, rows=rows,
+                     dev=dev) -> Tensor:
+                return modules[name](sample=[*inp.sample[:-1], sample], encoder_hidden_states=c[0][rows],
+                                     encoder_attention_mask=c[1][rows], pooled_projections=c[2][rows],
+                                     timestep_ratio=t.to(dev, c[0].dtype)).float()
+
+            # the student's input at one of its fixed levels: z(r) = end + r (start - end)
+            levels = student_levels(self.steps[s] if inp.unit == 0 else self.video_steps[s])
+            pick = [int(torch.randint(len(levels), (1,), generator=g)) for g in gens]
+            r = torch.tensor([levels[i] for i in pick], dtype=torch.float32)
+            r_t, t_student = stage_grid(stage, grid_index(r))
+            shape = (-1, *[1] * (inp.target.dim() - 1))
+            r_in = inp.ratio.view(shape).to(inp.target)
+            z_sigma = inp.sample[-1] + (r_t.to(dev).view(shape) - r_in) * inp.target
+            sigma = global_sigma(stage, r_t).to(dev).view(shape)
+            with torch.set_grad_enabled(student_turn):
+                v = call("student", z_sigma, t_student, cond)
+                z_theta = z_sigma.float() - sigma / (stage.sigma_start - stage.sigma_end) * v
+            # the student's sample, renoised within the stage (eq. 8-10)
+            eps = torch.stack([torch.randn(z_theta.shape[1:], generator=g) for g in gens]).to(z_theta)
+            y_start, y_end = stage_endpoints(z_theta.detach(), eps, stage, s == 0)
+            u = torch.stack([torch.rand((), generator=g) for g in gens])
+            tau, t_tau = stage_grid(stage, (u * TRAIN_STEPS).long().clamp(0, TRAIN_STEPS - 1))
+            tau = tau.to(dev).view(shape)
+            z_tau = (1 - tau) * y_end + tau * y_start
+            flow = y_start - y_end
+            if not student_turn:  # fake model: pyramidal flow matching on the student's samples
+                err = (call("fake", z_tau, t_tau, cond) - flow).pow(2).flatten(1).mean(1)
+                losses.append(err)
+                metrics[f"loss_fake_stage{s}"] = float(err.detach().mean())
+                continue
+            with torch.no_grad():
+                fake = call("fake", z_tau, t_tau, cond)
+                real = self._real_score(call, z_tau, t_tau, cond, uncond, inp.unit)
+                grad = (real - fake) * dmd_weight(real, flow)
+            dmd = 0.5 * (z_theta - (z_theta - grad).detach()).pow(2).flatten(1).mean(1)
+            lo, hi = (0, 1) if inp.unit == 0 else (1 + (inp.unit - 1) * fpu, 1 + inp.unit * fpu)
+            cauchy = cauchy_loss(z_theta, pyramid[s][rows, :, lo:hi].float())
+            losses.append(dmd + self.cauchy_weight * cauchy)
+            metrics[f"loss_dmd_stage{s}"] = float(dmd.detach().mean())
+            metrics[f"loss_cauchy_stage{s}"] = float(cauchy.detach().mean())
+        loss = torch.cat(losses).mean()
+        key = "loss_student" if student_turn else "loss_fake"
+        return LossOutput(loss, {"loss": float(loss.detach()), key: float(loss.detach()), **metrics})
+
+    def _real_score(self, call: Any, z: Tensor, t: Tensor, cond: tuple, uncond: tuple, unit: int) -> Tensor:
+        """The teacher's guided velocity: D_u + g (D_c - D_u) at the sampler's scale for this frame."""
+        g = self.schedule.guidance
+        scale = g.scale if unit == 0 else g.video_scale
+        v_c = call("teacher", z, t, cond)
+        if scale == 1.0:
+            return v_c
+        v_u = call("teacher", z, t, uncond)
+        return v_u + scale * (v_c - v_u)
+
+
+# ---- the pass -----------------------------------------------------------------------------------
+class DMDTraining(PassConfig):
+    """The DMD run (ndopt.train). The seed publishes none of these; DMD2's (Yin et al. 2024) two
+    time-scale rule (fake model updated more often) is the seed's alternation."""
+
+    steps: int = Field(3000, ge=1)  # optimizer steps, student and fake together (1 in 3 is the student's)
+    lr: float = Field(1e-5, gt=0)
+    fake_lr_multiplier: float = Field(1.0, gt=0)
+    batch_size: int = Field(12, ge=1)  # one third per pyramid stage (upstream's sample_ratios [1, 1, 1])
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float | None = 1.0
+    student_every: int = Field(STUDENT_EVERY, ge=2)
+    cauchy_weight: float = Field(CAUCHY_WEIGHT, ge=0)
+    checkpoint_every: int = 100
+
+
+@register
+class StepDistillation(Pass):
+    """Pyramidal DMD: a guidance-free student DiT for a k-k-k schedule (seed: 1-1-1 shipped)."""
+
+    name = "step_distillation"
+    fidelity = Lossy(metric="latent_psnr", budget_db=10.0)  # a 1-step student vs the 20-step teacher
+    provides = (GUIDANCE_FREE,)
+    invalidates = (ANALYSIS_KEY,)  # importance scores describe the teacher's blocks
+
+    class Config(PassConfig):
+        steps: list[int] = Field(default_factory=lambda: [1, 1, 1])  # Neodragon's shipped 1-1-1 schedule
+        video_steps: list[int] | None = None  # later latent frames; None: the same as steps
+        train: DMDTraining = Field(default_factory=DMDTraining)
+        data: DataConfig = Field(default_factory=DataConfig)
+        evaluate: bool = True  # latent PSNR vs the teacher's full schedule, student and undistilled
+        evaluate_latent_frames: int = Field(2, ge=1)  # the recipe probe's default
+        reference_steps: list[int] | None = None  # the teacher's schedule to compare with; None: its own
+
+        @field_validator("steps", "video_steps", "reference_steps")
+        @classmethod
+        def _positive(cls, v: list[int] | None) -> list[int] | None:
+            if v is not None and (not v or any(k < 1 for k in v)):
+                raise ValueError(f"{v}: give at least one step per pyramid stage")
+            return v
+
+    def target_schedule(self, pipeline: Pipeline) -> Schedule:
+        """The teacher's schedule with the student's steps and guidance scales 1.0."""
+        sch = pipeline.schedule
+        steps = tuple(self.config.steps)
+        video = tuple(self.config.video_steps) if self.config.video_steps is not None else steps
+        if len(steps) != len(sch.stages) or len(video) != len(sch.stages):
+            raise PassError(f"step_distillation: steps {list(steps)} / video_steps {list(video)}: the schedule has "
+                            f"{len(sch.stages)} pyramid stages; give one step count per stage")
+        return replace(sch.with_steps(steps, video), guidance=replace(sch.guidance, scale=1.0, video_scale=1.0))
+
+    def _check(self, pipeline: Pipeline) -> None:
+        if GUIDANCE_FREE in pipeline.facts:
+            raise PassError("step_distillation: this DiT is already a guidance-free (step-distilled) student; "
+                            "distil from the original teacher instead (one step_distillation per recipe)")
+        if pipeline.schedule.folded or folded_time(pipeline.by_role("dit")[0]):
+            raise PassError("step_distillation: the schedule is already folded (schedule_folding ran before it); "
+                            "put step_distillation before cfg_folding and schedule_folding")
+
+    def _metrics(self, before: Schedule, after: Schedule) -> dict[str, Any]:
+        def fmt(sch: Schedule) -> str:
+            return (f"{'-'.join(str(s.steps) for s in sch.stages)}/"
+                    f"{'-'.join(str(s.video_steps) for s in sch.stages)}")
+
+        return {"steps": f"{fmt(before)} -> {fmt(after)}",
+                "guidance_scale": f"{before.guidance.scale:g}/{before.guidance.video_scale:g} -> 1/1",
+                "dit_calls_per_video": f"{before.dit_calls_per_video} -> {after.dit_calls_per_video}",
+                "dit_calls_per_video_guidance_free": after.with_guidance("none").dit_calls_per_video}
+
+    def plan(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
+        self._check(pipeline)
+        after = self.target_schedule(pipeline)
+        return PassResult(pipeline.replace(schedule=after), modified=True, metrics=self._metrics(pipeline.schedule,
+                                                                                                 after))
+
+    def run(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
+        if pipeline.is_meta or ctx.plan:
+            return self.plan(pipeline, ctx)
+        self._check(pipeline)
+        after = self.target_schedule(pipeline)
+        comp = pipeline.by_role("dit")[0]
+        d = ctx.pass_dir(pass_index(pipeline), self.name)
+        student, result = distil_student(pipeline, after, self.config, d, ctx)
+        out = pipeline.replace(schedule=after, **{comp.name: comp.with_module(student)})
+        metrics = self._metrics(pipeline.schedule, after)
+        metrics["train_steps"] = result.steps
+        metrics["resumed_from"] = result.resumed_from
+        for key in ("loss_student", "loss_fake"):
+            metrics[f"{key}_curve"] = [round(x, 6) for x in result.loss_curve(key)]
+        artifacts: dict[str, Path] = {"loss_plot": d / "dmd" / "loss.png", "train_metrics": d / "dmd" / "metrics.json"}
+        if self.config.evaluate:
+            fid = evaluate(pipeline, out, self.config.evaluate_latent_frames, self.config.reference_steps)
+            metrics["latent_psnr_vs_teacher"] = fid
+            log.info("step_distillation: latent PSNR vs the teacher's full schedule: student %.2f dB, "
+                     "undistilled teacher at the same steps %.2f dB", fid["student"], fid["undistilled"])
+        return PassResult(out, modified=True, metrics=metrics, artifacts=artifacts)
+
+
+def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.Config, pass_dir: Path,
+                   ctx: PassContext) -> tuple[torch.nn.Module, Any]:
+    """Student and fake model from the teacher's weights, trained by Pyramidal DMD (resumable)."""
+    from ndopt.train.engine import TrainConfig, Trainer
+    from ndopt.train.finetune import DataSpec, text_len_for, training_latents
+    from ndopt.train.objectives import PromptEncoder
+
+    teacher = pipeline.by_role("dit")[0].module
+    smp = pipeline.sampler
+    suffix, negative = getattr(smp, "prompt_suffix", ""), getattr(smp, "negative_prompt", "")
+    data = training_latents(pipeline, DataSpec(**cfg.data.model_dump(), seed=ctx.seed), pass_dir / "cache")
+    text_len = text_len_for(pipeline, [c + suffix for c in data.captions] + [negative])
+    te = PromptEncoder(pipeline.by_role("text_encoder")[0].module, text_len)
+    student, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    t = cfg.train
+    objective = PyramidalDMD(pipeline.schedule, tuple(s.steps for s in target.stages),
+                             tuple(s.video_steps for s in target.stages), negative_prompt=negative,
+                             prompt_suffix=suffix, cauchy_weight=t.cauchy_weight, student_every=t.student_every)
+    config = TrainConfig(steps=t.steps, lr=t.lr, batch_size=t.batch_size, seed=ctx.seed,
+                         lr_multipliers={"fake": t.fake_lr_multiplier}, warmup_steps=t.warmup_steps,
+                         lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, checkpoint_every=t.checkpoint_every,
+                         log_every=max(1, min(10 * t.student_every, t.steps // 10)))
+    result = Trainer(trainable={"student": student, "fake": fake}, frozen={"teacher": teacher, "text_encoder": te},
+                     objective=objective, data=data, config=config, run_dir=pass_dir / "dmd", device=ctx.device,
+                     name="pyramidal_dmd").fit()
+    return student.eval().requires_grad_(False), result
+
+
+def evaluate(teacher: Pipeline, student: Pipeline, latent_frames: int, reference_steps: list[int] | None
+             ) -> dict[str, float]:
+    """Latent PSNR vs the teacher's full schedule (same prompts, seeds, noise): the student, and the
+    undistilled teacher sampled with the student's steps and its own CFG (the seed's "Undistilled")."""
+    from ndopt.eval.probe import FidelityProbe, ProbeSettings
+
+    probe = FidelityProbe(ProbeSettings(latent_frames=latent_frames))
+    sch = teacher.schedule
+    if reference_steps is not None:
+        sch = sch.with_steps(tuple(reference_steps))
+    ref = probe.outputs(teacher.replace(schedule=sch))
+    few = student.schedule
+    undistilled = teacher.replace(schedule=sch.with_steps(tuple(s.steps for s in few.stages),
+                                                          tuple(s.video_steps for s in few.stages)))
+    fast = student.replace(schedule=few.with_guidance("none"))  # scale 1: the same numbers, half the calls
+    out = {"student": probe.compare(probe.outputs(fast), ref)["latent_psnr"],
+           "undistilled": probe.compare(probe.outputs(undistilled), ref)["latent_psnr"]}
+    return {k: round(v, 3) for k, v in out.items()}

@@ -1,0 +1,248 @@
+"""step_distillation: structure (schedule, golden summary), fired, the DMD objective's alternation,
+fidelity figures, resume after interruption, refusal of a second distillation, errors; plan on 768p.
+
+One short DMD run on the tiny preset (a few steps: figures are reported, not judged) is shared by
+the module; the test that judges the figures needs the trained tiny teacher and skips without it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from golden import check_golden
+from pydantic import ValidationError
+
+from ndopt.errors import PassError
+from ndopt.passmanager import PassContext, PassManager
+from ndopt.train.data import Batch
+from ndopt.train.engine import TrainConfig, Trainer
+from ndopt.train.objectives import PromptEncoder, StepInfo
+from passes.cfg_folding import CfgFolding
+from passes.schedule_folding import ScheduleFolding
+from passes.step_distillation import PyramidalDMD, StepDistillation, is_student_step, student_levels
+
+CONFIG = {"train": {"steps": 6, "batch_size": 3, "lr": 1e-4, "checkpoint_every": 3},
+          "data": {"clips": 12}, "evaluate_latent_frames": 1}
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dmd")
+    final, records = PassManager([StepDistillation(CONFIG)]).run(tiny, PassContext(run_dir=d))
+    return final, records[0].record, d
+
+
+def _weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- structure and fired --------------------------------------------------------------------------
+def test_schedule_after_the_pass(tiny, distilled):
+    final, record, _ = distilled
+    sch = final.schedule
+    assert [s.steps for s in sch.stages] == [1, 1, 1] and [s.video_steps for s in sch.stages] == [1, 1, 1]
+    assert (sch.guidance.scale, sch.guidance.video_scale) == (1.0, 1.0) and sch.guidance.mode == "cfg"
+    assert "guidance_free" in final.facts
+    m = record["metrics"]
+    # tiny: 2 latent frames; 20-20-20 + 10-10-10 steps x 2 (CFG) -> 1-1-1 + 1-1-1, still 2 calls until cfg_folding
+    assert m["dit_calls_per_video"] == "180 -> 12" and m["dit_calls_per_video_guidance_free"] == 6
+    assert m["steps"] == "20-20-20/10-10-10 -> 1-1-1/1-1-1"
+    folded = CfgFolding().run(final, PassContext(run_dir=distilled[2])).pipeline
+    assert folded.schedule.guidance.mode == "none" and folded.schedule.dit_calls_per_video == 6
+    # the input is untouched, the student is a new module
+    assert tiny.schedule.guidance.scale == 7.0 and [s.steps for s in tiny.schedule.stages] == [20, 20, 20]
+    assert final["dit"].module is not tiny["dit"].module and not _same(_weights(final["dit"].module),
+                                                                        _weights(tiny["dit"].module))
+
+
+def test_structure_golden(distilled):
+    check_golden("tiny_after_step_distillation.txt", distilled[0].summary())
+
+
+def test_reports_fidelity_calls_and_loss_plot(distilled):
+    _, record, _ = distilled
+    m = record["metrics"]
+    fid = m["latent_psnr_vs_teacher"]
+    assert set(fid) == {"student", "undistilled"} and all(math.isfinite(v) for v in fid.values())
+    assert len(m["loss_student_curve"]) == 2 and len(m["loss_fake_curve"]) == 4  # 1 student per 2 fake steps
+    assert m["train_steps"] == 6 and m["resumed_from"] is None
+    for key in ("loss_plot", "train_metrics"):
+        assert record["artifacts"][key].endswith((".png", ".json"))
+        assert __import__("pathlib").Path(record["artifacts"][key]).is_file()
+
+
+def test_other_step_counts(tiny, tmp_path):
+    for steps in ([2, 2, 2], [4, 4, 4]):
+        out = StepDistillation({"steps": steps}).plan(tiny, PassContext(run_dir=tmp_path, plan=True)).pipeline
+        assert [s.steps for s in out.schedule.stages] == steps == [s.video_steps for s in out.schedule.stages]
+    out = StepDistillation({"steps": [2, 2, 2], "video_steps": [1, 1, 1]}).plan(tiny, PassContext(tmp_path)).pipeline
+    assert out.schedule.steps_per_video == 6 + 3 and out.schedule.dit_calls_per_video == 18
+    # the student's fixed local levels are the sampler's: four for 4-4-4 (seed), r = 1 for 1-1-1
+    assert student_levels(1) == [1.0] and len(student_levels(4)) == 4
+    assert student_levels(4)[0] == 1.0 and abs(student_levels(4)[-1] - 1e-3) < 1e-12
+
+
+# ---- the objective: alternation -----------------------------------------------------------------
+def _batch(seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(["a red circle moving left", "a blue square moving up", "a green ring"], None,
+                 torch.randn(3, 16, 2, 8, 8, generator=g), torch.arange(3), torch.tensor([11, 12, 13]))
+
+
+class _Data:
+    def __init__(self) -> None:
+        self.b = _batch()
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, i):
+        from ndopt.train.data import Example
+
+        return Example(self.b.captions[i], latents=self.b.latents[i])
+
+
+def _objective(tiny) -> PyramidalDMD:
+    return PyramidalDMD(tiny.schedule, (1, 1, 1), (1, 1, 1))
+
+
+def test_alternation_one_student_update_per_two_fake_updates(tiny, tmp_path):
+    assert [is_student_step(s) for s in range(6)] == [False, False, True, False, False, True]
+    teacher = tiny["dit"].module
+    student, fake = __import__("copy").deepcopy(teacher), __import__("copy").deepcopy(teacher)
+    te = PromptEncoder(tiny["text_encoder"].module, 16)
+    t0 = _weights(teacher)
+
+    def fit(steps: int):
+        Trainer(trainable={"student": student, "fake": fake}, frozen={"teacher": teacher, "text_encoder": te},
+                objective=_objective(tiny), data=_Data(), run_dir=tmp_path,
+                config=TrainConfig(steps=steps, batch_size=3, lr=1e-3, log_every=1), show_progress=False).fit()
+
+    fit(2)  # steps 0 and 1: the fake model only
+    assert _same(_weights(student), t0) and not _same(_weights(fake), t0)
+    f2 = _weights(fake)
+    fit(3)  # resumes; step 2: the student only
+    assert not _same(_weights(student), t0) and _same(_weights(fake), f2)
+    assert _same(_weights(teacher), t0)
+
+
+def test_student_step_gradients_reach_only_the_student(tiny):
+    import copy
+
+    mods = {"student": copy.deepcopy(tiny["dit"].module).requires_grad_(True),
+            "fake": copy.deepcopy(tiny["dit"].module).requires_grad_(True),
+            "teacher": tiny["dit"].module, "text_encoder": PromptEncoder(tiny["text_encoder"].module, 16)}
+
+    class M(dict):
+        def raw(self, n):
+            return self[n]
+
+    for step, learner in ((0, "fake"), (2, "student")):
+        out = _objective(tiny)(M(mods), _batch(), StepInfo(step))
+        out.loss.backward()
+        grads = {n: any(p.grad is not None for p in mods[n].parameters()) for n in ("student", "fake")}
+        assert grads == {"student": learner == "student", "fake": learner == "fake"}
+        assert math.isfinite(out.metrics["loss"])
+        assert any(k.startswith("loss_dmd") for k in out.metrics) == (learner == "student")
+        for n in ("student", "fake"):
+            mods[n].zero_grad(set_to_none=True)
+
+
+# ---- resume -----------------------------------------------------------------------------------
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, distilled, tmp_path, monkeypatch):
+    cfg = {**CONFIG, "evaluate": False}
+    original = PyramidalDMD.__call__
+
+    def interrupted(self, modules, batch, info):
+        if info.step == 4:
+            raise KeyboardInterrupt
+        return original(self, modules, batch, info)
+
+    monkeypatch.setattr(PyramidalDMD, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        StepDistillation(cfg).run(tiny, PassContext(run_dir=tmp_path))
+    monkeypatch.setattr(PyramidalDMD, "__call__", original)
+    res = StepDistillation(cfg).run(tiny, PassContext(run_dir=tmp_path))
+    assert res.metrics["resumed_from"] == 3
+    assert _same(_weights(res.pipeline["dit"].module), _weights(distilled[0]["dit"].module))
+    again = StepDistillation(cfg).run(tiny, PassContext(run_dir=tmp_path))  # a rerun loads the saved result
+    assert again.metrics["resumed_from"] == 6
+    assert _same(_weights(again.pipeline["dit"].module), _weights(res.pipeline["dit"].module))
+
+
+# ---- idempotence and errors -------------------------------------------------------------------
+def test_second_distillation_is_refused(distilled, tmp_path):
+    with pytest.raises(PassError, match="already a guidance-free"):
+        StepDistillation(CONFIG).run(distilled[0], PassContext(run_dir=tmp_path))
+
+
+def test_errors(tiny, tmp_path):
+    with pytest.raises(ValidationError, match="at least one step"):
+        StepDistillation({"steps": [0, 1, 1]})
+    with pytest.raises(ValidationError):
+        StepDistillation({"stepz": [1, 1, 1]})
+    with pytest.raises(PassError, match="3 pyramid stages"):
+        StepDistillation({"steps": [1, 1]}).run(tiny, PassContext(run_dir=tmp_path))
+    folded = ScheduleFolding().run(tiny, PassContext(run_dir=tmp_path)).pipeline
+    with pytest.raises(PassError, match="before cfg_folding and schedule_folding"):
+        StepDistillation(CONFIG).run(folded, PassContext(run_dir=tmp_path))
+    no_encoder = tiny.replace(remove=["vae_encoder"])
+    with pytest.raises(PassError, match="vae_encoder"):
+        StepDistillation(CONFIG).run(no_encoder, PassContext(run_dir=tmp_path))
+
+
+# ---- plan on the real model -------------------------------------------------------------------
+def test_plan_on_the_real_model():
+    """49 frames at 768p: 480 DiT calls (REFERENCE: 20-20-20 + 6 x 10-10-10 steps, 2 calls for CFG),
+    240 batched, 21 for the guidance-free 1-1-1 student; 18 in Neodragon's hybrid mode."""
+    from ndopt.recipe import parse_recipe
+    from ndopt.runner import plan
+
+    r = parse_recipe("name: p\nmodel: pyramid-flow-sd3-768p\npasses: [cfg_folding, step_distillation, cfg_folding]\n")
+    d = plan(r)
+    assert d["latent_frames"] == 7 and d["dit_calls_per_video"] == 480
+    calls = [s["dit_calls_per_video"] for s in d["passes"]]
+    assert calls == [240, 21, 21]
+    assert [s["ratios"]["dit_calls_per_video"] for s in d["passes"]] == [2.0, round(480 / 21, 4), round(480 / 21, 4)]
+    base_dit = d["flops_per_video_by_component"]["dit"]
+    dit_flops = [s["dit_flops_per_video"] for s in d["passes"]]
+    assert dit_flops[0] == base_dit and dit_flops[1] == 2 * dit_flops[2]  # batch 2 until the last cfg_folding
+    assert 20 < d["ratios"]["dit_flops_per_video"] < 480 / 21  # first frames are cheaper calls (no history)
+    assert d["ratios"]["flops_per_video"] > 4  # the 768p VAE decoder stays
+    final = d["passes"][-1]
+    assert final["schedule"] == {"steps": [1, 1, 1], "video_steps": [1, 1, 1], "guidance": "none"}
+    assert final["calls_per_video"]["text_encoder"] == 1  # no negative prompt
+
+
+def test_hybrid_mode_calls_match_neodragon(tmp_path):
+    from ndopt.frontends import load_model
+
+    meta = load_model("pyramid-flow-sd3-768p", meta=True)
+    ctx = PassContext(run_dir=tmp_path, plan=True, device=torch.device("meta"))
+    out = CfgFolding().plan(StepDistillation().plan(meta, ctx).pipeline.replace(facts_add=["guidance_free"]),
+                            ctx).pipeline
+    hybrid = replace(out.schedule, first_frame="external")
+    assert hybrid.dit_calls_per_video == 18  # REFERENCE.md: 18 DiT calls per video (hybrid mode)
+
+
+# ---- the trained tiny teacher -----------------------------------------------------------------
+@pytest.mark.slow
+def test_student_beats_the_undistilled_teacher(tmp_path):
+    from ndopt.frontends import load_model
+    from ndopt.frontends.pyramid_flow.presets import bundled_weights
+
+    if bundled_weights("pyramid-flow-tiny") is None:
+        pytest.skip("needs the trained tiny teacher (weights/pyramid-flow-tiny.safetensors)")
+    teacher = load_model("pyramid-flow-tiny")
+    cfg = {"train": {"steps": 300, "batch_size": 6, "lr": 1e-4, "checkpoint_every": 100},
+           "data": {"clips": 256}, "evaluate_latent_frames": 1}
+    res = StepDistillation(cfg).run(teacher, PassContext(run_dir=tmp_path))
+    fid = res.metrics["latent_psnr_vs_teacher"]
+    assert fid["student"] > fid["undistilled"], fid
