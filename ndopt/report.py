@@ -12,9 +12,11 @@ from typing import Any
 from ndopt.io import atomic_path, atomic_write_json, atomic_write_text
 
 
-def _num(x: float) -> str:
+def _num(x: float | str | None) -> str:
     if x is None:
         return "-"
+    if isinstance(x, str):  # a report read back from JSON: inf/nan are strings there
+        return x
     if isinstance(x, float) and math.isinf(x):
         return "inf"
     for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -75,9 +77,12 @@ def _estimate_lines(estimates: dict[str, Any] | None) -> list[str]:
                   f"{e['latency_s']:.2f} s per video, peak memory {e['peak_memory_mb'] / 1024:.2f} GB", "",
                   "| component | calls/video | latency (s) | share | weights (MB) | peak activations (MB) |",
                   "|---|---|---|---|---|---|"]
+        total = e.get("latency_ms") or sum(v["latency_ms"] for v in e.get("components", {}).values()) or 1.0
         for c, v in e.get("components", {}).items():
+            share = v.get("share", v["latency_ms"] / total)
+            act = v.get("peak_activations_mb", v.get("activations_mb", 0.0))
             lines.append(f"| {c} | {v.get('calls_per_video', '-')} | {v['latency_ms'] / 1000:.3f} | "
-                         f"{v.get('share', 0):.1%} | {v.get('weights_mb', 0):.1f} | {v.get('peak_activations_mb', 0):.1f} |")
+                         f"{share:.1%} | {v.get('weights_mb', 0):.1f} | {act:.1f} |")
     return lines
 
 
