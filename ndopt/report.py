@@ -5,7 +5,9 @@ Everything is written atomically after every pass, so a failed pass leaves the p
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,29 @@ def render_plan_markdown(plan: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(v: Any, limit: int = 160) -> str:
+    if isinstance(v, float):
+        return _num(v)
+    text = json.dumps(_jsonable(v), separators=(", ", ": ")) if not isinstance(v, str) else v
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _pass_detail_lines(steps: list[dict[str, Any]], run_dir: str | None) -> list[str]:
+    """What each pass measured (its metrics) and wrote (plots and files), linked relative to the report."""
+    lines: list[str] = []
+    for s in steps:
+        metrics = {k: v for k, v in (s.get("metrics") or {}).items() if not (isinstance(v, list) and len(v) > 8)}
+        arts = {k: v for k, v in (s.get("artifacts") or {}).items() if k != "summary"}
+        if not metrics and not arts:
+            continue
+        lines += ["", f"### {s['index']}. {s['name']}", ""]
+        lines += [f"- {k}: {_short(v)}" for k, v in metrics.items()]
+        for k, v in arts.items():
+            rel = os.path.relpath(v, run_dir) if run_dir else v
+            lines.append(f"- {k}: ![{k}]({rel})" if str(v).endswith(".png") else f"- {k}: `{rel}`")
+    return ["", "## What each pass measured", *lines] if lines else []
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# ndopt run `{report['recipe']['name']}`", "",
              f"- model: `{report['recipe']['model']}`", f"- status: **{report['status']}**"]
@@ -136,6 +161,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"({first['flops_per_video'] / last['flops_per_video']:.2f}x fewer); DiT calls per video "
                       f"{first['dit_calls_per_video']} -> {last['dit_calls_per_video']}; params "
                       f"{_num(first['params_total'])} -> {_num(last['params_total'])}."]
+    lines += _pass_detail_lines(report["steps"], report.get("run_dir"))
     est = {t: low["estimate"] for t, low in (report.get("lowering") or {}).items()
            if isinstance(low, dict) and isinstance(low.get("estimate"), dict)}
     if est:

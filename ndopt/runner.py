@@ -93,7 +93,7 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
     report: dict[str, Any] = {
         "recipe": {"name": r.name, "source": r.source, "model": r.spec.model,
                    "passes": [{p.name: p.config} for p in r.passes]},
-        "targets": r.targets, "status": "running", "initial_summary": pipeline.summary(), "steps": [],
+        "targets": r.targets, "run_dir": str(run_dir), "status": "running", "initial_summary": pipeline.summary(), "steps": [],
     }
     base = cost_row(costs.pipeline_cost(pipeline), pipeline)
     report["baseline"] = base

@@ -26,7 +26,12 @@ def test_run_default_recipe_writes_report(tmp_path):
     for name in ("report.md", "cost.png", "fidelity.png", "passes/01_dead_component_elimination/pipeline.txt"):
         assert (out / name).exists(), name
     assert (out / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "dead_component_elimination" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "dead_component_elimination" in md
+    assert "## What each pass measured" in md and "- params_removed: " in md  # each pass's own metrics
+    # the default recipe's target: the bundle is lowered and its estimate tabled and plotted
+    assert report["lowering"]["snapdragon-8-elite"]["status"] == "ok"
+    assert "## Target estimates" in md and (out / "estimates.png").is_file()
 
 
 def test_plan_model_json_has_the_named_fields():
