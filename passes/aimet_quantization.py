@@ -271,6 +271,9 @@ class AimetQuantization(Pass):
             metrics["fidelity"] = self._evaluate(pipeline, out, ctx)
         d = ctx.pass_dir(pass_index(pipeline), self.name)
         artifacts = self._export(new, records, calib, d, metrics)
+        # lowering ships the float graph with these quantizer encodings beside it (targets/snapdragon.py)
+        out = out.replace(**{n: out[n].with_module(out[n].module, quantizers=str(d / n / "quantizers.safetensors"))
+                             for n in new})
         atomic_write_json(d / "quantization.json", metrics)
         artifacts["quantization"] = d / "quantization.json"
         return PassResult(out, modified=True, metrics=metrics, artifacts=artifacts)

@@ -253,6 +253,11 @@ class SnapdragonTarget:
             return LoweredGraph(plan, hit.model, hit.legality, hit.numerics, hit.simplify, 0.0)
         t0 = time.perf_counter()
         example = example_inputs(plan)
+        reference = getattr(component.module, "reference", None)
+        if reference is not None and hasattr(component.module, "sim"):
+            # an AIMET sim (the quantization pass): the graph is the float model, its quantizer
+            # encodings travel beside it (QNN's float graph + encodings flow); numerics vs that float model
+            component = component.with_module(reference)
         with _threads_for(component):
             model = export_graph(component, plan, example, self.spec.opset)
             model, simplified = simplify(model, plan.name)
@@ -360,6 +365,14 @@ def _encodings(component: Component, tmp: Path, plan: GraphPlan) -> str | None:
     """AIMET encodings recorded by the quantization pass (`attrs["encodings"]`: a path), copied beside
     the graph. Encodings name the tensors of AIMET's own export, so they are attached, not remapped."""
     src = component.attrs.get("encodings")
+    if not src and component.attrs.get("quantizers"):  # the quantization pass: every quantizer's encoding
+        q = Path(str(component.attrs["quantizers"]))
+        if not q.is_file():
+            raise LoweringError(f"component {component.name!r}: its quantizer encodings {q} do not exist; rerun the "
+                                "quantization pass")
+        dst = tmp / f"{plan.name}.quantizers.safetensors"
+        dst.write_bytes(q.read_bytes())
+        return dst.name
     if not src:
         return None
     src = Path(str(src))

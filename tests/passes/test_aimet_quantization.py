@@ -198,3 +198,18 @@ def test_w8a16_still_follows_prompts(tiny, w8):
     float_rate = prompt_following(_small(tiny), scenes).rate
     quant_rate = prompt_following(w8[0], scenes).rate
     assert quant_rate >= float_rate - 0.125  # at most one of eight captions lost
+
+
+def test_lowering_ships_float_graphs_with_the_quantizer_encodings(w8):
+    """A quantized pipeline lowers: each graph is the float model (checked in onnxruntime against it)
+    with the component's quantizer encodings beside it and the pass's precision in the manifest."""
+    from targets import registry
+
+    final, _, d = w8
+    out = d / "bundle"
+    res = registry()["snapdragon-8-elite"].lower(final, out, PassContext(run_dir=d))
+    assert res["status"] == "ok"
+    man = json.loads((out / "manifest.json").read_text())
+    for name, g in man["graphs"].items():
+        assert g["precision"] == "w8a16" and g["numerics"]["ok"] and g["legality"]["ok"], name
+        assert g["encodings"] == f"{name}.quantizers.safetensors" and (out / g["encodings"]).is_file(), name

@@ -111,18 +111,18 @@ class TinyVideoDecoder(nn.Module):
         blocks += [nn.ReLU(), _conv(c.n_f[-1], c.image_channels)]
         self.blocks = nn.ModuleList(blocks)
         self.frames_to_trim = c.temporal_factor - 1
+        # How each block is called, fixed here: passes may replace blocks by other modules (AIMET's
+        # quantizable copies, fx GraphModules), so forward must not dispatch on the blocks' types.
+        self._takes_frames = tuple(isinstance(b, MemBlock) for b in blocks)
+        self._time_stride = tuple(b.stride if isinstance(b, TGrow) else 1 for b in blocks)
 
     def forward(self, z: Tensor) -> Tensor:
         b, c, t, h, w = z.shape
         x = self.post_quant_conv(z.transpose(1, 2).reshape(b * t, c, h, w))
         frames = t
-        for block in self.blocks:
-            if isinstance(block, MemBlock):
-                x = block(x, frames)
-            else:
-                x = block(x)
-                if isinstance(block, TGrow):
-                    frames *= block.stride
+        for block, takes_frames, stride in zip(self.blocks, self._takes_frames, self._time_stride):
+            x = block(x, frames) if takes_frames else block(x)
+            frames *= stride
         _, oc, oh, ow = x.shape
         video = x.reshape(b, frames, oc, oh, ow)[:, self.frames_to_trim:]
         return video.transpose(1, 2)
