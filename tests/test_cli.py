@@ -121,3 +121,17 @@ def test_listings():
     assert "dead_component_elimination" in CliRunner().invoke(main, ["passes"]).output
     out = CliRunner().invoke(main, ["targets"]).output
     assert "snapdragon-8-elite" in out and "snapdragon-x-elite" in out
+
+
+@pytest.mark.parametrize("recipe", ["neodragon-8elite", "neodragon-xelite"])
+def test_shipped_neodragon_recipes_compose_in_plan_mode(recipe, tmp_path):
+    """Every pass of the paper's chain runs after the ones before it (structure only, meta device)."""
+    from ndopt.runner import plan
+
+    d = plan(recipe, report_dir=tmp_path)
+    names = [p["name"] for p in d["passes"]]
+    assert names[0] == "encoder_substitution" and names[-1] == "aimet_quantization"
+    assert all(p["modified"] or p["name"] == "block_importance" for p in d["passes"])
+    final = d["final"]
+    assert "vae_encoder" not in final["params"] and final["dit_calls_per_video"] < d["dit_calls_per_video"] / 10
+    assert d["estimates"][d["targets"][0]]["latency_s"] > 0
