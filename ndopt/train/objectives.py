@@ -364,6 +364,7 @@ class VAEReconstruction:
     latent_noise: float = 0.05
     l1_weight: float = 1.0
     foreground_weight: float = 0.0  # extra weight on pixels far from the frame's border colour
+    chroma_weight: float = 0.0  # extra weight on the error's chroma (its RGB minus their mean): hue, not only brightness
     encoder: str = "vae_encoder"
     decoder: str = "vae_decoder"
     uses: tuple[str, ...] = ("vae_encoder", "vae_decoder")
@@ -382,6 +383,10 @@ class VAEReconstruction:
         if self.foreground_weight:  # small objects would otherwise lose to the background in a plain mean
             w = self.foreground_weight * foreground_mask(video.float())
             loss = loss + (w * (err.pow(2) + self.l1_weight * err.abs())).mean()
+        if self.chroma_weight:  # a tiny VAE learns brightness first and hue late; weigh the hue error up
+            chroma = err - err.mean(dim=1, keepdim=True)
+            w = 1.0 + (self.foreground_weight * foreground_mask(video.float()) if self.foreground_weight else 0.0)
+            loss = loss + self.chroma_weight * (w * (chroma.pow(2) + self.l1_weight * chroma.abs())).mean()
         return LossOutput(loss, {"loss": float(loss.detach()), "mse": float(mse.detach()),
                                  "latent_std": float(scale.mean())})
 

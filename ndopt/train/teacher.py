@@ -76,6 +76,7 @@ class VAESpec(PhaseSpec):
     frames: int = 9  # clip length of this phase (1: images, cheap; 9: the temporal path too)
     latent_noise: float = 0.05
     foreground_weight: float = 0.0
+    chroma_weight: float = 0.0
 
 
 class DiTSpec(PhaseSpec):
@@ -153,7 +154,8 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
                     m.reset_parameters()
     for i, vae in enumerate(config.vae):
         res = Trainer(trainable={"vae_encoder": enc, "vae_decoder": dec},
-                      objective=VAEReconstruction(vae.latent_noise, foreground_weight=vae.foreground_weight),
+                      objective=VAEReconstruction(vae.latent_noise, foreground_weight=vae.foreground_weight,
+                                                  chroma_weight=vae.chroma_weight),
                       data=ProceduralVideos(dc_replace(data_cfg, frames=vae.frames), seed=config.seed + 100 * i),
                       config=vae.train_config(config.seed + i, config.checkpoint_every, scale),
                       run_dir=out / f"vae{i}", device=dev, name=f"teacher/vae{i}", show_progress=show_progress).fit()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ndopt.frontends.pyramid_flow.schedule import stage_timesteps
-from ndopt.train.data import Example, collate, sample_seed
+from ndopt.train.data import Batch, Example, collate, sample_seed
 from ndopt.train.objectives import (
     Distillation,
     FeatureTap,
@@ -135,3 +135,22 @@ def test_standardize_latents_is_exact(tiny):
     assert torch.allclose(zc.std(1), torch.full((16,), 2.39), rtol=1e-3)
     assert torch.allclose(zc.mean(1), torch.zeros(16), atol=1e-4)
     assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_vae_chroma_weight_prices_hue_errors_not_brightness_errors():
+    """`chroma_weight` adds the error's RGB-minus-mean part: a brightness shift (equal in R, G, B)
+    costs nothing extra, a hue shift of the same size does."""
+    from ndopt.train.objectives import VAEReconstruction
+
+    video = torch.zeros(1, 3, 1, 8, 8)
+    batch = Batch(["x"], video, None, torch.tensor([0]), torch.tensor([0]))
+    shifts = {"brightness": torch.tensor([0.3, 0.3, 0.3]), "hue": torch.tensor([0.3, -0.3, 0.3])}
+
+    def loss(chroma: float, shift: torch.Tensor) -> float:
+        mods = _Mods(vae_encoder=lambda v: torch.randn(1, 4, 1, 2, 2),
+                     vae_decoder=lambda z: video + shift.view(1, 3, 1, 1, 1))
+        return float(VAEReconstruction(0.0, chroma_weight=chroma)(mods, batch, StepInfo(0)).loss)
+
+    for name, s in shifts.items():
+        extra = loss(3.0, s) - loss(0.0, s)
+        assert (extra == pytest.approx(0.0, abs=1e-7)) == (name == "brightness"), (name, extra)
