@@ -79,6 +79,10 @@ class PassContext:
         g.manual_seed(self.seed + offset)
         return g
 
+    def seed_for(self, offset: int) -> int:
+        """An integer seed drawn from `generator(offset)` (for `torch.manual_seed` around module init)."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator(offset)))
+
     def pass_dir(self, index: int, name: str) -> Path:
         d = self.run_dir / "passes" / f"{index:02d}_{name}"
         d.mkdir(parents=True, exist_ok=True)

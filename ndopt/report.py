@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ndopt.io import atomic_path, atomic_write_json, atomic_write_text
+from ndopt.io import atomic_path, atomic_write_json, atomic_write_text, jsonable
 
 
 def _num(x: float | str | None) -> str:
@@ -27,21 +27,11 @@ def _num(x: float | str | None) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and (math.isinf(x) or math.isnan(x)):
-        return str(x)
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md"}
     paths.update(plot_report(run_dir, report))  # first: the markdown links the plots it made
-    atomic_write_json(paths["json"], _jsonable(report))
+    atomic_write_json(paths["json"], jsonable(report))
     atomic_write_text(paths["md"], render_markdown(report))
     return paths
 
@@ -55,9 +45,15 @@ def write_plan_report(run_dir: Path, plan: dict[str, Any]) -> dict[str, Path]:
     paths = {"json": run_dir / "plan.json", "md": run_dir / "report.md"}
     paths.update(plot_report(run_dir, {"steps": steps}))
     paths.update(_plot_estimates(run_dir, plan.get("estimates")))
-    atomic_write_json(paths["json"], _jsonable({k: v for k, v in plan.items() if k != "final_summary"}))
+    atomic_write_json(paths["json"], jsonable({k: v for k, v in plan.items() if k != "final_summary"}))
     atomic_write_text(paths["md"], render_plan_markdown(plan, [n for n in paths if n not in ("json", "md")]))
     return paths
+
+
+def _lowering_estimates(report: dict[str, Any]) -> dict[str, Any]:
+    """{target: estimate} of a run's lowered bundles."""
+    return {t: low["estimate"] for t, low in (report.get("lowering") or {}).items()
+            if isinstance(low, dict) and isinstance(low.get("estimate"), dict)}
 
 
 def _plot_estimates(run_dir: Path, estimates: dict[str, Any] | None) -> dict[str, Path]:
@@ -109,7 +105,7 @@ def render_plan_markdown(plan: dict[str, Any], plots: list[str]) -> str:
 def _short(v: Any, limit: int = 160) -> str:
     if isinstance(v, float):
         return _num(v)
-    text = json.dumps(_jsonable(v), separators=(", ", ": ")) if not isinstance(v, str) else v
+    text = json.dumps(jsonable(v), separators=(", ", ": ")) if not isinstance(v, str) else v
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -162,8 +158,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"{first['dit_calls_per_video']} -> {last['dit_calls_per_video']}; params "
                       f"{_num(first['params_total'])} -> {_num(last['params_total'])}."]
     lines += _pass_detail_lines(report["steps"], report.get("run_dir"))
-    est = {t: low["estimate"] for t, low in (report.get("lowering") or {}).items()
-           if isinstance(low, dict) and isinstance(low.get("estimate"), dict)}
+    est = _lowering_estimates(report)
     if est:
         lines += ["", "## Target estimates", *_estimate_lines(est)]
     lines += ["", "## Final pipeline", "", "```", report.get("final_summary", "").rstrip(), "```", ""]
@@ -213,8 +208,6 @@ def plot_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
         out["fidelity"] = run_dir / "fidelity.png"
-    est = {t: low["estimate"] for t, low in (report.get("lowering") or {}).items()
-           if isinstance(low, dict) and isinstance(low.get("estimate"), dict)}
-    out.update(_plot_estimates(run_dir, est))
+    out.update(_plot_estimates(run_dir, _lowering_estimates(report)))
     report["plots"] = {k: str(v) for k, v in out.items()}
     return out

@@ -121,7 +121,7 @@ class DecoderSwap(Pass):
         old = decs[0]
         channels = self.config.latent_channels or int(old.attrs.get("latent_channels", 16))
         scale = native_scale(old.module) if self.config.scale == "auto" else self.config.scale
-        seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator(701)))
+        seed = ctx.seed_for(701)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             with torch.device(old.device):

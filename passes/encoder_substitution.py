@@ -164,10 +164,6 @@ def drop_context_embedder(dit: nn.Module) -> nn.Module:
     return new
 
 
-def _seeded(ctx: PassContext, offset: int) -> int:
-    return int(torch.randint(0, 2**62, (1,), generator=ctx.generator(offset)))
-
-
 @register
 class EncoderSubstitution(Pass):
     """Replace T5-XXL by a distilled T5 and a Context Adapter that takes over `context_embedder`."""
@@ -218,7 +214,7 @@ class EncoderSubstitution(Pass):
                                   int(dit_module.context_embedder.out_features))
         device = next(dit_module.parameters()).device
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seeded(ctx, 601))
+            torch.manual_seed(ctx.seed_for(601))
             with torch.device(device):
                 dt5 = DistilledT5(cfg.dt5, int(t5["d_model"]))
                 adapter = context_adapter(self.config.variant, dit_module.context_embedder)

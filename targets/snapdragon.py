@@ -362,24 +362,21 @@ def _sha256(path: Path) -> str:
 
 
 def _encodings(component: Component, tmp: Path, plan: GraphPlan) -> str | None:
-    """AIMET encodings recorded by the quantization pass (`attrs["encodings"]`: a path), copied beside
-    the graph. Encodings name the tensors of AIMET's own export, so they are attached, not remapped."""
-    src = component.attrs.get("encodings")
-    if not src and component.attrs.get("quantizers"):  # the quantization pass: every quantizer's encoding
-        q = Path(str(component.attrs["quantizers"]))
-        if not q.is_file():
-            raise LoweringError(f"component {component.name!r}: its quantizer encodings {q} do not exist; rerun the "
-                                "quantization pass")
-        dst = tmp / f"{plan.name}.quantizers.safetensors"
-        dst.write_bytes(q.read_bytes())
-        return dst.name
-    if not src:
+    """Quantization encodings copied beside the graph: `attrs["encodings"]` (an AIMET encodings file),
+    else `attrs["quantizers"]` (the quantization pass: every quantizer's encoding, safetensors).
+    Encodings name the tensors of AIMET's own export, so they are attached, not remapped."""
+    if component.attrs.get("encodings"):
+        src, suffix, what = component.attrs["encodings"], "encodings", "encodings file"
+        fix = "rerun the quantization pass or remove the `encodings` attr"
+    elif component.attrs.get("quantizers"):
+        src, suffix, what = component.attrs["quantizers"], "quantizers.safetensors", "quantizer encodings"
+        fix = "rerun the quantization pass"
+    else:
         return None
     src = Path(str(src))
     if not src.is_file():
-        raise LoweringError(f"component {component.name!r}: its encodings file {src} does not exist; rerun the "
-                            "quantization pass or remove the `encodings` attr")
-    dst = tmp / f"{plan.name}.encodings"
+        raise LoweringError(f"component {component.name!r}: its {what} {src} does not exist; {fix}")
+    dst = tmp / f"{plan.name}.{suffix}"
     dst.write_bytes(src.read_bytes())
     return dst.name
 

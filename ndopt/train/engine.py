@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ndopt.errors import NdoptError
-from ndopt.io import atomic_path, atomic_write_json, atomic_write_text
+from ndopt.io import atomic_path, atomic_write_json, atomic_write_text, jsonable
 from ndopt.progress import progress
 from ndopt.train import distributed as D
 from ndopt.train.data import Dataset, collate, sample_seed
@@ -221,7 +221,7 @@ class Trainer:
             optim = optimizer.state_dict()
         return {"step": step, "modules": modules, "optimizer": optim,
                 "scaler": scaler.state_dict() if scaler is not None else None, "ema": ema,
-                "history": history, "config": _jsonable(asdict(self.config)), "world": self._env.world}
+                "history": history, "config": jsonable(asdict(self.config)), "world": self._env.world}
 
     def save_checkpoint(self, state: dict[str, Any] | None) -> Path | None:
         if state is None:
@@ -415,11 +415,3 @@ def plot_history(path: Path, history: list[dict[str, float]], title: str) -> Pat
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
