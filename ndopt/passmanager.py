@@ -73,6 +73,10 @@ class PassContext:
     plan: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)  # a str from a script or notebook is fine
+        self.device = torch.device(self.device)
+
     def generator(self, offset: int = 0) -> torch.Generator:
         """A fresh generator seeded from the run's seed (and an offset for independent streams)."""
         g = torch.Generator(device="cpu")

@@ -1,8 +1,8 @@
 """aimet_quantization: structure, fired, numerics (fidelity budgets, ONNX vs sim), idempotence, errors, plan.
 
-The quantized pipelines are built once per module (W8A16 and W4A16, every component) on the tiny
-preset with a small calibration: one prompt, one latent frame, one step per pyramid stage, CFG
-batched. The assertions hold for random and for trained tiny weights (budgets, not exact values).
+The quantized pipelines are built once per module on the tiny preset (the trained tiny teacher):
+W8A16 for every component, W4A16-LPBQ for the text encoder and DiT, calibrated on eight of the
+teacher's training captions at 6-6-6 steps, one latent frame, CFG batched.
 """
 
 from __future__ import annotations
@@ -23,11 +23,22 @@ from ndopt.passmanager import PassContext, PassManager
 from passes.aimet_quantization import AimetQuantization
 from passes.aimet_sim import QuantizedComponent, onnx_matches_sim, record_calls
 
-CALIBRATION = {"prompts": ["a green triangle bouncing on a dark background"], "latent_frames": 1,
-               "steps": [1, 1, 1], "video_steps": [1, 1, 1]}
-EVAL_PROMPTS = ["a red circle moving left on a blue background"]
-W8_LATENT_PSNR_DB = 25.0  # budget: measured ~36 dB on random tiny weights
-W4_LATENT_PSNR_DB = 12.0  # W4A16 floor: measured ~25 dB; must stay below W8A16
+def _teacher_captions(n: int, seed: int) -> list[str]:
+    """Training captions of the tiny teacher's data (both backgrounds): what the pipeline is for."""
+    from ndopt.train.data import ProceduralVideos
+    from ndopt.train.teacher import load_config
+
+    return [ProceduralVideos(load_config().procedural(), seed=seed).scene(i)[0].caption for i in range(n)]
+
+
+# Calibration covers the evaluation: 8 in-distribution prompts at the prompt-following test's 6-6-6
+# steps (one latent frame). With one prompt and 1-1-1 steps the trained teacher's W8A16 pipeline kept
+# 3/16 of its prompts: activation ranges of light backgrounds and of late steps were never seen.
+CALIBRATION = {"prompts": _teacher_captions(8, seed=7), "latent_frames": 1, "steps": [6, 6, 6],
+               "video_steps": [1, 1, 1]}
+EVAL_PROMPTS = _teacher_captions(2, seed=11)
+W8_LATENT_PSNR_DB = 30.0  # budget: measured ~37-40 dB on the trained tiny teacher
+W4_LATENT_PSNR_DB = 15.0  # W4A16 floor; must stay below W8A16
 
 
 def _config(**kw):
@@ -61,8 +72,8 @@ def w8(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def w4(tiny, tmp_path_factory):
-    d = tmp_path_factory.mktemp("w4")  # the DiT only, outside the PassManager: W8A16 covers the rest
-    cfg = _config(precision="w4a16", components=["dit"], overrides=[{"pattern": "dit.proj_out", "weights": 16}])
+    d = tmp_path_factory.mktemp("w4")  # outside the PassManager; the decoder is W8A16's job (latents alike)
+    cfg = _config(precision="w4a16", components=["text_encoder", "dit"], overrides=[{"pattern": "dit.proj_out", "weights": 16}])
     res = AimetQuantization(cfg).run(_small(tiny), PassContext(run_dir=d))
     return res.pipeline, {"modified": res.modified, "metrics": res.metrics}, d
 
@@ -83,7 +94,7 @@ def test_fired_every_attention_op_quantized(tiny, w8):
     assert dit["quantized_ops"]["Softmax"] == blocks
     assert dit["quantized_ops"]["Linear"] >= 13 * blocks
     assert dit["unquantized_ops"]["matmul_softmax"] == {}  # the issue's bar: none left in the DiT
-    assert m["calibration"]["calls"]["dit"] == 3  # one per pyramid stage (batched CFG), one latent frame
+    assert m["calibration"]["calls"]["dit"] == 18  # 6-6-6 steps (batched CFG), one latent frame
     for name in m["components"]:
         c = final[name]
         assert isinstance(c.module, QuantizedComponent) and c.attrs["precision"] == "w8a16"
@@ -188,16 +199,13 @@ def test_plan_real_size_after_pruning_to_18_blocks(tmp_path):
 
 @pytest.mark.slow
 def test_w8a16_still_follows_prompts(tiny, w8):
-    """With the trained tiny teacher, W8A16 keeps (almost) the float pipeline's prompt-following rate."""
-    from ndopt.frontends.pyramid_flow.presets import bundled_weights
-    from ndopt.train.prompt_following import held_out_scenes, prompt_following
+    """The trained tiny teacher's held-out prompt-following test passes on the W8A16 pipeline, and
+    quantization costs at most two of its sixteen captions."""
+    from ndopt.train.prompt_following import PROMPT_FOLLOWING_BAR, teacher_prompt_following
 
-    if bundled_weights("pyramid-flow-tiny") is None:
-        pytest.skip("needs the trained tiny teacher (weights/pyramid-flow-tiny.safetensors)")
-    scenes = held_out_scenes(8)
-    float_rate = prompt_following(_small(tiny), scenes).rate
-    quant_rate = prompt_following(w8[0], scenes).rate
-    assert quant_rate >= float_rate - 0.125  # at most one of eight captions lost
+    float_rate = teacher_prompt_following(_small(tiny)).rate
+    quant = teacher_prompt_following(w8[0])
+    assert quant.rate >= PROMPT_FOLLOWING_BAR and quant.rate >= float_rate - 2 / 16, (float_rate, quant.to_json())
 
 
 def test_lowering_ships_float_graphs_with_the_quantizer_encodings(w8):

@@ -66,7 +66,7 @@ def test_call_list_constants(tiny, tmp_path):
     assert len(calls) == 90 and calls[0]["timestep"] == 1000.0 and calls[0]["dt"] == pytest.approx(-1 / 19 * 0.999)
     entering = [c for c in calls if c["renoise"] and c["unit"] == 0]
     assert [[round(x, 3) for x in c["renoise"]] for c in entering] == [[0.6, 0.693], [0.75, 0.434]]
-    assert {c["guidance_scale"] for c in calls if c["unit"] == 0} == {7.0}
+    assert {c["guidance_scale"] for c in calls if c["unit"] == 0} == {tiny.schedule.guidance.scale}
 
 
 def test_idempotent_and_schedule_change_rejected(tiny, tmp_path):

@@ -16,6 +16,7 @@ from golden import check_golden
 from pydantic import ValidationError
 
 from ndopt.errors import PassError
+from ndopt.frontends.pyramid_flow.presets import preset_specs
 from ndopt.passmanager import PassContext, PassManager
 from ndopt.train.data import Batch
 from ndopt.train.engine import TrainConfig, Trainer
@@ -57,7 +58,7 @@ def test_schedule_after_the_pass(tiny, distilled):
     folded = CfgFolding().run(final, PassContext(run_dir=distilled[2])).pipeline
     assert folded.schedule.guidance.mode == "none" and folded.schedule.dit_calls_per_video == 6
     # the input is untouched, the student is a new module
-    assert tiny.schedule.guidance.scale == 7.0 and [s.steps for s in tiny.schedule.stages] == [20, 20, 20]
+    assert tiny.schedule.guidance.scale == preset_specs()["pyramid-flow-tiny"].guidance_scale and [s.steps for s in tiny.schedule.stages] == [20, 20, 20]
     assert final["dit"].module is not tiny["dit"].module and not _same(_weights(final["dit"].module),
                                                                         _weights(tiny["dit"].module))
 

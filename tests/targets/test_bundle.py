@@ -24,7 +24,7 @@ def test_program_of_the_unfolded_sampler(tiny):
     steps = [op for op in prog if op["op"] == "denoise_step"]
     assert [(s["timestep"], s["sigma"], s["sigma_next"]) for s in steps] == [
         (c["timestep"], c["sigma"], c["sigma_next"]) for c in unroll(tiny)]
-    assert steps[0]["calls"][0]["prompt"] == "uncond" and steps[0]["guidance"]["scale"] == 7.0
+    assert steps[0]["calls"][0]["prompt"] == "uncond" and steps[0]["guidance"]["scale"] == tiny.schedule.guidance.scale
     assert steps[-1]["guidance"]["scale"] == 5.0
     starts = [op for op in prog if op["op"] == "stage_start" and op["stage"] == 1]
     alpha, beta = renoise_coefficients(tiny.schedule.stages[1], tiny.schedule.gamma)
