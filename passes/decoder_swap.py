@@ -69,17 +69,23 @@ class AsymmetricDecoderDistillation:
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     native_weight: float = 0.0  # also match the native decoder's output on the same latents
+    foreground_weight: float = 0.0  # extra weight on the shapes (ndopt.train.objectives.pixel_loss)
+    chroma_weight: float = 0.0  # extra weight on hue errors (pixel_loss)
+    latent_noise: float = 0.0  # latents perturbed by this times their std: tolerance of generated latents
     uses: tuple[str, ...] = ("vae_encoder", "decoder")
 
     def __call__(self, modules: Any, batch: Any, info: Any) -> Any:
-        from ndopt.train.objectives import LossOutput
+        from ndopt.train.objectives import LossOutput, pixel_loss
 
         video = batch.videos.float()
         with torch.no_grad():
             z = modules["vae_encoder"](video)
+            if self.latent_noise:
+                eps = torch.stack([torch.randn(z.shape[1:], generator=g) for g in batch.generators()]).to(z)
+                z = z + self.latent_noise * z.std(dim=(0, 2, 3, 4), keepdim=True) * eps
         rec = modules["decoder"](z).float()
-        mse = (rec - video).pow(2).mean()
-        loss = self.l1_weight * (rec - video).abs().mean() + self.mse_weight * mse
+        loss, mse = pixel_loss(rec, video, l1_weight=self.l1_weight, mse_weight=self.mse_weight,
+                               foreground_weight=self.foreground_weight, chroma_weight=self.chroma_weight)
         if self.native_weight:
             with torch.no_grad():
                 native = modules["native"](z).float()
@@ -108,6 +114,9 @@ class DecoderSwap(Pass):
         l1_weight: float = Field(1.0, ge=0)
         mse_weight: float = Field(1.0, ge=0)
         native_weight: float = Field(0.0, ge=0)
+        foreground_weight: float = Field(0.0, ge=0)  # the tiny teacher's VAE was trained with 8
+        chroma_weight: float = Field(0.0, ge=0)      # ... and 3 (ndopt/train/tiny_teacher.yaml)
+        latent_noise: float = Field(0.0, ge=0)       # ... and 0.05
         data: str | None = None  # a folder with captions.jsonl (FolderVideos); default: procedural videos
         frames: int = Field(9, ge=1)
         height: int = Field(64, ge=8)
@@ -188,6 +197,7 @@ def distill(config: Any, encoder: nn.Module, native: nn.Module, decoder: nn.Modu
         return {"steps": 0}
     frozen = {"vae_encoder": encoder, **({"native": native} if config.native_weight else {})}
     objective = AsymmetricDecoderDistillation(config.l1_weight, config.mse_weight, config.native_weight,
+                                              config.foreground_weight, config.chroma_weight, config.latent_noise,
                                               uses=tuple(["decoder", *frozen]))
     tc = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=ctx.seed,
                      lr_schedule="cosine", warmup_steps=min(20, config.steps // 10),

@@ -50,14 +50,15 @@ log = logging.getLogger("ndopt")
 
 # ---- data and objectives (ndopt.train's Objective protocol) ---------------------------------------
 class PromptCorpus:
-    """Captions only: lines of a prompt file, or the procedural dataset's captions (tiny vocabulary)."""
+    """Captions only: lines of a prompt file, or procedural captions (the wide vocabulary)."""
 
     def __init__(self, prompts: list[str] | None = None, *, seed: int = 0, held_out: bool = False,
                  length: int = 1 << 16) -> None:
-        from ndopt.train.data import ProceduralVideos
+        from ndopt.train.data import ProceduralConfig, ProceduralVideos
 
         self.prompts = prompts
-        self.procedural = None if prompts else ProceduralVideos(seed=seed, held_out=held_out, length=length)
+        self.procedural = None if prompts else ProceduralVideos(ProceduralConfig.wide(), seed=seed,
+                                                                held_out=held_out, length=length)
 
     def __len__(self) -> int:
         return len(self.prompts) if self.prompts else len(self.procedural)

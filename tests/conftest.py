@@ -17,6 +17,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each of the two workers gets one core: one intra-op thread per process
+    (and per subprocess it starts), else the workers' thread pools fight over the cores."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The bundled tiny Pyramid-Flow pipeline (shared: passes never mutate their input)."""

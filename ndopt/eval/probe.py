@@ -20,9 +20,9 @@ from ndopt.ir.pipeline import Pipeline
 
 log = logging.getLogger("ndopt")
 
-DEFAULT_PROMPTS = (
-    "a red circle moving left on a blue background",
-    "a yellow square moving up on a dark background",
+DEFAULT_PROMPTS = (  # the tiny teacher's backgrounds (dark, light); (yellow, square) is a held-out pair
+    "a red circle moving left on a dark background",
+    "a yellow square moving up on a light background",
 )
 
 

@@ -127,14 +127,30 @@ class ProceduralConfig:
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple", "white", "cyan", "pink")
     shapes: tuple[str, ...] = ("circle", "square", "triangle", "ring")
     directions: tuple[str, ...] = ("left", "right", "up", "down", "still")
-    backgrounds: tuple[str, ...] = ("dark", "light", "blue", "green", "gray", "brown")
-    sizes: tuple[str, ...] = ("", "small", "large")
+    # The defaults are the trained tiny teacher's distribution (ndopt/train/tiny_teacher.yaml), so the
+    # passes fine-tune and distill on what it learned; the vocabularies hold more (colour backgrounds,
+    # "small"; any palette colour as a background).
+    backgrounds: tuple[str, ...] = ("dark", "light")
+    sizes: tuple[str, ...] = ("", "large")
     held_out: tuple[tuple[str, str], ...] = (("red", "ring"), ("blue", "triangle"), ("yellow", "square"),
                                              ("green", "circle"), ("purple", "ring"), ("orange", "triangle"))
     frames: int = 9
     height: int = 64
     width: int = 64
     speed: tuple[float, float] = (1.4, 2.4)  # pixels per frame at 64 px, scaled with the width
+
+    @classmethod
+    def wide(cls) -> ProceduralConfig:
+        """The wider caption vocabulary (colour backgrounds, "small"): for text-only corpora, where
+        a distilled text encoder wants word variety more than the teacher's scenes (DT5 trained on the
+        teacher's narrow captions over-fits them: measured 16 dB vs 28.6 dB latent PSNR on the probe)."""
+        return cls(backgrounds=("dark", "light", "blue", "green", "gray", "brown"), sizes=("", "small", "large"))
+
+    def fingerprint(self) -> str:
+        """A short hash of every field (names caches of latents drawn from this distribution)."""
+        import hashlib
+
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:10]
 
     def __post_init__(self) -> None:
         for name, vocab in (("colours", PALETTE), ("shapes", SHAPES), ("directions", DIRECTIONS),

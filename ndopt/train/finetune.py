@@ -52,9 +52,9 @@ def training_latents(pipeline: Pipeline, data: DataSpec, cache_dir: Path) -> Lat
         raise PassError("fine-tuning on data needs the pipeline's vae_encoder to encode clips: run this pass "
                         "before dead_component_elimination (or keep vae_encoder there)")
     if data.source == "procedural":
-        ds = ProceduralVideos(ProceduralConfig(frames=data.frames, height=data.height, width=data.width),
-                              seed=data.seed + 7)
-        name = f"procedural{data.frames}x{data.height}x{data.width}s{data.seed}"
+        pc = ProceduralConfig(frames=data.frames, height=data.height, width=data.width)
+        ds = ProceduralVideos(pc, seed=data.seed + 7)
+        name = f"procedural-{pc.fingerprint()}-s{data.seed}"
     else:
         ds = FolderVideos(data.source, frames=data.frames, height=data.height, width=data.width)
         name = Path(data.source).name or "folder"

@@ -377,18 +377,29 @@ class VAEReconstruction:
         eps = torch.stack([torch.randn(z.shape[1:], generator=g) for g in batch.generators()]).to(z)
         scale = z.detach().std(dim=(0, 2, 3, 4), keepdim=True)
         rec = modules[self.decoder](z + self.latent_noise * scale * eps)
-        err = rec.float() - video.float()
-        mse, l1 = err.pow(2).mean(), err.abs().mean()
-        loss = mse + self.l1_weight * l1
-        if self.foreground_weight:  # small objects would otherwise lose to the background in a plain mean
-            w = self.foreground_weight * foreground_mask(video.float())
-            loss = loss + (w * (err.pow(2) + self.l1_weight * err.abs())).mean()
-        if self.chroma_weight:  # a tiny VAE learns brightness first and hue late; weigh the hue error up
-            chroma = err - err.mean(dim=1, keepdim=True)
-            w = 1.0 + (self.foreground_weight * foreground_mask(video.float()) if self.foreground_weight else 0.0)
-            loss = loss + self.chroma_weight * (w * (chroma.pow(2) + self.l1_weight * chroma.abs())).mean()
+        loss, mse = pixel_loss(rec, video, l1_weight=self.l1_weight, foreground_weight=self.foreground_weight,
+                               chroma_weight=self.chroma_weight)
         return LossOutput(loss, {"loss": float(loss.detach()), "mse": float(mse.detach()),
                                  "latent_std": float(scale.mean())})
+
+
+def pixel_loss(rec: Tensor, video: Tensor, *, l1_weight: float = 1.0, mse_weight: float = 1.0,
+               foreground_weight: float = 0.0, chroma_weight: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(loss, mse) of a decoded video against the target: MSE + L1, plus optional extra weight on the
+    foreground (pixels far from the frame's border colour) and on the error's chroma (its RGB minus
+    their mean). Small objects lose to the background in a plain mean, and a small decoder learns
+    brightness first and hue late: both weights make it learn the shape's colour."""
+    err = rec.float() - video.float()
+    mse, l1 = err.pow(2).mean(), err.abs().mean()
+    loss = mse_weight * mse + l1_weight * l1
+    fg = foreground_mask(video.float()) if foreground_weight else None
+    if fg is not None:
+        loss = loss + (foreground_weight * fg * (mse_weight * err.pow(2) + l1_weight * err.abs())).mean()
+    if chroma_weight:
+        chroma = err - err.mean(dim=1, keepdim=True)
+        w = 1.0 + (foreground_weight * fg if fg is not None else 0.0)
+        loss = loss + chroma_weight * (w * (mse_weight * chroma.pow(2) + l1_weight * chroma.abs())).mean()
+    return loss, mse
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ def prompt_following(pipeline: Pipeline, scenes: Sequence[SceneSpec], *, seed: i
     return PromptFollowing(hits / max(1, len(results)), len(results), tuple(results))
 
 
-def teacher_prompt_following(pipeline: Pipeline, n: int = 16, *, steps: tuple[int, int, int] | None | str = "eval",
+def teacher_prompt_following(pipeline: Pipeline, n: int = 16, *, steps: tuple[int, int, int] | str | None = "eval",
                              **kw) -> PromptFollowing:
     """The tiny teacher's own held-out check on any pipeline derived from it: the teacher recipe's data
     distribution (backgrounds, sizes), held-out scenes, evaluation steps and seed. `steps=None` keeps

@@ -23,6 +23,7 @@ from ndopt.passmanager import PassContext, PassManager
 from passes.aimet_quantization import AimetQuantization
 from passes.aimet_sim import QuantizedComponent, onnx_matches_sim, record_calls
 
+
 def _teacher_captions(n: int, seed: int) -> list[str]:
     """Training captions of the tiny teacher's data (both backgrounds): what the pipeline is for."""
     from ndopt.train.data import ProceduralVideos

@@ -185,3 +185,20 @@ def test_two_stage_finetune_runs_resumes_and_reports(tiny, tmp_path):
     again = BlockPruning(cfg).run(scored, PassContext(run_dir=tmp_path))
     a, b = res.pipeline["dit"].module.state_dict(), again.pipeline["dit"].module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_stage_finetune_recovers_the_trained_teacher(tiny, tmp_path):
+    """On the trained tiny teacher (6 -> 4 blocks, `keep: 16` of 24): latent PSNR vs the unpruned
+    pipeline after no fine-tune, stage 1 (distillation from the unpruned DiT) and stage 2 (flow
+    matching on data); both stages recover fidelity. Measured: 20.8 / 24.3 / 23.9 dB at 100 + 100 steps."""
+    cfg = {"keep": 16, "evaluate_latent_frames": 1, "evaluate_steps": [6, 6, 6], "data": {"clips": 256},
+           "stage1": {"steps": 100, "lr": 3e-4, "batch_size": 6, "checkpoint_every": 100},
+           "stage2": {"steps": 100, "lr": 1e-4, "batch_size": 6, "checkpoint_every": 100}}
+    scored = BlockImportance({}).run(tiny, PassContext(run_dir=tmp_path)).pipeline.replace(
+        facts_add=["block_importance"])
+    res = BlockPruning(cfg).run(scored, PassContext(run_dir=tmp_path))
+    fid = res.metrics["latent_psnr_vs_unpruned"]
+    assert fid["stage1"] > fid["no_finetune"] + 1.0, fid
+    assert fid["stage2"] > fid["no_finetune"] + 1.0, fid  # the issue's bar: stage 2 beats no fine-tune
+    assert len(res.pipeline["dit"].module.transformer_blocks) == 4

@@ -18,9 +18,9 @@ UNTRAINED = {"dt5_steps": 0, "adapter_steps": 0, "probe": False}
 # Budgets stated for the tiny preset (seeded, few steps): the student's context embeddings point
 # the teacher's way, and the generated latents (one frame, 4-4-4 steps) stay close to the teacher's
 # and far closer than a DiT that ignores the text (the "no text" floor, measured below).
-TRAINED = {"variant": "replace", "dt5_steps": 150, "adapter_steps": 150, "lr": 3e-3, "probe_steps": [4, 4, 4]}
+TRAINED = {"variant": "replace", "dt5_steps": 400, "adapter_steps": 400, "lr": 3e-3, "probe_steps": [4, 4, 4]}
 COSINE_BUDGET = 0.90
-LATENT_PSNR_BUDGET = 26.0
+LATENT_PSNR_BUDGET = 26.0  # the trained tiny teacher at CFG 10: measured 28.6 dB (23.2 after 150 + 150 steps)
 SEED_TE_CA = {"replace": 0.260e9, "extend": 0.266e9, "lora": 0.136e9, "trainable_dt5": 0.136e9}  # seed's table
 
 
@@ -72,10 +72,20 @@ def test_numerics_within_budget(tiny, trained):
     assert m["latent_psnr"] > floor + 2.0, (m["latent_psnr"], floor)
 
 
+@pytest.mark.slow
+def test_swapped_pipeline_still_follows_prompts(tiny, trained):
+    """The tiny teacher's held-out prompt-following test passes with DT5 + adapter as the text encoder."""
+    from ndopt.train.prompt_following import PROMPT_FOLLOWING_BAR, teacher_prompt_following
+
+    res, _ = trained
+    got = teacher_prompt_following(res.pipeline)
+    assert got.rate >= PROMPT_FOLLOWING_BAR, got.to_json()
+
+
 def test_training_resumes_from_its_checkpoints(tiny, trained):
     res, run_dir = trained
     again = _run(tiny, run_dir, **TRAINED)  # same config, same directory: loads the final checkpoints
-    assert again.metrics["dt5_resumed_from"] == again.metrics["adapter_resumed_from"] == 150
+    assert again.metrics["dt5_resumed_from"] == again.metrics["adapter_resumed_from"] == TRAINED["dt5_steps"]
     assert again.metrics["context_cosine"] == res.metrics["context_cosine"]
 
 
