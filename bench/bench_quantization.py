@@ -1,7 +1,7 @@
 """Benchmark: AIMET quantization of the tiny pipeline (time per component, fidelity, ONNX vs sim) and the
 plan of the real model's weight bytes per precision.
 
-    .venv/bin/python bench/bench_quantization.py [--prompts 2] [--steps 4] [--precisions w8a16,w4a16]
+    .venv/bin/python bench/bench_quantization.py [--prompts 8] [--steps 6] [--precisions w8a16,w4a16]
 
 Calibration samples the tiny preset (2 latent frames = 9 video frames at 64x64, CFG) with `--steps`
 per pyramid stage for the first frame and half as many for the second; fidelity is measured on
@@ -55,6 +55,11 @@ def quantize(precision: str, prompts: int, steps: int, out: Path) -> None:
     f = m["fidelity"]
     print(f"fidelity vs float (probe prompts): latent PSNR {f['latent_psnr']:.2f} dB, decoded PSNR "
           f"{f['pixel_psnr']:.2f} dB; pass total {total:.1f} s on {torch.get_num_threads()} thread(s)")
+    from ndopt.train.prompt_following import teacher_prompt_following
+
+    pf, pf_float = teacher_prompt_following(res.pipeline), teacher_prompt_following(pipe)
+    print(f"prompt following (tiny teacher's held-out test, 16 prompts): {pf.rate:.3f} quantized vs "
+          f"{pf_float.rate:.3f} float")
 
 
 def plan() -> None:
@@ -75,8 +80,8 @@ def plan() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--precisions", default="w8a16,w4a16")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (tiny tensors: 1 is fastest)")
     args = ap.parse_args()

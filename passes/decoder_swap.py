@@ -73,6 +73,8 @@ class AsymmetricDecoderDistillation:
     chroma_weight: float = 0.0  # extra weight on hue errors (pixel_loss)
     latent_noise: float = 0.0  # latents perturbed by this times their std: tolerance of generated latents
     uses: tuple[str, ...] = ("vae_encoder", "decoder")
+    bank: GeneratedBank | None = None  # the pipeline's own latents with the native decoder's decodes
+    generated_weight: float = 1.0
 
     def __call__(self, modules: Any, batch: Any, info: Any) -> Any:
         from ndopt.train.objectives import LossOutput, pixel_loss
@@ -90,8 +92,75 @@ class AsymmetricDecoderDistillation:
             with torch.no_grad():
                 native = modules["native"](z).float()
             loss = loss + self.native_weight * (rec - native).abs().mean()
-        return LossOutput(loss, {"loss": float(loss.detach()),
-                                 "psnr": 10 * math.log10(4.0 / max(float(mse.detach()), 1e-12))})
+        logs = {"psnr": 10 * math.log10(4.0 / max(float(mse.detach()), 1e-12))}
+        if self.bank is not None and self.generated_weight:
+            # one bank entry per sample, drawn from the sample's own seed (resume- and DDP-stable)
+            pick = torch.tensor([int(torch.randint(len(self.bank), (1,), generator=g)) for g in batch.generators()])
+            zg, target = self.bank.latents[pick].to(z), self.bank.targets[pick].to(z)
+            gen = modules["decoder"](zg).float()
+            gloss, gmse = pixel_loss(gen, target, l1_weight=self.l1_weight, mse_weight=self.mse_weight,
+                                     foreground_weight=self.foreground_weight, chroma_weight=self.chroma_weight)
+            loss = loss + self.generated_weight * gloss
+            logs["generated_psnr"] = 10 * math.log10(4.0 / max(float(gmse.detach()), 1e-12))
+        return LossOutput(loss, {"loss": float(loss.detach()), **logs})
+
+
+@dataclass(frozen=True)
+class GeneratedBank:
+    """Latents the pipeline samples itself (denormalised, as the decoder sees them) and the native
+    decoder's decodes of them: the distribution the decoder meets at inference. A DiT sampled with
+    strong guidance (the tiny teacher: CFG 10) writes latents several times wider than the encoder's
+    (std 13 vs 2.4), which a decoder that only learned the encoder's latents decodes washed out."""
+
+    latents: torch.Tensor  # [N, C, T, h, w]
+    targets: torch.Tensor  # [N, 3, F, H, W] in [-1, 1]
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+
+def generated_bank(pipeline: Pipeline, native: Any, config: Any, ctx: PassContext, path: Any
+                   ) -> tuple[GeneratedBank, GeneratedBank]:
+    """Sample `config.generated` one-latent-frame clips of training captions (and `config.eval_videos`
+    of held-out captions, for the figure) with the pipeline (its guidance, `config.generated_steps`),
+    decode them with the native decoder; (train, eval) banks, cached at `path`."""
+    from safetensors.torch import load_file, save_file
+
+    from ndopt.frontends.pyramid_flow.vae import denormalize_latents
+    from ndopt.io import atomic_path
+    from ndopt.progress import progress
+    from ndopt.train.data import ProceduralConfig, ProceduralVideos
+
+    if path.exists():
+        t = load_file(str(path))
+        return GeneratedBank(t["latents"], t["targets"]), GeneratedBank(t["eval_latents"], t["eval_targets"])
+    pc = ProceduralConfig(height=config.height, width=config.width)
+    train = ProceduralVideos(pc, seed=ctx.seed_for(702))
+    held = ProceduralVideos(pc, seed=ctx.seed_for(702), held_out=True)
+    captions = [train.scene(i)[0].caption for i in range(config.generated)]
+    captions += [held.scene(i)[0].caption for i in range(config.eval_videos)]
+    sch = pipeline.schedule.with_frames(1, config.height, config.width)
+    if config.generated_steps is not None:
+        sch = sch.with_steps(tuple(config.generated_steps))
+    pipe = pipeline.replace(schedule=sch)
+    g = torch.Generator().manual_seed(ctx.seed_for(703))
+    device = next(native.parameters()).device
+    zs, targets = [], []
+    with torch.no_grad(), progress("decoder_swap: sampling the pipeline's latents", len(captions)) as advance:
+        for start in range(0, len(captions), 16):
+            chunk = captions[start:start + 16]
+            z = denormalize_latents(pipe.sampler.sample(pipe, chunk, generator=g).float()).to(device)
+            zs.append(z.cpu())
+            targets.append(torch.cat([native(z[i:i + 1]).clamp(-1, 1).float() for i in range(len(z))]).cpu())
+            for _ in chunk:
+                advance()
+    z, t = torch.cat(zs), torch.cat(targets)
+    n = config.generated
+    tensors = {"latents": z[:n], "targets": t[:n], "eval_latents": z[n:], "eval_targets": t[n:]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    return GeneratedBank(z[:n], t[:n]), GeneratedBank(z[n:], t[n:])
 
 
 @register
@@ -117,6 +186,11 @@ class DecoderSwap(Pass):
         foreground_weight: float = Field(0.0, ge=0)  # the tiny teacher's VAE was trained with 8
         chroma_weight: float = Field(0.0, ge=0)      # ... and 3 (ndopt/train/tiny_teacher.yaml)
         latent_noise: float = Field(0.0, ge=0)       # ... and 0.05
+        # Also distil on latents the pipeline samples itself (native decodes as targets), so the new
+        # decoder meets the DiT's output distribution, not only the encoder's (GeneratedBank)
+        generated: int = Field(0, ge=0)              # how many one-frame clips to sample (0: none)
+        generated_steps: list[int] | None = None     # their sampling steps (None: the pipeline's)
+        generated_weight: float = Field(1.0, ge=0)
         data: str | None = None  # a folder with captions.jsonl (FolderVideos); default: procedural videos
         frames: int = Field(9, ge=1)
         height: int = Field(64, ge=8)
@@ -170,8 +244,11 @@ class DecoderSwap(Pass):
         work = ctx.pass_dir(int(ctx.options.get("pass_index", 0)), self.name) / f"train-{key.hexdigest()}"
         metrics = self._metrics(old, new)
         untrained = decoder_fidelity(self.config, encoder.module, old.module, new.module, ctx)["decoded_psnr"]
-        metrics.update(distill(self.config, encoder.module, old.module, new.module, ctx, work))
-        metrics.update(decoder_fidelity(self.config, encoder.module, old.module, new.module, ctx))
+        bank = held = None
+        if self.config.generated and self.config.steps:
+            bank, held = generated_bank(pipeline, old.module, self.config, ctx, work / "generated.safetensors")
+        metrics.update(distill(self.config, encoder.module, old.module, new.module, ctx, work, bank))
+        metrics.update(decoder_fidelity(self.config, encoder.module, old.module, new.module, ctx, held))
         metrics["decoded_psnr_untrained"] = untrained
         log.info("decoder_swap (%s): decoded PSNR %.2f dB (native %.2f dB), vs native %.2f dB",
                  self.config.decoder, metrics["decoded_psnr"], metrics["native_decoded_psnr"],
@@ -189,7 +266,7 @@ def _videos(config: Any, seed: int, held_out: bool = False) -> Any:
 
 
 def distill(config: Any, encoder: nn.Module, native: nn.Module, decoder: nn.Module, ctx: PassContext,
-            work: Any) -> dict[str, Any]:
+            work: Any, bank: GeneratedBank | None = None) -> dict[str, Any]:
     """Train `decoder` in place (resumable under `work`); returns the final loss and steps."""
     from ndopt.train import TrainConfig, Trainer
 
@@ -198,7 +275,8 @@ def distill(config: Any, encoder: nn.Module, native: nn.Module, decoder: nn.Modu
     frozen = {"vae_encoder": encoder, **({"native": native} if config.native_weight else {})}
     objective = AsymmetricDecoderDistillation(config.l1_weight, config.mse_weight, config.native_weight,
                                               config.foreground_weight, config.chroma_weight, config.latent_noise,
-                                              uses=tuple(["decoder", *frozen]))
+                                              uses=tuple(["decoder", *frozen]), bank=bank,
+                                              generated_weight=config.generated_weight)
     tc = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=ctx.seed,
                      lr_schedule="cosine", warmup_steps=min(20, config.steps // 10),
                      checkpoint_every=max(50, config.steps // 4), log_every=max(1, config.steps // 10))
@@ -211,13 +289,18 @@ def distill(config: Any, encoder: nn.Module, native: nn.Module, decoder: nn.Modu
 
 @torch.no_grad()
 def decoder_fidelity(config: Any, encoder: nn.Module, native: nn.Module, decoder: nn.Module,
-                     ctx: PassContext) -> dict[str, float]:
+                     ctx: PassContext, bank: GeneratedBank | None = None) -> dict[str, float]:
     """On held-out videos: PSNR of new and native decodes of the native encoder's latents vs the video
-    (the seed's "PSNR (Orig. Enc.)"), and of the new decode vs the native one."""
+    (the seed's "PSNR (Orig. Enc.)"), and of the new decode vs the native one; with a bank, also the
+    new decode of the pipeline's own latents of held-out captions vs their native decode."""
     data = _videos(config, ctx.seed + 1, held_out=config.data is None)
     device = next(decoder.parameters()).device
     video = torch.stack([data[i].video for i in range(min(config.eval_videos, len(data)))]).to(device)
     z = encoder(video)
     new, old = decoder(z).clamp(-1, 1), native(z).clamp(-1, 1)
-    return {"decoded_psnr": round(psnr(new, video, 2.0), 3), "native_decoded_psnr": round(psnr(old, video, 2.0), 3),
-            "psnr_vs_native": round(psnr(new, old, 2.0), 3)}
+    out = {"decoded_psnr": round(psnr(new, video, 2.0), 3), "native_decoded_psnr": round(psnr(old, video, 2.0), 3),
+           "psnr_vs_native": round(psnr(new, old, 2.0), 3)}
+    if bank is not None:
+        gen = torch.cat([decoder(z.to(device)) for z in bank.latents.split(1)]).clamp(-1, 1)
+        out["generated_psnr_vs_native"] = round(psnr(gen, bank.targets.to(device), 2.0), 3)
+    return out

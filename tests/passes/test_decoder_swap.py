@@ -84,6 +84,28 @@ def test_numerics_on_the_tiny_preset_and_resume(tiny, tmp_path):
     assert first.metrics["psnr_vs_native"] > 0
 
 
+def test_generated_latents_bank_is_sampled_once_and_trains(tiny, tmp_path):
+    """`generated`: the pipeline samples latents itself; the new decoder also learns the native decoder's
+    decodes of them, and is scored on held-out captions' latents. The bank is cached with the run."""
+    cfg = {**SHORT, "steps": 6, "frames": 1, "generated": 3, "generated_steps": [1, 1, 1], "eval_videos": 2,
+           "generated_weight": 2.0, "height": 64, "width": 64}
+    first = _run(tiny, tmp_path, **cfg)
+    banks = list(tmp_path.rglob("generated.safetensors"))
+    assert len(banks) == 1
+    from safetensors.torch import load_file
+
+    t = load_file(str(banks[0]))
+    assert t["latents"].shape == (3, 16, 1, 8, 8) and t["eval_latents"].shape[0] == 2
+    assert t["targets"].shape == (3, 3, 1, 64, 64) and float(t["targets"].abs().max()) <= 1.0
+    # the targets are the native decoder's decodes of the latents
+    assert torch.allclose(t["targets"][:1], tiny["vae_decoder"].module(t["latents"][:1]).clamp(-1, 1), atol=1e-5)
+    assert isinstance(first.metrics["generated_psnr_vs_native"], float)
+    stamp = banks[0].stat().st_mtime_ns
+    again = _run(tiny, tmp_path, **cfg)  # resumes: the bank is read back, not re-sampled
+    assert banks[0].stat().st_mtime_ns == stamp
+    assert again.metrics["generated_psnr_vs_native"] == first.metrics["generated_psnr_vs_native"]
+
+
 def test_idempotent(swapped, tmp_path):
     twice = _run(swapped.pipeline, tmp_path, steps=0)
     assert not twice.modified and twice.pipeline is swapped.pipeline
