@@ -181,6 +181,25 @@ def test_override_keeps_proj_out_at_16_bits(w4):
     assert int(state["inner.context_embedder.param_quantizers.weight._extra_state.qmax"]) == 7  # int4
 
 
+@pytest.mark.slow
+def test_w4_sequential_mse_searches_the_weight_encodings(tiny, tmp_path):
+    """`seq_mse`: AIMET's sequential MSE picks each layer's W4 weight scales by the layer's output error
+    on the recorded calls, instead of min/max. Measured on the teacher (DiT only, 8 prompts at 6-6-6):
+    latent PSNR 30.6 -> 31.5 dB. Here a short calibration: it ran, the scales moved, the floor holds."""
+    cal = {**CALIBRATION, "prompts": CALIBRATION["prompts"][:2], "steps": [1, 1, 1]}
+    scales = {}
+    for sm in (False, True):
+        cfg = _config(precision="w4a16", components=["dit"], seq_mse=sm, seq_mse_candidates=5, calibration=cal)
+        res = AimetQuantization(cfg).run(_small(tiny), PassContext(run_dir=tmp_path / str(sm)))
+        m = res.metrics["components"]["dit"]
+        assert bool(m.get("seq_mse")) == sm and res.metrics["fidelity"]["latent_psnr"] >= W4_LATENT_PSNR_DB
+        state = res.pipeline["dit"].module.quantizer_state
+        scales[sm] = {k: v for k, v in state.items() if k.endswith("param_quantizers.weight.max")}
+    assert scales[True].keys() == scales[False].keys() and scales[True]
+    moved = sum(not torch.equal(scales[True][k], scales[False][k]) for k in scales[True])
+    assert moved >= len(scales[True]) // 2, (moved, len(scales[True]))
+
+
 def test_plan_real_size_after_pruning_to_18_blocks(tmp_path):
     """Plan on pyramid-flow-sd3-768p with an 18-block DiT: weight bytes at W8 and W4, no sim built."""
     pipe = load_model("pyramid-flow-sd3-768p", meta=True)
