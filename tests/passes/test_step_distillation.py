@@ -235,14 +235,17 @@ def test_hybrid_mode_calls_match_neodragon(tmp_path):
 
 # ---- the trained tiny teacher -----------------------------------------------------------------
 @pytest.mark.slow
-def test_student_beats_the_undistilled_teacher(tmp_path):
+@pytest.mark.parametrize("k", [1, 4])
+def test_student_beats_the_undistilled_teacher(tmp_path, k):
+    """Seed: DMD 80.37 vs undistilled 75.82. Here latent PSNR vs the teacher's full schedule, one latent
+    frame; measured after 150 steps: 1-1-1 student 20.9 vs 16.0 dB, 4-4-4 21.0 vs 18.9 dB."""
     from ndopt.frontends import load_model
     from ndopt.frontends.pyramid_flow.presets import bundled_weights
 
     if bundled_weights("pyramid-flow-tiny") is None:
         pytest.skip("needs the trained tiny teacher (weights/pyramid-flow-tiny.safetensors)")
     teacher = load_model("pyramid-flow-tiny")
-    cfg = {"train": {"steps": 300, "batch_size": 6, "lr": 1e-4, "checkpoint_every": 100},
+    cfg = {"steps": [k, k, k], "train": {"steps": 150, "batch_size": 6, "lr": 1e-4, "checkpoint_every": 50},
            "data": {"clips": 256}, "evaluate_latent_frames": 1}
     res = StepDistillation(cfg).run(teacher, PassContext(run_dir=tmp_path))
     fid = res.metrics["latent_psnr_vs_teacher"]
