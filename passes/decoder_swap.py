@@ -7,7 +7,9 @@ decoders built from diffusers' VAEs, modified for Pyramid-Flow's latents (`wan`,
 latent space the DiT was trained on, stays; only the decoder changes. The new decoder learns to
 decode the native encoder's latents of videos back to those videos (pixel L1 + MSE, as the seed's
 "PSNR (Orig. Enc.)" column measures); optionally it also matches the native decoder's output
-(`native_weight`). No perceptual term: LPIPS needs downloaded VGG/AlexNet weights, which ndopt
+(`native_weight`), and, with `generated: N`, it also learns the native decoder's decodes of N
+latents the pipeline samples itself (`GeneratedBank`: guided DiT latents can lie far outside the
+encoder's range; on the tiny teacher at CFG 10, std 13 vs 2.4). No perceptual term: LPIPS needs downloaded VGG/AlexNet weights, which ndopt
 does not fetch, and no installed package ships one without them.
 
 Training needs the `vae_encoder`: run this pass before `dead_component_elimination`, or keep the
