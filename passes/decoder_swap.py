@@ -9,8 +9,8 @@ decode the native encoder's latents of videos back to those videos (pixel L1 + M
 "PSNR (Orig. Enc.)" column measures); optionally it also matches the native decoder's output
 (`native_weight`), and, with `generated: N`, it also learns the native decoder's decodes of N
 latents the pipeline samples itself (`GeneratedBank`: guided DiT latents can lie far outside the
-encoder's range; on the tiny teacher at CFG 10, std 13 vs 2.4). No perceptual term: LPIPS needs downloaded VGG/AlexNet weights, which ndopt
-does not fetch, and no installed package ships one without them.
+encoder's range; on the tiny teacher at CFG 10, std 13 vs 2.4). No perceptual term: LPIPS needs
+downloaded VGG/AlexNet weights, which ndopt does not fetch, and no installed package ships one without them.
 
 Training needs the `vae_encoder`: run this pass before `dead_component_elimination`, or keep the
 encoder there. Plan mode swaps the structure only. A decoder whose latent channels do not match
@@ -87,23 +87,25 @@ class AsymmetricDecoderDistillation:
             if self.latent_noise:
                 eps = torch.stack([torch.randn(z.shape[1:], generator=g) for g in batch.generators()]).to(z)
                 z = z + self.latent_noise * z.std(dim=(0, 2, 3, 4), keepdim=True) * eps
+        logs: dict[str, float] = {}
+
+        def loss_and_psnr(rec: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+            loss, mse = pixel_loss(rec, target, l1_weight=self.l1_weight, mse_weight=self.mse_weight,
+                                   foreground_weight=self.foreground_weight, chroma_weight=self.chroma_weight)
+            return loss, 10 * math.log10(4.0 / max(float(mse.detach()), 1e-12))
+
         rec = modules["decoder"](z).float()
-        loss, mse = pixel_loss(rec, video, l1_weight=self.l1_weight, mse_weight=self.mse_weight,
-                               foreground_weight=self.foreground_weight, chroma_weight=self.chroma_weight)
+        loss, logs["psnr"] = loss_and_psnr(rec, video)
         if self.native_weight:
             with torch.no_grad():
                 native = modules["native"](z).float()
             loss = loss + self.native_weight * (rec - native).abs().mean()
-        logs = {"psnr": 10 * math.log10(4.0 / max(float(mse.detach()), 1e-12))}
         if self.bank is not None and self.generated_weight:
             # one bank entry per sample, drawn from the sample's own seed (resume- and DDP-stable)
             pick = torch.tensor([int(torch.randint(len(self.bank), (1,), generator=g)) for g in batch.generators()])
             zg, target = self.bank.latents[pick].to(z), self.bank.targets[pick].to(z)
-            gen = modules["decoder"](zg).float()
-            gloss, gmse = pixel_loss(gen, target, l1_weight=self.l1_weight, mse_weight=self.mse_weight,
-                                     foreground_weight=self.foreground_weight, chroma_weight=self.chroma_weight)
+            gloss, logs["generated_psnr"] = loss_and_psnr(modules["decoder"](zg).float(), target)
             loss = loss + self.generated_weight * gloss
-            logs["generated_psnr"] = 10 * math.log10(4.0 / max(float(gmse.detach()), 1e-12))
         return LossOutput(loss, {"loss": float(loss.detach()), **logs})
 
 
@@ -121,11 +123,10 @@ class GeneratedBank:
         return int(self.latents.shape[0])
 
 
-def generated_bank(pipeline: Pipeline, native: Any, config: Any, ctx: PassContext, path: Any
-                   ) -> tuple[GeneratedBank, GeneratedBank]:
+def generated_bank(pipeline: Pipeline, config: Any, ctx: PassContext, path: Any) -> tuple[GeneratedBank, GeneratedBank]:
     """Sample `config.generated` one-latent-frame clips of training captions (and `config.eval_videos`
     of held-out captions, for the figure) with the pipeline (its guidance, `config.generated_steps`),
-    decode them with the native decoder; (train, eval) banks, cached at `path`."""
+    decode them with its (native) decoder; (train, eval) banks, cached at `path`."""
     from safetensors.torch import load_file, save_file
 
     from ndopt.frontends.pyramid_flow.vae import denormalize_latents
@@ -146,14 +147,13 @@ def generated_bank(pipeline: Pipeline, native: Any, config: Any, ctx: PassContex
         sch = sch.with_steps(tuple(config.generated_steps))
     pipe = pipeline.replace(schedule=sch)
     g = torch.Generator().manual_seed(ctx.seed_for(703))
-    device = next(native.parameters()).device
     zs, targets = [], []
     with torch.no_grad(), progress("decoder_swap: sampling the pipeline's latents", len(captions)) as advance:
         for start in range(0, len(captions), 16):
             chunk = captions[start:start + 16]
-            z = denormalize_latents(pipe.sampler.sample(pipe, chunk, generator=g).float()).to(device)
-            zs.append(z.cpu())
-            targets.append(torch.cat([native(z[i:i + 1]).clamp(-1, 1).float() for i in range(len(z))]).cpu())
+            latents = pipe.sampler.sample(pipe, chunk, generator=g)
+            zs.append(denormalize_latents(latents.float()).cpu())  # what the decoder is called with
+            targets.append(pipe.sampler.decode(pipe, latents).float().cpu())
             for _ in chunk:
                 advance()
     z, t = torch.cat(zs), torch.cat(targets)
@@ -248,7 +248,7 @@ class DecoderSwap(Pass):
         untrained = decoder_fidelity(self.config, encoder.module, old.module, new.module, ctx)["decoded_psnr"]
         bank = held = None
         if self.config.generated and self.config.steps:
-            bank, held = generated_bank(pipeline, old.module, self.config, ctx, work / "generated.safetensors")
+            bank, held = generated_bank(pipeline, self.config, ctx, work / "generated.safetensors")
         metrics.update(distill(self.config, encoder.module, old.module, new.module, ctx, work, bank))
         metrics.update(decoder_fidelity(self.config, encoder.module, old.module, new.module, ctx, held))
         metrics["decoded_psnr_untrained"] = untrained
@@ -303,6 +303,6 @@ def decoder_fidelity(config: Any, encoder: nn.Module, native: nn.Module, decoder
     out = {"decoded_psnr": round(psnr(new, video, 2.0), 3), "native_decoded_psnr": round(psnr(old, video, 2.0), 3),
            "psnr_vs_native": round(psnr(new, old, 2.0), 3)}
     if bank is not None:
-        gen = torch.cat([decoder(z.to(device)) for z in bank.latents.split(1)]).clamp(-1, 1)
+        gen = torch.cat([decoder(zg.to(device)) for zg in bank.latents.split(1)]).clamp(-1, 1)
         out["generated_psnr_vs_native"] = round(psnr(gen, bank.targets.to(device), 2.0), 3)
     return out
