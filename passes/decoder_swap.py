@@ -9,7 +9,7 @@ decode the native encoder's latents of videos back to those videos (pixel L1 + M
 "PSNR (Orig. Enc.)" column measures); optionally it also matches the native decoder's output
 (`native_weight`), and, with `generated: N`, it also learns the native decoder's decodes of N
 latents the pipeline samples itself (`GeneratedBank`: guided DiT latents can lie far outside the
-encoder's range; on the tiny teacher at CFG 10, std 13 vs 2.4). No perceptual term: LPIPS needs
+encoder's range; the tiny teacher's at CFG 5 have 2.6x the encoder's std, 6x at CFG 10). No perceptual term: LPIPS needs
 downloaded VGG/AlexNet weights, which ndopt does not fetch, and no installed package ships one without them.
 
 Training needs the `vae_encoder`: run this pass before `dead_component_elimination`, or keep the
@@ -113,8 +113,8 @@ class AsymmetricDecoderDistillation:
 class GeneratedBank:
     """Latents the pipeline samples itself (denormalised, as the decoder sees them) and the native
     decoder's decodes of them: the distribution the decoder meets at inference. A DiT sampled with
-    strong guidance (the tiny teacher: CFG 10) writes latents several times wider than the encoder's
-    (std 13 vs 2.4), which a decoder that only learned the encoder's latents decodes washed out."""
+    guidance writes latents wider than the encoder's (the tiny teacher: 2.6x its std at CFG 5, 6x at
+    CFG 10), which a decoder that only learned the encoder's latents decodes washed out."""
 
     latents: torch.Tensor  # [N, C, T, h, w]
     targets: torch.Tensor  # [N, 3, F, H, W] in [-1, 1]

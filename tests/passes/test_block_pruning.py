@@ -191,10 +191,11 @@ def test_two_stage_finetune_runs_resumes_and_reports(tiny, tmp_path):
 def test_two_stage_finetune_recovers_the_trained_teacher(tiny, tmp_path):
     """On the trained tiny teacher (6 -> 4 blocks, `keep: 16` of 24): latent PSNR vs the unpruned
     pipeline after no fine-tune, stage 1 (distillation from the unpruned DiT) and stage 2 (flow
-    matching on data); both stages recover fidelity. Measured: 20.8 / 24.3 / 23.9 dB at 100 + 100 steps."""
+    matching on data); both stages recover fidelity. Measured: 25.3 / 27.7 / 27.7 dB at 100 + 100 steps.
+    Stage 2 learns the data, not the teacher: at lr 1e-4 it drifts back to 25.6 dB."""
     cfg = {"keep": 16, "evaluate_latent_frames": 1, "evaluate_steps": [6, 6, 6], "data": {"clips": 256},
            "stage1": {"steps": 100, "lr": 3e-4, "batch_size": 6, "checkpoint_every": 100},
-           "stage2": {"steps": 100, "lr": 1e-4, "batch_size": 6, "checkpoint_every": 100}}
+           "stage2": {"steps": 100, "lr": 3e-5, "batch_size": 6, "checkpoint_every": 100}}
     scored = BlockImportance({}).run(tiny, PassContext(run_dir=tmp_path)).pipeline.replace(
         facts_add=["block_importance"])
     res = BlockPruning(cfg).run(scored, PassContext(run_dir=tmp_path))
