@@ -106,6 +106,21 @@ def test_generated_latents_bank_is_sampled_once_and_trains(tiny, tmp_path):
     assert again.metrics["generated_psnr_vs_native"] == first.metrics["generated_psnr_vs_native"]
 
 
+@pytest.mark.slow
+def test_swapped_decoder_still_follows_prompts(tiny, tmp_path):
+    """On the trained tiny teacher (CFG 5), 1000 steps of asymmetric distillation on one-frame clips:
+    the tiny decoder decodes the original encoder's latents as well as the native one (measured
+    19.8 vs 19.0 dB) and the teacher's held-out prompt-following test passes with it (measured 11/16;
+    the native decoder 13/16; after 300 steps the tiny decoder's hues are still off: 2/16)."""
+    from ndopt.train.prompt_following import PROMPT_FOLLOWING_BAR, teacher_prompt_following
+
+    res = _run(tiny, tmp_path, steps=1000, batch_size=8, frames=1, foreground_weight=8.0, chroma_weight=3.0)
+    m = res.metrics
+    assert m["decoded_psnr"] > m["native_decoded_psnr"] - 1.0, m
+    got = teacher_prompt_following(res.pipeline)
+    assert got.rate >= PROMPT_FOLLOWING_BAR, got.to_json()
+
+
 def test_idempotent(swapped, tmp_path):
     twice = _run(swapped.pipeline, tmp_path, steps=0)
     assert not twice.modified and twice.pipeline is swapped.pipeline
