@@ -48,6 +48,7 @@ from ndopt.frontends.pyramid_flow.dt5 import (
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.spec import Port, TensorSpec
 from ndopt.passmanager import Lossy, Pass, PassConfig, PassContext, PassResult, register
+from passes.cfg_folding import guidance_free
 
 log = logging.getLogger("ndopt")
 
@@ -348,8 +349,7 @@ def distill(config: Any, te: Any, dit: nn.Module, dt5: DistilledT5, adapter: nn.
 
 def negative_prompt(pipeline: Pipeline) -> str | None:
     """The prompt of the unconditional branch when the pipeline samples with guidance, else None."""
-    g = pipeline.schedule.guidance
-    if g.mode == "none" or max(g.scale, g.video_scale) == 1.0:
+    if pipeline.schedule.guidance.mode == "none" or guidance_free(pipeline):
         return None
     return getattr(pipeline.sampler, "negative_prompt", None)
 
