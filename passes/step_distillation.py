@@ -29,6 +29,14 @@ trains at the single level r = 1 (the stage's start point). The upstream Neodrag
 inference side only (`pyramid_scheduler.py`: the 1-1-1 student runs without CFG); no DMD training
 code is published, so the hyperparameters below that the seed does not give are ours.
 
+Beyond the seed (off by default): `ode_weight` adds DMD's paired regression (Yin et al. 2024 regress
+the student onto the teacher's ODE output from the same noise). Here, at each student input, the
+frozen guided teacher integrates on its own schedule's grid to the student's next level, and the
+student's one Euler move is pulled onto that point with the same Cauchy form (`PyramidalDMD.ode_target`).
+The seed's terms match distributions, not trajectories; this term makes the k-step student follow the
+teacher's full-schedule trajectory from the same noise, which is what the latent-PSNR figure measures.
+It costs the teacher's full-schedule calls (with CFG) per student update.
+
 The result: the student DiT, the Schedule with the new steps and guidance scales 1.0, and the fact
 `guidance_free`, so `cfg_folding` afterwards drops the unconditional branch. `plan()` applies the
 schedule only. Metrics: latent PSNR of the student at the new schedule and of the undistilled
@@ -139,6 +147,7 @@ class PyramidalDMD:
     prompt_suffix: str = ""
     cauchy_weight: float = CAUCHY_WEIGHT
     student_every: int = STUDENT_EVERY
+    ode_weight: float = 0.0
     corrupt_ratio: float = 1 / 3  # upstream: history noise level ~ U(0, 1/3)
     uses: tuple[str, ...] = ("student", "fake", "teacher", "text_encoder")
 
@@ -196,12 +205,49 @@ class PyramidalDMD:
             dmd = 0.5 * (z_theta - (z_theta - grad).detach()).pow(2).flatten(1).mean(1)
             lo, hi = (0, 1) if inp.unit == 0 else (1 + (inp.unit - 1) * fpu, 1 + inp.unit * fpu)
             cauchy = cauchy_loss(z_theta, pyramid[s][rows, :, lo:hi].float())
-            losses.append(dmd + self.cauchy_weight * cauchy)
+            loss = dmd + self.cauchy_weight * cauchy
+            if self.ode_weight:  # DMD's paired regression on the teacher's guided ODE (see ode_target)
+                nxt = torch.tensor([(levels + [0.0])[i + 1] for i in pick], dtype=torch.float32)
+                with torch.no_grad():
+                    target = self.ode_target(call, z_sigma, r_t, nxt, stage, cond, uncond, inp.unit,
+                                             stage.steps if inp.unit == 0 else stage.video_steps)
+                ode = cauchy_loss(z_theta, target)
+                loss = loss + self.ode_weight * ode
+                metrics[f"loss_ode_stage{s}"] = float(ode.detach().mean())
+            losses.append(loss)
             metrics[f"loss_dmd_stage{s}"] = float(dmd.detach().mean())
             metrics[f"loss_cauchy_stage{s}"] = float(cauchy.detach().mean())
         loss = torch.cat(losses).mean()
         key = "loss_student" if student_turn else "loss_fake"
         return LossOutput(loss, {"loss": float(loss.detach()), key: float(loss.detach()), **metrics})
+
+    def ode_target(self, call: Any, z: Tensor, ratio: Tensor, next_ratio: Tensor, stage: Stage, cond: tuple,
+                   uncond: tuple, unit: int, teacher_steps: int) -> Tensor:
+        """The clean latent z*_theta whose one-step Euler move lands where the teacher's guided ODE does.
+
+        Per row, the frozen teacher (with CFG, at the sampler's scale) integrates z from the row's local
+        level r to the student's next level r' with Euler steps on its own schedule's grid
+        (`teacher_steps` per stage: the sampler's local sigmas inside (r', r), plus r and r' themselves;
+        a 1-step student at r = 1 therefore gets exactly the teacher's full stage solve). The student
+        velocity that lands on the same point is v* = (z - z_teacher(r')) / (r - r'), and
+        z*_theta = z - sigma / (s_start - s_end) v*, the quantity the student predicts; the loss is the
+        seed's Cauchy form (MSE measured worse: 26.5 vs 27.1 dB at 4-4-4 after 150 steps)."""
+        shape = (-1, *[1] * (z.dim() - 1))
+        grid = stage_local_sigmas(teacher_steps)
+        paths = []
+        for r0, r1 in zip(ratio.tolist(), next_ratio.tolist()):
+            paths.append([r0, *[g for g in grid if r1 < g < r0], r1])
+        n = max(len(q) for q in paths)
+        paths = torch.tensor([q + [q[-1]] * (n - len(q)) for q in paths], dtype=torch.float64)  # pad: dt = 0
+        moved = torch.zeros_like(z, dtype=torch.float32)  # x - z, summed apart from z (no cancellation)
+        for m in range(n - 1):
+            r0, r1 = paths[:, m], paths[:, m + 1]
+            _, t = stage_grid(stage, (1 - r0) * TRAIN_STEPS)
+            v = self._real_score(call, (z.float() + moved).to(z.dtype), t, cond, uncond, unit)
+            moved = moved + (r1 - r0).to(moved).view(shape) * v
+        v_star = -moved / (ratio - next_ratio).to(moved).view(shape)
+        sigma = global_sigma(stage, ratio).to(moved).view(shape)
+        return z.float() - sigma / (stage.sigma_start - stage.sigma_end) * v_star
 
     def _real_score(self, call: Any, z: Tensor, t: Tensor, cond: tuple, uncond: tuple, unit: int) -> Tensor:
         """The teacher's guided velocity: D_u + g (D_c - D_u) at the sampler's scale for this frame."""
@@ -228,6 +274,7 @@ class DMDTraining(PassConfig):
     grad_clip: float | None = 1.0
     student_every: int = Field(STUDENT_EVERY, ge=2)
     cauchy_weight: float = Field(CAUCHY_WEIGHT, ge=0)
+    ode_weight: float = Field(0.0, ge=0)  # DMD (Yin et al. 2024)'s paired regression on the teacher's ODE
     checkpoint_every: int = 100
 
 
@@ -247,6 +294,7 @@ class StepDistillation(Pass):
         data: DataConfig = Field(default_factory=DataConfig)
         evaluate: bool = True  # latent PSNR vs the teacher's full schedule, student and undistilled
         evaluate_latent_frames: int = Field(2, ge=1)  # the recipe probe's default
+        evaluate_seeds: int = Field(1, ge=1)  # noise draws of the probe's prompts (the figure is their mean)
         reference_steps: list[int] | None = None  # the teacher's schedule to compare with; None: its own
 
         @field_validator("steps", "video_steps", "reference_steps")
@@ -306,7 +354,8 @@ class StepDistillation(Pass):
             metrics[f"{key}_curve"] = [round(x, 6) for x in result.loss_curve(key)]
         artifacts: dict[str, Path] = {"loss_plot": d / "dmd" / "loss.png", "train_metrics": d / "dmd" / "metrics.json"}
         if self.config.evaluate:
-            fid = evaluate(pipeline, out, self.config.evaluate_latent_frames, self.config.reference_steps)
+            fid = evaluate(pipeline, out, self.config.evaluate_latent_frames, self.config.reference_steps,
+                           self.config.evaluate_seeds)
             metrics["latent_psnr_vs_teacher"] = fid
             log.info("step_distillation: latent PSNR vs the teacher's full schedule: student %.2f dB, "
                      "undistilled teacher at the same steps %.2f dB", fid["student"], fid["undistilled"])
@@ -330,7 +379,8 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
     t = cfg.train
     objective = PyramidalDMD(pipeline.schedule, tuple(s.steps for s in target.stages),
                              tuple(s.video_steps for s in target.stages), negative_prompt=negative,
-                             prompt_suffix=suffix, cauchy_weight=t.cauchy_weight, student_every=t.student_every)
+                             prompt_suffix=suffix, cauchy_weight=t.cauchy_weight, student_every=t.student_every,
+                             ode_weight=t.ode_weight)
     config = TrainConfig(steps=t.steps, lr=t.lr, batch_size=t.batch_size, seed=ctx.seed,
                          lr_multipliers={"fake": t.fake_lr_multiplier}, warmup_steps=t.warmup_steps,
                          lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, checkpoint_every=t.checkpoint_every,
@@ -341,21 +391,29 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
     return student.eval().requires_grad_(False), result
 
 
-def evaluate(teacher: Pipeline, student: Pipeline, latent_frames: int, reference_steps: list[int] | None
-             ) -> dict[str, float]:
+def evaluate(teacher: Pipeline, student: Pipeline, latent_frames: int, reference_steps: list[int] | None,
+             seeds: int = 1) -> dict[str, float]:
     """Latent PSNR vs the teacher's full schedule (same prompts, seeds, noise): the student, and the
-    undistilled teacher sampled with the student's steps and its own CFG (the seed's "Undistilled")."""
+    undistilled teacher sampled with the student's steps and its own CFG (the seed's "Undistilled").
+
+    The probe's prompts with `seeds` noise draws (probe seeds 0..seeds-1); the figure is the mean of
+    the per-draw PSNRs, and the spread (min) is reported beside it."""
     from ndopt.eval.probe import FidelityProbe, ProbeSettings
 
-    probe = FidelityProbe(ProbeSettings(latent_frames=latent_frames))
     sch = teacher.schedule
     if reference_steps is not None:
         sch = sch.with_steps(tuple(reference_steps))
-    ref = probe.outputs(teacher.replace(schedule=sch))
     few = student.schedule
     undistilled = teacher.replace(schedule=sch.with_steps(tuple(s.steps for s in few.stages),
                                                           tuple(s.video_steps for s in few.stages)))
     fast = student.replace(schedule=few.with_guidance("none"))  # scale 1: the same numbers, half the calls
-    out = {"student": probe.compare(probe.outputs(fast), ref)["latent_psnr"],
-           "undistilled": probe.compare(probe.outputs(undistilled), ref)["latent_psnr"]}
-    return {k: round(v, 3) for k, v in out.items()}
+    runs: dict[str, list[float]] = {"student": [], "undistilled": []}
+    for seed in range(seeds):
+        probe = FidelityProbe(ProbeSettings(latent_frames=latent_frames, seed=seed))
+        ref = probe.outputs(teacher.replace(schedule=sch))
+        runs["student"].append(probe.compare(probe.outputs(fast), ref)["latent_psnr"])
+        runs["undistilled"].append(probe.compare(probe.outputs(undistilled), ref)["latent_psnr"])
+    out = {k: round(sum(v) / len(v), 3) for k, v in runs.items()}
+    if seeds > 1:
+        out.update({f"{k}_min": round(min(v), 3) for k, v in runs.items()})
+    return out

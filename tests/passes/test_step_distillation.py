@@ -156,6 +156,89 @@ def test_student_step_gradients_reach_only_the_student(tiny):
             mods[n].zero_grad(set_to_none=True)
 
 
+# ---- the objective: regression on the teacher's ODE ----------------------------------------------
+def test_ode_target_algebra_with_a_constant_velocity(tiny):
+    """Under a constant guided velocity v0 every Euler path gives v* = v0, so z*_theta = z - sigma/D v0."""
+    from passes.step_distillation import global_sigma
+
+    stage = tiny.schedule.stages[1]
+    z = torch.randn(3, 16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    v0 = torch.randn_like(z)
+    calls = []
+
+    def call(name, sample, t, c):
+        calls.append((name, t.clone()))
+        return v0 + 0 * sample
+
+    r, r_next = torch.tensor([1.0, 0.667, 0.001]), torch.tensor([0.667, 0.334, 0.0])
+    cond = uncond = (torch.zeros(3, 2, 8),) * 3
+    got = _objective(tiny).ode_target(call, z, r, r_next, stage, cond, uncond, 0, teacher_steps=20)
+    sigma = global_sigma(stage, r).view(-1, 1, 1, 1, 1)
+    assert torch.allclose(got, z - sigma / (stage.sigma_start - stage.sigma_end) * v0, atol=1e-5)
+    # the teacher runs with CFG (conditional and unconditional calls) on its own 20-step grid:
+    # 7 grid points inside (0.667, 1] after 1.0 -> 7 substeps for the longest path
+    assert {n for n, _ in calls} == {"teacher"} and len(calls) == 2 * 7
+
+
+def test_ode_target_of_a_one_step_stage_is_the_teachers_stage_solve(tiny):
+    """k = 1 at r = 1: the student's one Euler move must land where the sampler's own 20-step guided
+    solve of the stage does (the sampler's timesteps and sigmas, written out independently here)."""
+    from ndopt.frontends.pyramid_flow.schedule import stage_local_sigmas, stage_timesteps
+    from passes.step_distillation import global_sigma
+
+    sch, dit, smp = tiny.schedule, tiny["dit"].module, tiny.sampler
+    stage, scale, n = sch.stages[0], sch.guidance.scale, sch.stages[0].steps
+    emb, mask, pooled, nemb, nmask, npooled = smp.encode_prompts(tiny, ["a red circle", "a blue ring"])
+    cond, uncond = (emb, mask, pooled), (nemb, nmask, npooled)
+    z = torch.randn(2, 16, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+
+    def dit_call(sample, t, c):
+        with torch.no_grad():
+            return dit(sample=[sample], encoder_hidden_states=c[0], encoder_attention_mask=c[1],
+                       pooled_projections=c[2], timestep_ratio=t).float()
+
+    ref, sig = z.clone(), stage_local_sigmas(n)
+    for i, t in enumerate(stage_timesteps(stage, n)):
+        tt = torch.full((2,), t)
+        v_u, v_c = dit_call(ref, tt, uncond), dit_call(ref, tt, cond)
+        ref = ref + (sig[i + 1] - sig[i]) * (v_u + scale * (v_c - v_u))
+
+    r, r_next = torch.ones(2), torch.zeros(2)
+    target = _objective(tiny).ode_target(lambda name, sample, t, c: dit_call(sample, t, c), z, r, r_next, stage,
+                                         cond, uncond, 0, teacher_steps=n)
+    v_star = (z - target) * (stage.sigma_start - stage.sigma_end) / global_sigma(stage, r).view(-1, 1, 1, 1, 1)
+    landed = z - (r - r_next).view(-1, 1, 1, 1, 1) * v_star
+    assert torch.allclose(landed, ref, rtol=1e-4, atol=1e-4), (landed - ref).abs().max()
+
+
+def test_ode_weight_adds_a_regression_term(tiny):
+    import copy
+
+    mods = {"student": copy.deepcopy(tiny["dit"].module), "fake": copy.deepcopy(tiny["dit"].module),
+            "teacher": tiny["dit"].module, "text_encoder": PromptEncoder(tiny["text_encoder"].module, 16)}
+
+    class M(dict):
+        def raw(self, n):
+            return self[n]
+
+    plain = _objective(tiny)(M(mods), _batch(), StepInfo(2))
+    with_ode = replace(_objective(tiny), ode_weight=1.0)(M(mods), _batch(), StepInfo(2))
+    odes = {k: v for k, v in with_ode.metrics.items() if k.startswith("loss_ode")}
+    assert odes and all(v > 0 for v in odes.values()) and not any(k.startswith("loss_ode") for k in plain.metrics)
+    assert with_ode.metrics["loss"] > plain.metrics["loss"]
+
+
+def test_evaluation_over_several_noise_draws(tiny, distilled):
+    from passes.step_distillation import evaluate
+
+    one = evaluate(tiny, distilled[0], 1, None)
+    two = evaluate(tiny, distilled[0], 1, None, seeds=2)
+    assert set(one) == {"student", "undistilled"} and one == distilled[1]["metrics"]["latent_psnr_vs_teacher"]
+    for k in ("student", "undistilled"):  # draw 0 is the one-draw figure; the mean lies above the worst draw
+        assert two[f"{k}_min"] <= two[k] and min(one[k], two[f"{k}_min"]) == two[f"{k}_min"]
+        assert two[k] != one[k]  # a second draw changes the figure
+
+
 # ---- resume -----------------------------------------------------------------------------------
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, distilled, tmp_path, monkeypatch):
     cfg = {**CONFIG, "evaluate": False}
@@ -238,9 +321,11 @@ def test_hybrid_mode_calls_match_neodragon(tmp_path):
 @pytest.mark.parametrize("k", [1])  # 4-4-4: not met on the CFG-5 teacher (docstring), an open part of the issue
 def test_student_beats_the_undistilled_teacher(tmp_path, k):
     """Seed: DMD 80.37 vs undistilled 75.82. Here latent PSNR vs the teacher's full schedule, one latent
-    frame, 150 steps. Measured on the tiny teacher (CFG 5): 1-1-1 student 24.2 vs undistilled 20.4 dB
-    (300 steps: 24.4). 4-4-4 is not met: the undistilled 4-4-4 sampler is already 28.7 dB from the
-    full schedule, and the student reaches 25.2 dB after 150 steps, 25.7 dB after 300."""
+    frame, the probe's prompts under 4 noise draws, 150 steps. Measured on the tiny teacher (CFG 5):
+    1-1-1 student 24.3 dB (worst draw 23.3) vs undistilled 21.3 dB; with `ode_weight` 1, 25.4 (24.6).
+    4-4-4 is not met: the undistilled 4-4-4 sampler is 28.7 dB from the full schedule (one draw); the
+    seed's DMD reaches 25.2 dB after 150 steps, 25.5 after 2000; with `ode_weight` 1, cauchy 0 and lr
+    3e-4, 28.5 after 500 steps and 28.0 after 1000 (see the issue's closing notes)."""
     from ndopt.frontends import load_model
     from ndopt.frontends.pyramid_flow.presets import bundled_weights
 
@@ -248,7 +333,7 @@ def test_student_beats_the_undistilled_teacher(tmp_path, k):
         pytest.skip("needs the trained tiny teacher (weights/pyramid-flow-tiny.safetensors)")
     teacher = load_model("pyramid-flow-tiny")
     cfg = {"steps": [k, k, k], "train": {"steps": 150, "batch_size": 6, "lr": 1e-4, "checkpoint_every": 50},
-           "data": {"clips": 256}, "evaluate_latent_frames": 1}
+           "data": {"clips": 256}, "evaluate_latent_frames": 1, "evaluate_seeds": 4}
     res = StepDistillation(cfg).run(teacher, PassContext(run_dir=tmp_path))
     fid = res.metrics["latent_psnr_vs_teacher"]
-    assert fid["student"] > fid["undistilled"], fid
+    assert fid["student"] > fid["undistilled"] and fid["student_min"] > fid["undistilled"], fid
