@@ -207,7 +207,7 @@ class PyramidalDMD:
             cauchy = cauchy_loss(z_theta, pyramid[s][rows, :, lo:hi].float())
             loss = dmd + self.cauchy_weight * cauchy
             if self.ode_weight:  # DMD's paired regression on the teacher's guided ODE (see ode_target)
-                nxt = torch.tensor([(levels + [0.0])[i + 1] for i in pick], dtype=torch.float32)
+                nxt = torch.tensor([[*levels, 0.0][i + 1] for i in pick], dtype=torch.float32)  # the sampler's
                 with torch.no_grad():
                     target = self.ode_target(call, z_sigma, r_t, nxt, stage, cond, uncond, inp.unit,
                                              stage.steps if inp.unit == 0 else stage.video_steps)
