@@ -364,13 +364,15 @@ def context_fidelity(config: Any, te: Any, dit: nn.Module, dt5: DistilledT5, ada
     obj = ContextMatching(te.tokenizers.tokenizer_3, te.config.max_sequence_length)
     teacher = T5Sequence(te.text_encoder_3, dit.context_embedder)
     device = next(dt5.parameters()).device
-    ids, mask = obj.tokens(captions, device)
-    _, m = context_loss(adapter(dt5(ids, mask)), teacher(ids, mask), mask, 1.0, 1.0)
+
+    def score(texts: list[str]) -> dict[str, float]:
+        ids, mask = obj.tokens(texts, device)
+        return context_loss(adapter(dt5(ids, mask)), teacher(ids, mask), mask, 1.0, 1.0)[1]
+
+    m = score(captions)
     out = {"context_cosine": round(m["cosine"], 6), "context_rel_mse": round(m["rel_mse"], 6)}
     if negative is not None:
-        ids, mask = obj.tokens([negative], device)
-        _, m = context_loss(adapter(dt5(ids, mask)), teacher(ids, mask), mask, 1.0, 1.0)
-        out["negative_context_cosine"] = round(m["cosine"], 6)
+        out["negative_context_cosine"] = round(score([negative])["cosine"], 6)
     return out
 
 

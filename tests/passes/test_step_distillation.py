@@ -134,19 +134,24 @@ def test_alternation_one_student_update_per_two_fake_updates(tiny, tmp_path):
     assert _same(_weights(teacher), t0)
 
 
+class _Modules(dict):
+    """The objective's TrainModules: student and fake as trainable copies of the teacher."""
+
+    def __init__(self, tiny) -> None:
+        import copy
+
+        super().__init__(student=copy.deepcopy(tiny["dit"].module).requires_grad_(True),
+                         fake=copy.deepcopy(tiny["dit"].module).requires_grad_(True), teacher=tiny["dit"].module,
+                         text_encoder=PromptEncoder(tiny["text_encoder"].module, 16))
+
+    def raw(self, n):
+        return self[n]
+
+
 def test_student_step_gradients_reach_only_the_student(tiny):
-    import copy
-
-    mods = {"student": copy.deepcopy(tiny["dit"].module).requires_grad_(True),
-            "fake": copy.deepcopy(tiny["dit"].module).requires_grad_(True),
-            "teacher": tiny["dit"].module, "text_encoder": PromptEncoder(tiny["text_encoder"].module, 16)}
-
-    class M(dict):
-        def raw(self, n):
-            return self[n]
-
+    mods = _Modules(tiny)
     for step, learner in ((0, "fake"), (2, "student")):
-        out = _objective(tiny)(M(mods), _batch(), StepInfo(step))
+        out = _objective(tiny)(mods, _batch(), StepInfo(step))
         out.loss.backward()
         grads = {n: any(p.grad is not None for p in mods[n].parameters()) for n in ("student", "fake")}
         assert grads == {"student": learner == "student", "fake": learner == "fake"}
@@ -212,17 +217,9 @@ def test_ode_target_of_a_one_step_stage_is_the_teachers_stage_solve(tiny):
 
 
 def test_ode_weight_adds_a_regression_term(tiny):
-    import copy
-
-    mods = {"student": copy.deepcopy(tiny["dit"].module), "fake": copy.deepcopy(tiny["dit"].module),
-            "teacher": tiny["dit"].module, "text_encoder": PromptEncoder(tiny["text_encoder"].module, 16)}
-
-    class M(dict):
-        def raw(self, n):
-            return self[n]
-
-    plain = _objective(tiny)(M(mods), _batch(), StepInfo(2))
-    with_ode = replace(_objective(tiny), ode_weight=1.0)(M(mods), _batch(), StepInfo(2))
+    mods = _Modules(tiny)
+    plain = _objective(tiny)(mods, _batch(), StepInfo(2))
+    with_ode = replace(_objective(tiny), ode_weight=1.0)(mods, _batch(), StepInfo(2))
     odes = {k: v for k, v in with_ode.metrics.items() if k.startswith("loss_ode")}
     assert odes and all(v > 0 for v in odes.values()) and not any(k.startswith("loss_ode") for k in plain.metrics)
     assert with_ode.metrics["loss"] > plain.metrics["loss"]
