@@ -47,6 +47,7 @@ schedule (same prompts, seeds and noise), DiT calls per video before and after, 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,17 +58,18 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ndopt.errors import PassError
-from ndopt.frontends.pyramid_flow.sampler import folded_time
+from ndopt.frontends.pyramid_flow.sampler import VAE_SPATIAL, folded_time
 from ndopt.frontends.pyramid_flow.schedule import stage_local_sigmas
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.schedule import Schedule, Stage
 from ndopt.passmanager import Lossy, Pass, PassConfig, PassContext, PassResult, register
-from ndopt.train.data import Batch
+from ndopt.train.data import Batch, Example
 from ndopt.train.objectives import (
     TRAIN_STEPS,
     LossOutput,
     StepInfo,
     TrainModules,
+    dit_kwargs,
     encode_prompts,
     latent_pyramid,
     pyramid_flow_inputs,
@@ -117,7 +119,7 @@ def stage_endpoints(z_theta: Tensor, eps: Tensor, stage: Stage, first_stage: boo
     return y_start, y_end
 
 
-def dmd_weight(real: Tensor, flow: Tensor) -> Tensor:
+def sample_weight(real: Tensor, flow: Tensor) -> Tensor:
     """The sample-specific weight 1 / mean |D(z_tau) - (y_start - y_end)| (seed; Yin et al. 2024)."""
     return 1.0 / (real - flow).abs().flatten(1).mean(1).clamp(min=1e-6).view(-1, *[1] * (real.dim() - 1))
 
@@ -147,6 +149,7 @@ class PyramidalDMD:
     prompt_suffix: str = ""
     cauchy_weight: float = CAUCHY_WEIGHT
     student_every: int = STUDENT_EVERY
+    dmd_weight: float = 1.0
     ode_weight: float = 0.0
     corrupt_ratio: float = 1 / 3  # upstream: history noise level ~ U(0, 1/3)
     uses: tuple[str, ...] = ("student", "fake", "teacher", "text_encoder")
@@ -201,11 +204,11 @@ class PyramidalDMD:
             with torch.no_grad():
                 fake = call("fake", z_tau, t_tau, cond)
                 real = self._real_score(call, z_tau, t_tau, cond, uncond, inp.unit)
-                grad = (real - fake) * dmd_weight(real, flow)
+                grad = (real - fake) * sample_weight(real, flow)
             dmd = 0.5 * (z_theta - (z_theta - grad).detach()).pow(2).flatten(1).mean(1)
             lo, hi = (0, 1) if inp.unit == 0 else (1 + (inp.unit - 1) * fpu, 1 + inp.unit * fpu)
             cauchy = cauchy_loss(z_theta, pyramid[s][rows, :, lo:hi].float())
-            loss = dmd + self.cauchy_weight * cauchy
+            loss = self.dmd_weight * dmd + self.cauchy_weight * cauchy
             if self.ode_weight:  # DMD's paired regression on the teacher's guided ODE (see ode_target)
                 nxt = torch.tensor([[*levels, 0.0][i + 1] for i in pick], dtype=torch.float32)  # the sampler's
                 with torch.no_grad():
@@ -261,12 +264,45 @@ class PyramidalDMD:
         return v_u + scale * (v_c - v_u)
 
 
+@dataclass
+class GuidanceDistillation:
+    """Guidance distillation (Meng et al. 2023, stage 1), the warm start `guidance_steps`: the student,
+    called once with the prompt, regresses the frozen teacher's guided velocity D_u + g (D_c - D_u)
+    (the sampler's scale for the frame, its negative prompt) at pyramidal flow-matching points of the
+    batch's latents (MSE per sample). One call of the student then does what two of the teacher do."""
+
+    schedule: Schedule
+    negative_prompt: str = ""
+    prompt_suffix: str = ""
+    corrupt_ratio: float = 1 / 3
+    uses: tuple[str, ...] = ("student", "teacher", "text_encoder")
+
+    def __call__(self, modules: TrainModules, batch: Batch, info: StepInfo) -> LossOutput:
+        if batch.latents is None:
+            raise PassError("step_distillation needs latents: wrap the dataset in a LatentCache")
+        cond = encode_prompts(modules, [c + self.prompt_suffix for c in batch.captions], trainable=False)
+        uncond = encode_prompts(modules, [self.negative_prompt] * len(batch), trainable=False)
+        g = self.schedule.guidance
+        errs, metrics = [], {}
+        for inp in pyramid_flow_inputs(batch.latents, batch, self.schedule, info, corrupt_ratio=self.corrupt_ratio):
+            scale = g.scale if inp.unit == 0 else g.video_scale
+            with torch.no_grad():
+                v_c = modules["teacher"](**dit_kwargs(inp, cond)).float()
+                v_u = modules["teacher"](**dit_kwargs(inp, uncond)).float() if scale != 1.0 else v_c
+                target = v_u + scale * (v_c - v_u)
+            err = (modules["student"](**dit_kwargs(inp, cond)).float() - target).pow(2).flatten(1).mean(1)
+            errs.append(err)
+            metrics[f"loss_stage{inp.stage}"] = float(err.detach().mean())
+        loss = torch.cat(errs).mean()
+        return LossOutput(loss, {"loss": float(loss.detach()), **metrics})
+
+
 # ---- the pass -----------------------------------------------------------------------------------
 class DMDTraining(PassConfig):
     """The DMD run (ndopt.train). The seed publishes none of these; DMD2's (Yin et al. 2024) two
     time-scale rule (fake model updated more often) is the seed's alternation."""
 
-    steps: int = Field(3000, ge=1)  # optimizer steps, student and fake together (1 in 3 is the student's)
+    steps: int = Field(3000, ge=0)  # optimizer steps, student and fake together (1 in 3 is the student's)
     lr: float = Field(1e-5, gt=0)
     fake_lr_multiplier: float = Field(1.0, gt=0)
     batch_size: int = Field(12, ge=1)  # one third per pyramid stage (upstream's sample_ratios [1, 1, 1])
@@ -275,8 +311,13 @@ class DMDTraining(PassConfig):
     grad_clip: float | None = 1.0
     student_every: int = Field(STUDENT_EVERY, ge=2)
     cauchy_weight: float = Field(CAUCHY_WEIGHT, ge=0)
+    dmd_weight: float = Field(1.0, ge=0)  # the seed's distribution-matching term
     ode_weight: float = Field(0.0, ge=0)  # DMD (Yin et al. 2024)'s paired regression on the teacher's ODE
     checkpoint_every: int = 100
+    # beyond the seed: a guidance-distillation warm start (GuidanceDistillation) before DMD, its steps and lr
+    guidance_steps: int = Field(0, ge=0)
+    guidance_lr: float = Field(1e-4, gt=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # the student's weights: an exponential moving average (0: off)
 
 
 @register
@@ -293,6 +334,9 @@ class StepDistillation(Pass):
         video_steps: list[int] | None = None  # later latent frames; None: the same as steps
         train: DMDTraining = Field(default_factory=DMDTraining)
         data: DataConfig = Field(default_factory=DataConfig)
+        # what the student's inputs and Cauchy targets are made of: the data's latents (seed), or the
+        # teacher's own samples of the data's captions (its full schedule, with CFG; see teacher_samples)
+        clean: Literal["data", "teacher"] = "data"
         evaluate: bool = True  # latent PSNR vs the teacher's full schedule, student and undistilled
         evaluate_latent_frames: int = Field(2, ge=1)  # the recipe probe's default
         evaluate_seeds: int = Field(1, ge=1)  # noise draws of the probe's prompts (the figure is their mean)
@@ -374,22 +418,93 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
     smp = pipeline.sampler
     suffix, negative = getattr(smp, "prompt_suffix", ""), getattr(smp, "negative_prompt", "")
     data = training_latents(pipeline, DataSpec(**cfg.data.model_dump(), seed=ctx.seed), pass_dir / "cache")
+    if cfg.clean == "teacher":
+        data = teacher_samples(pipeline, data, ctx.seed_for(704), pass_dir / "cache")
     text_len = text_len_for(pipeline, [c + suffix for c in data.captions] + [negative])
     te = PromptEncoder(pipeline.by_role("text_encoder")[0].module, text_len)
     student, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
     t = cfg.train
+    frozen = {"teacher": teacher, "text_encoder": te}
+    if t.guidance_steps:
+        Trainer(trainable={"student": student}, frozen=frozen,
+                objective=GuidanceDistillation(pipeline.schedule, negative_prompt=negative, prompt_suffix=suffix),
+                data=data, config=TrainConfig(steps=t.guidance_steps, lr=t.guidance_lr, batch_size=t.batch_size,
+                                              seed=ctx.seed, grad_clip=t.grad_clip, checkpoint_every=t.checkpoint_every,
+                                              warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule,
+                                              ema_decay=t.ema_decay, log_every=max(1, min(10, t.guidance_steps // 10))),
+                run_dir=pass_dir / "guidance", device=ctx.device, name="guidance_distillation").fit()
     objective = PyramidalDMD(pipeline.schedule, tuple(s.steps for s in target.stages),
                              tuple(s.video_steps for s in target.stages), negative_prompt=negative,
                              prompt_suffix=suffix, cauchy_weight=t.cauchy_weight, student_every=t.student_every,
-                             ode_weight=t.ode_weight)
+                             dmd_weight=t.dmd_weight, ode_weight=t.ode_weight)
     config = TrainConfig(steps=t.steps, lr=t.lr, batch_size=t.batch_size, seed=ctx.seed,
                          lr_multipliers={"fake": t.fake_lr_multiplier}, warmup_steps=t.warmup_steps,
                          lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, checkpoint_every=t.checkpoint_every,
-                         log_every=max(1, min(10 * t.student_every, t.steps // 10)))
-    result = Trainer(trainable={"student": student, "fake": fake}, frozen={"teacher": teacher, "text_encoder": te},
+                         ema_decay=t.ema_decay, log_every=max(1, min(10 * t.student_every, t.steps // 10)))
+    result = Trainer(trainable={"student": student, "fake": fake}, frozen=frozen,
                      objective=objective, data=data, config=config, run_dir=pass_dir / "dmd", device=ctx.device,
                      name="pyramidal_dmd").fit()
     return student.eval().requires_grad_(False), result
+
+
+@dataclass
+class SampledLatents:
+    """Latents of a dataset's captions sampled by a pipeline: a drop-in for a LatentCache."""
+
+    captions: list[str]
+    latents: Tensor
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> Example:
+        return Example(self.captions[index], latents=self.latents[index])
+
+
+def teacher_samples(pipeline: Pipeline, data: Any, seed: int, cache_dir: Path, chunk: int = 16) -> SampledLatents:
+    """The teacher's own samples of `data`'s captions, as many latent frames as `data`'s latents, at
+    its full schedule with its CFG and negative prompt (cached in `cache_dir`, keyed by the DiT's and
+    text encoder's weights, the data and the seed).
+
+    Why (`clean: teacher`, beyond the seed): the tiny teacher's CFG-5 samples are far from its data
+    (first-frame latent std 3.3 against the data's 1.3). A student whose inputs are noised data and
+    whose Cauchy target is the data never sees the states it meets when it samples, and is pulled to
+    the data's amplitude, not its teacher's; the latent-PSNR figure compares it with the teacher."""
+    from safetensors.torch import load_file, save_file
+
+    from ndopt.io import atomic_path
+    from ndopt.progress import progress
+    from ndopt.train.data import module_fingerprint
+
+    z = data.latents
+    captions = list(data.captions)
+    sch = pipeline.schedule
+    sch = sch.with_frames(int(z.shape[2]), int(z.shape[-2]) * VAE_SPATIAL, int(z.shape[-1]) * VAE_SPATIAL)
+    dit, te = pipeline.by_role("dit")[0].module, pipeline.by_role("text_encoder")[0].module
+    what = hashlib.blake2b(repr((captions, tuple(z.shape), seed, sch, getattr(pipeline.sampler, "negative_prompt", ""),
+                                 getattr(pipeline.sampler, "prompt_suffix", ""))).encode(), digest_size=8).hexdigest()
+    path = Path(cache_dir) / f"teacher-samples-{module_fingerprint(dit)}-{module_fingerprint(te)}-{what}.safetensors"
+    if path.is_file():
+        latents = load_file(str(path))["latents"]
+        log.info("step_distillation: read %d teacher samples from %s", len(latents), path)
+        return SampledLatents(captions, latents)
+    pipe = pipeline.replace(schedule=sch)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad(), progress("step_distillation: sampling the teacher", len(captions)) as advance:
+        for start in range(0, len(captions), chunk):
+            part = captions[start:start + chunk]
+            out.append(pipe.sampler.sample(pipe, part, generator=g).float().cpu())
+            for _ in part:
+                advance()
+    latents = torch.cat(out)
+    if latents.shape[1:] != z.shape[1:]:
+        raise PassError(f"step_distillation: teacher samples have shape {tuple(latents.shape[1:])}, the data's "
+                        f"latents {tuple(z.shape[1:])}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"latents": latents.contiguous()}, str(tmp))
+    return SampledLatents(captions, latents)
 
 
 def evaluate(teacher: Pipeline, student: Pipeline, latent_frames: int, reference_steps: list[int] | None,

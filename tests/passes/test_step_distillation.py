@@ -236,6 +236,69 @@ def test_evaluation_over_several_noise_draws(tiny, distilled):
         assert two[k] != one[k]  # a second draw changes the figure
 
 
+# ---- the guidance warm start and the teacher's samples ---------------------------------------------
+def test_guidance_distillation_regresses_the_guided_velocity(tiny):
+    """The target is D_u + g (D_c - D_u) of the frozen teacher at the frame's scale: a student that is the
+    teacher itself (one conditional call) misses it by exactly (g - 1) (D_c - D_u)."""
+    from ndopt.train.objectives import dit_kwargs, pyramid_flow_inputs
+    from passes.step_distillation import GuidanceDistillation
+
+    mods, batch, info = _Modules(tiny), _batch(), StepInfo(0)
+    obj = GuidanceDistillation(tiny.schedule, negative_prompt="blurry")
+    out = obj(mods, batch, info)
+    cond, uncond = mods["text_encoder"](batch.captions), mods["text_encoder"](["blurry"] * 3)
+    g = tiny.schedule.guidance
+    for inp in pyramid_flow_inputs(batch.latents, batch, tiny.schedule, info):
+        scale = g.scale if inp.unit == 0 else g.video_scale
+        with torch.no_grad():
+            v_c = mods["teacher"](**dit_kwargs(inp, cond)).float()
+            v_u = mods["teacher"](**dit_kwargs(inp, uncond)).float()
+        want = ((scale - 1) * (v_c - v_u)).pow(2).flatten(1).mean(1).mean()
+        assert out.metrics[f"loss_stage{inp.stage}"] == pytest.approx(float(want), rel=1e-4)
+    out.loss.backward()
+    assert any(p.grad is not None for p in mods["student"].parameters())
+    assert all(p.grad is None for p in mods["teacher"].parameters())
+
+
+def test_teacher_samples_are_the_pipelines_own_and_cached(tiny, tmp_path, monkeypatch):
+    from passes.step_distillation import teacher_samples
+
+    latents = torch.randn(3, 16, 1, 8, 8)
+    data = type("D", (), {"latents": latents, "captions": ["a red circle", "a blue ring", "a green square"]})()
+    short = tiny.replace(schedule=tiny.schedule.with_steps((2, 2, 2)))  # a short full schedule: fast
+    got = teacher_samples(short, data, 7, tmp_path, chunk=2)
+    assert got.latents.shape == latents.shape and len(got) == 3 and got[1].caption == "a blue ring"
+    pipe = short.replace(schedule=short.schedule.with_frames(1, 64, 64))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        want = torch.cat([pipe.sampler.sample(pipe, data.captions[:2], generator=g),
+                          pipe.sampler.sample(pipe, data.captions[2:], generator=g)])
+    assert torch.allclose(got.latents, want.float(), atol=1e-6)  # CFG, negative prompt and noise of the sampler
+    assert len(list(tmp_path.glob("teacher-samples-*.safetensors"))) == 1
+
+    class Sampled(Exception):
+        pass
+
+    def refuse(*a, **k):
+        raise Sampled
+
+    monkeypatch.setattr(type(short.sampler), "sample", refuse)
+    assert torch.equal(teacher_samples(short, data, 7, tmp_path).latents, got.latents)  # read, not sampled
+    with pytest.raises(Sampled):  # another seed (or caption, schedule, weights) is another bank
+        teacher_samples(short, data, 8, tmp_path)
+
+
+def test_guidance_warm_start_and_teacher_data_in_the_pass(tiny, tmp_path):
+    cfg = {"steps": [2, 2, 2], "clean": "teacher", "evaluate": False,
+           "train": {"steps": 0, "guidance_steps": 2, "batch_size": 3, "checkpoint_every": 1},
+           "data": {"clips": 3, "frames": 1}}
+    res = StepDistillation(cfg).run(tiny, PassContext(run_dir=tmp_path))
+    d = next((tmp_path / "passes").iterdir())
+    assert (d / "guidance" / "metrics.json").is_file() and list((d / "cache").glob("teacher-samples-*"))
+    assert not _same(_weights(res.pipeline["dit"].module), _weights(tiny["dit"].module))
+    assert res.metrics["train_steps"] == 0 and res.pipeline.schedule.guidance.scale == 1.0
+
+
 # ---- resume -----------------------------------------------------------------------------------
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, distilled, tmp_path, monkeypatch):
     cfg = {**CONFIG, "evaluate": False}
