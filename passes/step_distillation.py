@@ -37,6 +37,16 @@ The seed's terms match distributions, not trajectories; this term makes the k-st
 teacher's full-schedule trajectory from the same noise, which is what the latent-PSNR figure measures.
 It costs the teacher's full-schedule calls (with CFG) per student update.
 
+Also beyond the seed (off by default):
+- `guidance_steps`: a guidance-distillation warm start (Meng et al. 2023, stage 1; GuidanceDistillation)
+  before DMD. The student, called once, regresses the teacher's guided velocity at flow-matching points
+  of the data. The seed's student starts from the teacher's weights, that is from its *unguided*
+  velocity, and DMD alone must then learn the whole CFG correction.
+- `clean: teacher`: the student's inputs and Cauchy targets are built from the teacher's own samples
+  of the data's captions instead of the data (`teacher_samples`), so they come from the distribution
+  the latent-PSNR figure compares with.
+- `ema_decay`: the student's weights are an exponential moving average.
+
 The result: the student DiT, the Schedule with the new steps and guidance scales 1.0, and the fact
 `guidance_free`, so `cfg_folding` afterwards drops the unconditional branch. `plan()` applies the
 schedule only. Metrics: latent PSNR of the student at the new schedule and of the undistilled
