@@ -106,7 +106,7 @@ def test_generated_latents_bank_is_sampled_once_and_trains(tiny, tmp_path):
     assert again.metrics["generated_psnr_vs_native"] == first.metrics["generated_psnr_vs_native"]
 
 
-@pytest.mark.slow
+@pytest.mark.nightly  # ~4 minutes on one worker: outside the default suite (pytest -m nightly)
 def test_swapped_decoder_still_follows_prompts(tiny, tmp_path):
     """On the trained tiny teacher (CFG 5), 1000 steps of asymmetric distillation on one-frame clips:
     the tiny decoder decodes the original encoder's latents as well as the native one (measured
