@@ -46,6 +46,9 @@ Also beyond the seed (off by default):
   of the data's captions instead of the data (`teacher_samples`), so they come from the distribution
   the latent-PSNR figure compares with.
 - `ema_decay`: the student's weights are an exponential moving average.
+Tiny teacher (CFG 5), 4-4-4, latent PSNR over 4 noise draws: the warm start alone gives 29.0-30.0 dB
+after 1000-2000 steps (batch 12, lr 1e-4), against 27.4 for DMD + ode and 31.6 for the guided 4-4-4
+sampler; the same students at 1-1-1 give 22.5-23.2 against the undistilled 21.3.
 
 The result: the student DiT, the Schedule with the new steps and guidance scales 1.0, and the fact
 `guidance_free`, so `cfg_folding` afterwards drops the unconditional branch. `plan()` applies the
@@ -476,10 +479,12 @@ def teacher_samples(pipeline: Pipeline, data: Any, seed: int, cache_dir: Path, c
     its full schedule with its CFG and negative prompt (cached in `cache_dir`, keyed by the DiT's and
     text encoder's weights, the data and the seed).
 
-    Why (`clean: teacher`, beyond the seed): the tiny teacher's CFG-5 samples are far from its data
-    (first-frame latent std 3.3 against the data's 1.3). A student whose inputs are noised data and
-    whose Cauchy target is the data never sees the states it meets when it samples, and is pulled to
-    the data's amplitude, not its teacher's; the latent-PSNR figure compares it with the teacher."""
+    Why (`clean: teacher`, beyond the seed): a student whose inputs are noised data and whose Cauchy
+    target is the data is trained off the states it meets when it samples, and is pulled towards the
+    data, not its teacher, while the latent-PSNR figure compares it with the teacher. On the tiny
+    teacher the two are close (first-frame latent std 1.67 for its samples of 256 training captions,
+    1.30 for the data) and the option measured no gain (4-4-4, DMD + ode, 500 steps: 27.3 dB vs 27.4;
+    after the warm start, 29.0 vs 29.0-30.0); it is for teachers whose samples drift from their data."""
     from safetensors.torch import load_file, save_file
 
     from ndopt.io import atomic_path
