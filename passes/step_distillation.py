@@ -267,14 +267,19 @@ class PyramidalDMD:
         return z.float() - sigma / (stage.sigma_start - stage.sigma_end) * v_star
 
     def _real_score(self, call: Any, z: Tensor, t: Tensor, cond: tuple, uncond: tuple, unit: int) -> Tensor:
-        """The teacher's guided velocity: D_u + g (D_c - D_u) at the sampler's scale for this frame."""
-        g = self.schedule.guidance
-        scale = g.scale if unit == 0 else g.video_scale
-        v_c = call("teacher", z, t, cond)
-        if scale == 1.0:
-            return v_c
-        v_u = call("teacher", z, t, uncond)
-        return v_u + scale * (v_c - v_u)
+        return guided_velocity(self.schedule, unit, lambda c: call("teacher", z, t, c), cond, uncond)
+
+
+def guided_velocity(schedule: Schedule, unit: int, teacher: Any, cond: tuple, uncond: tuple) -> Tensor:
+    """The teacher's guided velocity D_u + g (D_c - D_u) at the sampler's scale for this frame;
+    `teacher(context)` is its velocity under one context (the unconditional call is skipped at g = 1)."""
+    g = schedule.guidance
+    scale = g.scale if unit == 0 else g.video_scale
+    v_c = teacher(cond)
+    if scale == 1.0:
+        return v_c
+    v_u = teacher(uncond)
+    return v_u + scale * (v_c - v_u)
 
 
 @dataclass
@@ -295,14 +300,11 @@ class GuidanceDistillation:
             raise PassError("step_distillation needs latents: wrap the dataset in a LatentCache")
         cond = encode_prompts(modules, [c + self.prompt_suffix for c in batch.captions], trainable=False)
         uncond = encode_prompts(modules, [self.negative_prompt] * len(batch), trainable=False)
-        g = self.schedule.guidance
         errs, metrics = [], {}
         for inp in pyramid_flow_inputs(batch.latents, batch, self.schedule, info, corrupt_ratio=self.corrupt_ratio):
-            scale = g.scale if inp.unit == 0 else g.video_scale
             with torch.no_grad():
-                v_c = modules["teacher"](**dit_kwargs(inp, cond)).float()
-                v_u = modules["teacher"](**dit_kwargs(inp, uncond)).float() if scale != 1.0 else v_c
-                target = v_u + scale * (v_c - v_u)
+                target = guided_velocity(self.schedule, inp.unit,
+                                         lambda c, inp=inp: modules["teacher"](**dit_kwargs(inp, c)).float(), cond, uncond)
             err = (modules["student"](**dit_kwargs(inp, cond)).float() - target).pow(2).flatten(1).mean(1)
             errs.append(err)
             metrics[f"loss_stage{inp.stage}"] = float(err.detach().mean())
@@ -438,22 +440,21 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
     student, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
     t = cfg.train
     frozen = {"teacher": teacher, "text_encoder": te}
+    common = {"batch_size": t.batch_size, "seed": ctx.seed, "warmup_steps": t.warmup_steps,
+              "lr_schedule": t.lr_schedule, "grad_clip": t.grad_clip, "checkpoint_every": t.checkpoint_every,
+              "ema_decay": t.ema_decay}
     if t.guidance_steps:
         Trainer(trainable={"student": student}, frozen=frozen,
                 objective=GuidanceDistillation(pipeline.schedule, negative_prompt=negative, prompt_suffix=suffix),
-                data=data, config=TrainConfig(steps=t.guidance_steps, lr=t.guidance_lr, batch_size=t.batch_size,
-                                              seed=ctx.seed, grad_clip=t.grad_clip, checkpoint_every=t.checkpoint_every,
-                                              warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule,
-                                              ema_decay=t.ema_decay, log_every=max(1, min(10, t.guidance_steps // 10))),
+                data=data, config=TrainConfig(steps=t.guidance_steps, lr=t.guidance_lr, **common,
+                                              log_every=max(1, min(10, t.guidance_steps // 10))),
                 run_dir=pass_dir / "guidance", device=ctx.device, name="guidance_distillation").fit()
     objective = PyramidalDMD(pipeline.schedule, tuple(s.steps for s in target.stages),
                              tuple(s.video_steps for s in target.stages), negative_prompt=negative,
                              prompt_suffix=suffix, cauchy_weight=t.cauchy_weight, student_every=t.student_every,
                              dmd_weight=t.dmd_weight, ode_weight=t.ode_weight)
-    config = TrainConfig(steps=t.steps, lr=t.lr, batch_size=t.batch_size, seed=ctx.seed,
-                         lr_multipliers={"fake": t.fake_lr_multiplier}, warmup_steps=t.warmup_steps,
-                         lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, checkpoint_every=t.checkpoint_every,
-                         ema_decay=t.ema_decay, log_every=max(1, min(10 * t.student_every, t.steps // 10)))
+    config = TrainConfig(steps=t.steps, lr=t.lr, lr_multipliers={"fake": t.fake_lr_multiplier}, **common,
+                         log_every=max(1, min(10 * t.student_every, t.steps // 10)))
     result = Trainer(trainable={"student": student, "fake": fake}, frozen=frozen,
                      objective=objective, data=data, config=config, run_dir=pass_dir / "dmd", device=ctx.device,
                      name="pyramidal_dmd").fit()
@@ -493,8 +494,7 @@ def teacher_samples(pipeline: Pipeline, data: Any, seed: int, cache_dir: Path, c
 
     z = data.latents
     captions = list(data.captions)
-    sch = pipeline.schedule
-    sch = sch.with_frames(int(z.shape[2]), int(z.shape[-2]) * VAE_SPATIAL, int(z.shape[-1]) * VAE_SPATIAL)
+    sch = pipeline.schedule.with_frames(int(z.shape[2]), int(z.shape[-2]) * VAE_SPATIAL, int(z.shape[-1]) * VAE_SPATIAL)
     dit, te = pipeline.by_role("dit")[0].module, pipeline.by_role("text_encoder")[0].module
     what = hashlib.blake2b(repr((captions, tuple(z.shape), seed, sch, getattr(pipeline.sampler, "negative_prompt", ""),
                                  getattr(pipeline.sampler, "prompt_suffix", ""))).encode(), digest_size=8).hexdigest()

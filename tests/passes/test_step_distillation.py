@@ -332,6 +332,10 @@ def test_errors(tiny, tmp_path):
         StepDistillation({"steps": [0, 1, 1]})
     with pytest.raises(ValidationError):
         StepDistillation({"stepz": [1, 1, 1]})
+    with pytest.raises(ValidationError, match="clean"):  # the new options are checked too
+        StepDistillation({"clean": "teachers"})
+    with pytest.raises(ValidationError, match="ema_decay"):
+        StepDistillation({"train": {"ema_decay": 1.0}})
     with pytest.raises(PassError, match="3 pyramid stages"):
         StepDistillation({"steps": [1, 1]}).run(tiny, PassContext(run_dir=tmp_path))
     folded = ScheduleFolding().run(tiny, PassContext(run_dir=tmp_path)).pipeline
