@@ -214,11 +214,14 @@ class PyramidalDMD:
                 losses.append(err)
                 metrics[f"loss_fake_stage{s}"] = float(err.detach().mean())
                 continue
-            with torch.no_grad():
-                fake = call("fake", z_tau, t_tau, cond)
-                real = self._real_score(call, z_tau, t_tau, cond, uncond, inp.unit)
-                grad = (real - fake) * sample_weight(real, flow)
-            dmd = 0.5 * (z_theta - (z_theta - grad).detach()).pow(2).flatten(1).mean(1)
+            if self.dmd_weight:
+                with torch.no_grad():
+                    fake = call("fake", z_tau, t_tau, cond)
+                    real = self._real_score(call, z_tau, t_tau, cond, uncond, inp.unit)
+                    grad = (real - fake) * sample_weight(real, flow)
+                dmd = 0.5 * (z_theta - (z_theta - grad).detach()).pow(2).flatten(1).mean(1)
+            else:  # no distribution matching: no fake or real score to compute
+                dmd = z_theta.new_zeros(z_theta.shape[0])
             lo, hi = (0, 1) if inp.unit == 0 else (1 + (inp.unit - 1) * fpu, 1 + inp.unit * fpu)
             cauchy = cauchy_loss(z_theta, pyramid[s][rows, :, lo:hi].float())
             loss = self.dmd_weight * dmd + self.cauchy_weight * cauchy
@@ -352,6 +355,9 @@ class StepDistillation(Pass):
         # what the student's inputs and Cauchy targets are made of: the data's latents (seed), or the
         # teacher's own samples of the data's captions (its full schedule, with CFG; see teacher_samples)
         clean: Literal["data", "teacher"] = "data"
+        # a trained student (the `student.safetensors` a run of this pass writes, or a bundled one) instead
+        # of training: its teacher fingerprint and steps must match this pipeline and these steps
+        student_weights: Path | None = None
         evaluate: bool = True  # latent PSNR vs the teacher's full schedule, student and undistilled
         evaluate_latent_frames: int = Field(2, ge=1)  # the recipe probe's default
         evaluate_seeds: int = Field(1, ge=1)  # noise draws of the probe's prompts (the figure is their mean)
@@ -405,14 +411,21 @@ class StepDistillation(Pass):
         after = self.target_schedule(pipeline)
         comp = pipeline.by_role("dit")[0]
         d = ctx.pass_dir(pass_index(pipeline), self.name)
-        student, result = distil_student(pipeline, after, self.config, d, ctx)
-        out = pipeline.replace(schedule=after, **{comp.name: comp.with_module(student)})
         metrics = self._metrics(pipeline.schedule, after)
-        metrics["train_steps"] = result.steps
-        metrics["resumed_from"] = result.resumed_from
-        for key in ("loss_student", "loss_fake"):
-            metrics[f"{key}_curve"] = [round(x, 6) for x in result.loss_curve(key)]
-        artifacts: dict[str, Path] = {"loss_plot": d / "dmd" / "loss.png", "train_metrics": d / "dmd" / "metrics.json"}
+        if self.config.student_weights is not None:
+            student = load_student(self.config.student_weights, comp.module, after)
+            metrics["student_weights"] = str(self.config.student_weights)
+            artifacts: dict[str, Path] = {}
+        else:
+            student, result = distil_student(pipeline, after, self.config, d, ctx)
+            metrics["train_steps"] = result.steps
+            metrics["resumed_from"] = result.resumed_from
+            for key in ("loss_student", "loss_fake"):
+                metrics[f"{key}_curve"] = [round(x, 6) for x in result.loss_curve(key)]
+            artifacts = {"loss_plot": d / "dmd" / "loss.png", "train_metrics": d / "dmd" / "metrics.json",
+                         "student": save_student(d / "student.safetensors", student, comp.module, after,
+                                                 self.config)}
+        out = pipeline.replace(schedule=after, **{comp.name: comp.with_module(student)})
         if self.config.evaluate:
             fid = evaluate(pipeline, out, self.config.evaluate_latent_frames, self.config.reference_steps,
                            self.config.evaluate_seeds)
@@ -449,16 +462,74 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
                 data=data, config=TrainConfig(steps=t.guidance_steps, lr=t.guidance_lr, **common,
                                               log_every=max(1, min(10, t.guidance_steps // 10))),
                 run_dir=pass_dir / "guidance", device=ctx.device, name="guidance_distillation").fit()
+    # without the DMD term there is no fake model to train: every step is the student's
+    every = t.student_every if t.dmd_weight else 1
+    trainable = {"student": student, "fake": fake} if t.dmd_weight else {"student": student}
     objective = PyramidalDMD(pipeline.schedule, tuple(s.steps for s in target.stages),
                              tuple(s.video_steps for s in target.stages), negative_prompt=negative,
-                             prompt_suffix=suffix, cauchy_weight=t.cauchy_weight, student_every=t.student_every,
-                             dmd_weight=t.dmd_weight, ode_weight=t.ode_weight)
-    config = TrainConfig(steps=t.steps, lr=t.lr, lr_multipliers={"fake": t.fake_lr_multiplier}, **common,
-                         log_every=max(1, min(10 * t.student_every, t.steps // 10)))
-    result = Trainer(trainable={"student": student, "fake": fake}, frozen=frozen,
+                             prompt_suffix=suffix, cauchy_weight=t.cauchy_weight, student_every=every,
+                             dmd_weight=t.dmd_weight, ode_weight=t.ode_weight,
+                             uses=(*trainable, "teacher", "text_encoder"))
+    config = TrainConfig(steps=t.steps, lr=t.lr, lr_multipliers={"fake": t.fake_lr_multiplier} if t.dmd_weight else {},
+                         **common, log_every=max(1, min(10 * every, t.steps // 10)))
+    result = Trainer(trainable=trainable, frozen=frozen,
                      objective=objective, data=data, config=config, run_dir=pass_dir / "dmd", device=ctx.device,
                      name="pyramidal_dmd").fit()
     return student.eval().requires_grad_(False), result
+
+
+def _steps_key(schedule: Schedule) -> str:
+    return f"{'-'.join(str(s.steps) for s in schedule.stages)}/{'-'.join(str(s.video_steps) for s in schedule.stages)}"
+
+
+def save_student(path: Path, student: torch.nn.Module, teacher: torch.nn.Module, target: Schedule,
+                 config: PassConfig) -> Path:
+    """Write a trained student DiT (safetensors, atomically) with what it was distilled from and for:
+    the teacher DiT's weight fingerprint, the target steps and the pass config (metadata)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ndopt.io import atomic_path, jsonable
+    from ndopt.train.data import module_fingerprint
+
+    meta = {"format": "ndopt.step_distillation.student/1", "teacher": module_fingerprint(teacher),
+            "steps": _steps_key(target), "config": json.dumps(jsonable(config.model_dump(mode="json")))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in student.state_dict().items()}, str(tmp),
+                  metadata=meta)
+    return path
+
+
+def load_student(path: Path, teacher: torch.nn.Module, target: Schedule) -> torch.nn.Module:
+    """A student written by `save_student`, for this teacher DiT and these steps (checked: a student
+    distilled from other teacher weights, or for other steps, is refused; missing, unexpected or
+    mis-shaped keys are listed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ndopt.frontends.pyramid_flow.checkpoint import load_into
+    from ndopt.train.data import module_fingerprint
+
+    path = Path(path)
+    if not path.is_file():
+        raise PassError(f"step_distillation: student_weights {path}: no such file")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "ndopt.step_distillation.student/1":
+        raise PassError(f"step_distillation: {path} is not a student written by step_distillation "
+                        f"(metadata format {meta.get('format')!r})")
+    if meta["teacher"] != module_fingerprint(teacher):
+        raise PassError(f"step_distillation: {path} was distilled from another teacher (DiT fingerprint "
+                        f"{meta['teacher']}, this pipeline's {module_fingerprint(teacher)}); distil it again")
+    if meta["steps"] != _steps_key(target):
+        raise PassError(f"step_distillation: {path} is a student for steps {meta['steps']}, the config asks for "
+                        f"{_steps_key(target)}")
+    student = copy.deepcopy(teacher)
+    load_into(student, load_file(str(path)), source=str(path))
+    return student.eval().requires_grad_(False)
 
 
 @dataclass

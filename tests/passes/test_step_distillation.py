@@ -7,8 +7,10 @@ the module; the test that judges the figures needs the trained tiny teacher and 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +25,14 @@ from ndopt.train.engine import TrainConfig, Trainer
 from ndopt.train.objectives import PromptEncoder, StepInfo
 from passes.cfg_folding import CfgFolding
 from passes.schedule_folding import ScheduleFolding
-from passes.step_distillation import PyramidalDMD, StepDistillation, is_student_step, student_levels
+from passes.step_distillation import (
+    PyramidalDMD,
+    StepDistillation,
+    is_student_step,
+    load_student,
+    save_student,
+    student_levels,
+)
 
 CONFIG = {"train": {"steps": 6, "batch_size": 3, "lr": 1e-4, "checkpoint_every": 3},
           "data": {"clips": 12}, "evaluate_latent_frames": 1}
@@ -299,6 +308,57 @@ def test_guidance_warm_start_and_teacher_data_in_the_pass(tiny, tmp_path):
     assert res.metrics["train_steps"] == 0 and res.pipeline.schedule.guidance.scale == 1.0
 
 
+def test_trajectory_distillation_has_no_fake_model_and_writes_a_reusable_student(tiny, tmp_path):
+    """dmd_weight 0: every step is the student's (no fake model is built or trained, no fake or real
+    score is computed); the run writes student.safetensors, and `student_weights` gives back the
+    same student without training."""
+    cfg = {"evaluate": False, "data": {"clips": 3, "frames": 1},
+           "train": {"steps": 2, "batch_size": 3, "lr": 1e-3, "dmd_weight": 0, "cauchy_weight": 0, "ode_weight": 1,
+                     "checkpoint_every": 1}}
+    res = StepDistillation(cfg).run(tiny, PassContext(run_dir=tmp_path / "a"))
+    trained = _weights(res.pipeline["dit"].module)
+    assert not _same(trained, _weights(tiny["dit"].module))
+    assert res.metrics["loss_fake_curve"] == [] and len(res.metrics["loss_student_curve"]) == 2
+    state = torch.load(next((tmp_path / "a").rglob("step-0000002.pt")), weights_only=True)
+    assert not any(k.startswith("fake.") for k in state["modules"])
+    again = StepDistillation({**cfg, "student_weights": res.artifacts["student"]}).run(
+        tiny, PassContext(run_dir=tmp_path / "b"))
+    assert _same(_weights(again.pipeline["dit"].module), trained)
+    assert again.pipeline.schedule == res.pipeline.schedule and "train_steps" not in again.metrics
+
+
+def test_student_weights_are_checked(tiny, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ndopt.errors import CheckpointError
+
+    target = StepDistillation({}).target_schedule(tiny)
+    teacher = tiny["dit"].module
+    path = save_student(tmp_path / "s.safetensors", teacher, teacher, target, StepDistillation.Config())
+    assert _same(_weights(load_student(path, teacher, target)), _weights(teacher))
+    with pytest.raises(PassError, match="for steps 1-1-1/1-1-1, the config asks for 2-2-2"):
+        load_student(path, teacher, StepDistillation({"steps": [2, 2, 2]}).target_schedule(tiny))
+    changed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1e-3)
+    with pytest.raises(PassError, match="distilled from another teacher"):
+        load_student(path, changed, target)
+    with pytest.raises(PassError, match="no such file"):
+        load_student(tmp_path / "none.safetensors", teacher, target)
+    sd = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    dropped = sorted(sd)[0]
+    del sd[dropped]
+    save_file(sd, str(tmp_path / "short.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=dropped.replace(".", r"\.")):
+        load_student(tmp_path / "short.safetensors", teacher, target)
+    save_file(sd, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(PassError, match="not a student written by step_distillation"):
+        load_student(tmp_path / "plain.safetensors", teacher, target)
+
+
 # ---- resume -----------------------------------------------------------------------------------
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, distilled, tmp_path, monkeypatch):
     cfg = {**CONFIG, "evaluate": False}
@@ -380,27 +440,67 @@ def test_hybrid_mode_calls_match_neodragon(tmp_path):
     assert hybrid.dit_calls_per_video == 18  # REFERENCE.md: 18 DiT calls per video (hybrid mode)
 
 
-# ---- the trained tiny teacher -----------------------------------------------------------------
+# ---- the trained tiny teacher and its bundled student -----------------------------------------
+STUDENT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny-student.yaml"
+
+
+def _recipe_config() -> dict:
+    from ndopt.recipe import load_recipe
+
+    spec = load_recipe(STUDENT_RECIPE).passes[0]
+    assert spec.name == "step_distillation"
+    return spec.config
+
+
+def _judge(teacher, pipeline, fid):
+    """The issue's bar: latent PSNR vs the teacher's full schedule above the undistilled teacher at the
+    same steps (seed: DMD 80.37 vs undistilled 75.82 VBench), in the mean and in the worst draw, and
+    the teacher's held-out prompt-following test still passed."""
+    from ndopt.train.prompt_following import PROMPT_FOLLOWING_BAR, teacher_prompt_following
+
+    assert fid["student"] > fid["undistilled"] and fid["student_min"] > fid["undistilled"], fid
+    pf = teacher_prompt_following(pipeline, steps=None)  # the student's own 1-1-1 schedule, no CFG
+    assert pf.rate >= PROMPT_FOLLOWING_BAR, pf.to_json()
+    return pf
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [1])  # 4-4-4: not met on the CFG-5 teacher (docstring), an open part of the issue
-def test_student_beats_the_undistilled_teacher(tmp_path, k):
-    """Seed: DMD 80.37 vs undistilled 75.82. Here latent PSNR vs the teacher's full schedule, one latent
-    frame, the probe's prompts under 4 noise draws, 150 steps. Measured on the tiny teacher (CFG 5):
-    1-1-1 student 24.3 dB (worst draw 23.3) vs undistilled 21.3 dB; with `ode_weight` 1, 25.4 (24.6).
-    4-4-4 is not met (500 steps, 4 draws): the undistilled 4-4-4 sampler is already 31.6 dB (worst
-    28.7) from the full schedule; the seed's DMD student reaches 24.1 (22.9), and with `ode_weight` 1,
-    cauchy 0 and lr 3e-4, 27.4 (26.2): guidance-free, it still under-shoots the CFG-5 amplitudes.
-    A guidance-distillation warm start (`guidance_steps`, batch 12, lr 1e-4) lifts 4-4-4 to 29.0-30.0
-    after 1000-2000 steps (27.8 after 300), and DMD + `ode_weight` from there adds ~0.3 dB in 150
-    steps; the CFG-free student still stays under the guided 4-4-4 sampler."""
+def test_bundled_student_beats_the_undistilled_teacher_and_follows_prompts(tmp_path):
+    """The bundled 1-1-1 student (weights/pyramid-flow-tiny-student-1-1-1.safetensors), distilled by
+    recipes/tiny-student.yaml: a 2000-step guidance-distillation warm start, then 600 steps of Pyramidal
+    DMD (the seed's DMD and Cauchy terms) plus the paired ODE regression. Latent PSNR vs the 20-20-20
+    teacher, one latent frame, the probe's prompts under 4 noise draws. Measured: student 27.10 dB
+    (worst draw 26.60) vs undistilled 1-1-1 21.26 (20.36); held-out prompt following 10/16 = 0.625
+    (bar 0.6; the undistilled teacher at 1-1-1: 0.375). The seed's DMD alone (150 steps) gave 24.3 dB
+    and 0.5-0.56."""
+    from ndopt.frontends import load_model
+    from ndopt.frontends.pyramid_flow.presets import bundled_weights
+
+    path = bundled_weights("pyramid-flow-tiny-student-1-1-1")
+    if bundled_weights("pyramid-flow-tiny") is None or path is None:
+        pytest.skip("needs the trained tiny teacher and its bundled student")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # the bundled file is what the recipe makes
+        made_by = StepDistillation.Config.model_validate_json(f.metadata()["config"])
+    assert made_by.model_dump(exclude={"student_weights"}) == \
+        StepDistillation.Config(**_recipe_config()).model_dump(exclude={"student_weights"})
+    teacher = load_model("pyramid-flow-tiny")
+    assert made_by.steps == [1, 1, 1]  # load_student checks the teacher's fingerprint
+    res = StepDistillation({**_recipe_config(), "student_weights": path}).run(teacher, PassContext(run_dir=tmp_path))
+    assert res.metrics["student_weights"] == str(path) and res.pipeline.schedule.guidance.scale == 1.0
+    _judge(teacher, res.pipeline, res.metrics["latent_psnr_vs_teacher"])
+
+
+@pytest.mark.nightly
+def test_the_student_recipe_from_scratch(tmp_path):
+    """recipes/tiny-student.yaml's distillation, trained from the teacher (~25 min on 2 cores), meets
+    the same bar as its bundled result."""
     from ndopt.frontends import load_model
     from ndopt.frontends.pyramid_flow.presets import bundled_weights
 
     if bundled_weights("pyramid-flow-tiny") is None:
         pytest.skip("needs the trained tiny teacher (weights/pyramid-flow-tiny.safetensors)")
     teacher = load_model("pyramid-flow-tiny")
-    cfg = {"steps": [k, k, k], "train": {"steps": 150, "batch_size": 6, "lr": 1e-4, "checkpoint_every": 50},
-           "data": {"clips": 256}, "evaluate_latent_frames": 1, "evaluate_seeds": 4}
-    res = StepDistillation(cfg).run(teacher, PassContext(run_dir=tmp_path))
-    fid = res.metrics["latent_psnr_vs_teacher"]
-    assert fid["student"] > fid["undistilled"] and fid["student_min"] > fid["undistilled"], fid
+    res = StepDistillation(_recipe_config()).run(teacher, PassContext(run_dir=tmp_path))
+    _judge(teacher, res.pipeline, res.metrics["latent_psnr_vs_teacher"])
