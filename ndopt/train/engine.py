@@ -239,6 +239,10 @@ class Trainer:
 
     def _load(self, path: Path, optimizer: torch.optim.Optimizer, scaler: Any) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = sorted({k.split(".", 1)[0] for k in state["modules"]})
+        if saved != sorted(self.trainable):
+            raise NdoptError(f"{self.name}: checkpoint {path} trains {saved}, this run {sorted(self.trainable)}: "
+                             f"the run's configuration changed; start it in a new run directory")
         if self._fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,

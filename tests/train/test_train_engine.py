@@ -83,6 +83,19 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     assert tr.fit().resumed_from == 12 and torch.equal(again.weight, ref.weight)
 
 
+def test_resume_into_other_trainables_is_refused(tmp_path):
+    """A run directory whose checkpoint trains other modules (its config changed) is not half-loaded."""
+    _fit(tmp_path, "r", steps=4)[1].fit()
+
+    class Two(Regression):
+        uses = ("net", "extra")
+
+    tr = Trainer(trainable={"net": _net(), "extra": nn.Linear(1, 1)}, objective=Two(), data=Points(),
+                 config=TrainConfig(steps=8, batch_size=8, checkpoint_every=4), run_dir=tmp_path / "r")
+    with pytest.raises(NdoptError, match=r"trains \['net'\], this run \['extra', 'net'\].*new run directory"):
+        tr.fit()
+
+
 def test_accumulation_equals_the_whole_batch(tmp_path):
     a, tr = _fit(tmp_path, "whole", steps=5)
     tr.fit()
