@@ -83,6 +83,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ndopt.errors import PassError
+from ndopt.eval.metrics import psnr
 from ndopt.frontends.pyramid_flow.sampler import VAE_SPATIAL, folded_time
 from ndopt.frontends.pyramid_flow.schedule import stage_local_sigmas
 from ndopt.ir.pipeline import Pipeline
@@ -327,6 +328,54 @@ class GuidanceDistillation:
         return LossOutput(loss, {"loss": float(loss.detach()), **metrics})
 
 
+class _Through(torch.nn.Module):
+    """The trainer's raw module (its config and parameters, for the sampler) called through the trainer's
+    wrapper (so DDP / FSDP see the forward and synchronise the gradients)."""
+
+    def __init__(self, raw: torch.nn.Module, wrapped: Any) -> None:
+        super().__init__()
+        self.raw = raw
+        self.config = raw.config
+        self._wrapped = (wrapped,)  # a tuple: not registered as a submodule a second time
+
+    def forward(self, **inputs: Any) -> Any:
+        return self._wrapped[0](**inputs)
+
+
+@dataclass
+class TrajectoryDistillation:
+    """Trajectory distillation of the whole sampler (Luhman & Luhman 2021, adapted to the pyramid), the
+    polish stage `trajectory_steps`: from the noise a teacher sample was drawn with (`teacher_samples`:
+    the teacher's full schedule, CFG and negative prompt), the student runs the pyramidal sampler on its
+    own k-step guidance-free schedule (every stage, renoise and Euler step, differentiated end to end),
+    and its output latent regresses the teacher's sample (MSE per sample).
+
+    This is the quantity the issue's figure measures (latent PSNR against the teacher's full schedule from
+    the same noise), on the very inputs the student meets when it samples, and the k steps of a stage may
+    share out the error of each other (the per-step terms pull every step onto the teacher's path alone).
+    `pipeline` is the student's: its target schedule at the bank's frames and size."""
+
+    pipeline: Pipeline
+    uses: tuple[str, ...] = ("student",)
+
+    def __call__(self, modules: TrainModules, batch: Batch, info: StepInfo) -> LossOutput:
+        if batch.latents is None or batch.noise_seeds is None:
+            raise PassError("trajectory distillation needs teacher samples with their noise seeds "
+                            "(teacher_samples); this batch has none")
+        comp = self.pipeline.by_role("dit")[0]
+        pipe = self.pipeline.replace(**{comp.name: comp.with_module(_Through(modules.raw("student"),
+                                                                             modules["student"]))})
+        gens = [torch.Generator().manual_seed(int(s)) for s in batch.noise_seeds]
+        z = pipe.sampler.sample(pipe, list(batch.captions), generator=gens).float()
+        target = batch.latents.to(z.device).float()
+        if z.shape != target.shape:
+            raise PassError(f"trajectory distillation: the student samples {tuple(z.shape)}, the teacher's "
+                            f"samples are {tuple(target.shape)}")
+        err = (z - target).pow(2).flatten(1).mean(1)
+        loss = err.mean()
+        return LossOutput(loss, {"loss": float(loss.detach()), "latent_psnr": psnr(z, target)})
+
+
 # ---- the pass -----------------------------------------------------------------------------------
 class DMDTraining(PassConfig):
     """The DMD run (ndopt.train). The seed publishes none of these; DMD2's (Yin et al. 2024) two
@@ -348,6 +397,11 @@ class DMDTraining(PassConfig):
     guidance_steps: int = Field(0, ge=0)
     guidance_lr: float = Field(1e-4, gt=0)
     ema_decay: float = Field(0.0, ge=0, lt=1)  # the student's weights: an exponential moving average (0: off)
+    # beyond the seed: a trajectory-distillation polish (TrajectoryDistillation) after DMD, on teacher samples
+    trajectory_steps: int = Field(0, ge=0)
+    trajectory_lr: float = Field(2e-5, gt=0)
+    trajectory_clips: int | None = Field(None, ge=1)  # teacher samples to distil on; None: the data's clip count
+    trajectory_latent_frames: int | None = Field(None, ge=1)  # their latent frames; None: the data's
 
 
 @register
@@ -429,11 +483,15 @@ class StepDistillation(Pass):
             metrics["student_weights"] = str(self.config.student_weights)
             artifacts: dict[str, Path] = {}
         else:
-            student, result = distil_student(pipeline, after, self.config, d, ctx)
+            student, results = distil_student(pipeline, after, self.config, d, ctx)
+            result = results["dmd"]
             metrics["train_steps"] = result.steps
             metrics["resumed_from"] = result.resumed_from
             for key in ("loss_student", "loss_fake"):
                 metrics[f"{key}_curve"] = [round(x, 6) for x in result.loss_curve(key)]
+            if "trajectory" in results:
+                metrics["trajectory_steps"] = results["trajectory"].steps
+                metrics["trajectory_loss_curve"] = [round(x, 6) for x in results["trajectory"].loss_curve()]
             artifacts = {"loss_plot": d / "dmd" / "loss.png", "train_metrics": d / "dmd" / "metrics.json",
                          "student": save_student(d / "student.safetensors", student, comp.module, after,
                                                  self.config)}
@@ -448,8 +506,9 @@ class StepDistillation(Pass):
 
 
 def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.Config, pass_dir: Path,
-                   ctx: PassContext) -> tuple[torch.nn.Module, Any]:
-    """Student and fake model from the teacher's weights, trained by Pyramidal DMD (resumable)."""
+                   ctx: PassContext) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Student and fake model from the teacher's weights, trained by Pyramidal DMD (resumable), with the
+    optional warm start before it and trajectory polish after it; the runs' results by name."""
     from ndopt.train.engine import TrainConfig, Trainer
     from ndopt.train.finetune import DataSpec, text_len_for, training_latents
     from ndopt.train.objectives import PromptEncoder
@@ -459,7 +518,8 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
     suffix, negative = getattr(smp, "prompt_suffix", ""), getattr(smp, "negative_prompt", "")
     data = training_latents(pipeline, DataSpec(**cfg.data.model_dump(), seed=ctx.seed), pass_dir / "cache")
     if cfg.clean == "teacher":
-        data = teacher_samples(pipeline, data, ctx.seed_for(704), pass_dir / "cache")
+        data = teacher_samples(pipeline, data.captions, tuple(data.latents.shape[1:]), ctx.seed_for(704),
+                               pass_dir / "cache")
     text_len = text_len_for(pipeline, [c + suffix for c in data.captions] + [negative])
     te = PromptEncoder(pipeline.by_role("text_encoder")[0].module, text_len)
     student, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
@@ -484,10 +544,23 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
                              uses=(*trainable, "teacher", "text_encoder"))
     config = TrainConfig(steps=t.steps, lr=t.lr, lr_multipliers={"fake": t.fake_lr_multiplier} if t.dmd_weight else {},
                          **common, log_every=max(1, min(10 * every, t.steps // 10)))
-    result = Trainer(trainable=trainable, frozen=frozen,
-                     objective=objective, data=data, config=config, run_dir=pass_dir / "dmd", device=ctx.device,
-                     name="pyramidal_dmd").fit()
-    return student.eval().requires_grad_(False), result
+    results = {"dmd": Trainer(trainable=trainable, frozen=frozen, objective=objective, data=data, config=config,
+                              run_dir=pass_dir / "dmd", device=ctx.device, name="pyramidal_dmd").fit()}
+    if t.trajectory_steps:
+        n = t.trajectory_clips or len(data)
+        frames = t.trajectory_latent_frames or int(data.latents.shape[2])
+        bank = teacher_samples(pipeline, [data.captions[i % len(data)] for i in range(n)],
+                               (*data.latents.shape[1:2], frames, *data.latents.shape[3:]), ctx.seed_for(704),
+                               pass_dir / "cache")
+        own = pipeline.replace(schedule=target.with_guidance("none").with_frames(frames, *(int(x) * VAE_SPATIAL
+                                                                       for x in data.latents.shape[3:])))
+        polish = Trainer(trainable={"student": student}, frozen={},
+                         objective=TrajectoryDistillation(own), data=bank,
+                         config=TrainConfig(steps=t.trajectory_steps, lr=t.trajectory_lr, **common,
+                                            log_every=max(1, min(10, t.trajectory_steps // 10))),
+                         run_dir=pass_dir / "trajectory", device=ctx.device, name="trajectory_distillation").fit()
+        results["trajectory"] = polish
+    return student.eval().requires_grad_(False), results
 
 
 def _steps_key(schedule: Schedule) -> str:
@@ -546,63 +619,68 @@ def load_student(path: Path, teacher: torch.nn.Module, target: Schedule) -> torc
 
 @dataclass
 class SampledLatents:
-    """Latents of a dataset's captions sampled by a pipeline: a drop-in for a LatentCache."""
+    """Latents of a dataset's captions sampled by a pipeline, with each sample's noise seed: a drop-in
+    for a LatentCache whose examples also say which noise they came from."""
 
     captions: list[str]
     latents: Tensor
+    noise_seeds: Tensor  # int64 [N]: sample i is the pipeline's output for Generator().manual_seed(seed i)
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int) -> Example:
-        return Example(self.captions[index], latents=self.latents[index])
+        return Example(self.captions[index], latents=self.latents[index], noise_seed=int(self.noise_seeds[index]))
 
 
-def teacher_samples(pipeline: Pipeline, data: Any, seed: int, cache_dir: Path, chunk: int = 16) -> SampledLatents:
-    """The teacher's own samples of `data`'s captions, as many latent frames as `data`'s latents, at
-    its full schedule with its CFG and negative prompt (cached in `cache_dir`, keyed by the DiT's and
-    text encoder's weights, the data and the seed).
+def teacher_samples(pipeline: Pipeline, captions: list[str], shape: tuple[int, ...], seed: int, cache_dir: Path,
+                    chunk: int = 16) -> SampledLatents:
+    """The teacher's own samples of `captions` (latent `shape` [C, T, h, w] each) at its full schedule
+    with its CFG and negative prompt, sample i from its own generator (`noise_seeds`, so its noise does
+    not depend on the batch it was drawn in and a student can be run from the same noise), cached in
+    `cache_dir`, keyed by the DiT's and text encoder's weights, the captions, shape, schedule and seed.
 
     Why (`clean: teacher`, beyond the seed): a student whose inputs are noised data and whose Cauchy
     target is the data is trained off the states it meets when it samples, and is pulled towards the
     data, not its teacher, while the latent-PSNR figure compares it with the teacher. On the tiny
     teacher the two are close (first-frame latent std 1.67 for its samples of 256 training captions,
     1.30 for the data) and the option measured no gain (4-4-4, DMD + ode, 500 steps: 27.3 dB vs 27.4;
-    after the warm start, 29.0 vs 29.0-30.0); it is for teachers whose samples drift from their data."""
+    after the warm start, 29.0 vs 29.0-30.0); it is for teachers whose samples drift from their data.
+    The trajectory stage (`trajectory_steps`) needs them with their noise (TrajectoryDistillation)."""
     from safetensors.torch import load_file, save_file
 
     from ndopt.io import atomic_path
     from ndopt.progress import progress
-    from ndopt.train.data import module_fingerprint
+    from ndopt.train.data import module_fingerprint, sample_seed
 
-    z = data.latents
-    captions = list(data.captions)
-    sch = pipeline.schedule.with_frames(int(z.shape[2]), int(z.shape[-2]) * VAE_SPATIAL, int(z.shape[-1]) * VAE_SPATIAL)
+    captions = list(captions)
+    shape = tuple(int(x) for x in shape)
+    sch = pipeline.schedule.with_frames(shape[1], shape[-2] * VAE_SPATIAL, shape[-1] * VAE_SPATIAL)
     dit, te = pipeline.by_role("dit")[0].module, pipeline.by_role("text_encoder")[0].module
-    what = hashlib.blake2b(repr((captions, tuple(z.shape), seed, sch, getattr(pipeline.sampler, "negative_prompt", ""),
+    what = hashlib.blake2b(repr((captions, shape, seed, sch, getattr(pipeline.sampler, "negative_prompt", ""),
                                  getattr(pipeline.sampler, "prompt_suffix", ""))).encode(), digest_size=8).hexdigest()
     path = Path(cache_dir) / f"teacher-samples-{module_fingerprint(dit)}-{module_fingerprint(te)}-{what}.safetensors"
     if path.is_file():
-        latents = load_file(str(path))["latents"]
-        log.info("step_distillation: read %d teacher samples from %s", len(latents), path)
-        return SampledLatents(captions, latents)
+        saved = load_file(str(path))
+        log.info("step_distillation: read %d teacher samples from %s", len(saved["latents"]), path)
+        return SampledLatents(captions, saved["latents"], saved["noise_seeds"])
     pipe = pipeline.replace(schedule=sch)
-    g = torch.Generator().manual_seed(seed)
+    seeds = torch.tensor([sample_seed(seed, i, "teacher-sample") for i in range(len(captions))], dtype=torch.int64)
     out = []
     with torch.no_grad(), progress("step_distillation: sampling the teacher", len(captions)) as advance:
         for start in range(0, len(captions), chunk):
             part = captions[start:start + chunk]
-            out.append(pipe.sampler.sample(pipe, part, generator=g).float().cpu())
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + chunk]]
+            out.append(pipe.sampler.sample(pipe, part, generator=gens).float().cpu())
             for _ in part:
                 advance()
     latents = torch.cat(out)
-    if latents.shape[1:] != z.shape[1:]:
-        raise PassError(f"step_distillation: teacher samples have shape {tuple(latents.shape[1:])}, the data's "
-                        f"latents {tuple(z.shape[1:])}")
+    if latents.shape[1:] != shape:
+        raise PassError(f"step_distillation: teacher samples have shape {tuple(latents.shape[1:])}, asked for {shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp))
-    return SampledLatents(captions, latents)
+        save_file({"latents": latents.contiguous(), "noise_seeds": seeds}, str(tmp))
+    return SampledLatents(captions, latents, seeds)
 
 
 def evaluate(teacher: Pipeline, student: Pipeline, latent_frames: int, reference_steps: list[int] | None,

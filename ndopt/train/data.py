@@ -53,6 +53,7 @@ class Example:
     caption: str
     video: Tensor | None = None
     latents: Tensor | None = None
+    noise_seed: int | None = None  # the seed of the noise `latents` were sampled from (a teacher's sample)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Batch:
     latents: Tensor | None
     indices: Tensor
     seeds: Tensor
+    noise_seeds: Tensor | None = None  # the examples' own noise seeds, where every example has one
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -77,7 +79,8 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         return Batch(self.captions, None if self.videos is None else self.videos.to(device),
-                     None if self.latents is None else self.latents.to(device), self.indices, self.seeds)
+                     None if self.latents is None else self.latents.to(device), self.indices, self.seeds,
+                     self.noise_seeds)
 
 
 class Dataset(Protocol):
@@ -93,8 +96,10 @@ def collate(examples: Sequence[Example], indices: Sequence[int], seeds: Sequence
             return None
         return torch.stack(items)
 
+    noise = [e.noise_seed for e in examples]
     return Batch([e.caption for e in examples], stack("video"), stack("latents"),
-                 torch.tensor(list(indices), dtype=torch.int64), torch.tensor(list(seeds), dtype=torch.int64))
+                 torch.tensor(list(indices), dtype=torch.int64), torch.tensor(list(seeds), dtype=torch.int64),
+                 None if any(n is None for n in noise) else torch.tensor(noise, dtype=torch.int64))
 
 
 def sample_seed(seed: int, index: int, salt: str = "") -> int:

@@ -53,6 +53,28 @@ def test_deterministic_for_a_seed_and_different_across_seeds(tiny):
     assert a.shape == (1, 16, 3, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_one_generator_per_sample(tiny):
+    """Per-row generators: a sample's noise is its own generator's, whatever batch it is drawn in (what a
+    distillation bank replays); one generator given per row draws what that one generator draws."""
+    from ndopt.errors import NdoptError
+
+    p = _small(tiny).replace(schedule=_small(tiny).schedule.with_guidance("none"))
+
+    def g(seed):
+        return torch.Generator().manual_seed(seed)
+
+    with torch.no_grad():
+        pair = p.sampler.sample(p, ["a red circle", "a blue ring"], generator=[g(3), g(4)])
+        alone = p.sampler.sample(p, ["a blue ring"], generator=[g(4)])
+        shared = g(5)
+        rows = p.sampler.sample(p, ["a red circle", "a blue ring"], generator=[shared, shared])
+        one = p.sampler.sample(p, ["a red circle", "a blue ring"], generator=g(5))
+    assert torch.allclose(pair[1:], alone, atol=1e-5) and not torch.allclose(pair[:1], alone, atol=1e-2)
+    assert torch.allclose(rows, one, atol=1e-6)
+    with pytest.raises(NdoptError, match="one per sample"):
+        p.sampler.sample(p, ["a red circle", "a blue ring"], generator=[g(3)])
+
+
 @pytest.mark.parametrize("mode", ["cfg", "cfg_batched", "none"])
 def test_dit_calls_counted_equal_the_plan(tiny, mode):
     p = _small(tiny)

@@ -272,17 +272,16 @@ def test_guidance_distillation_regresses_the_guided_velocity(tiny):
 def test_teacher_samples_are_the_pipelines_own_and_cached(tiny, tmp_path, monkeypatch):
     from passes.step_distillation import teacher_samples
 
-    latents = torch.randn(3, 16, 1, 8, 8)
-    data = type("D", (), {"latents": latents, "captions": ["a red circle", "a blue ring", "a green square"]})()
+    captions = ["a red circle", "a blue ring", "a green square"]
     short = tiny.replace(schedule=tiny.schedule.with_steps((2, 2, 2)))  # a short full schedule: fast
-    got = teacher_samples(short, data, 7, tmp_path, chunk=2)
-    assert got.latents.shape == latents.shape and len(got) == 3 and got[1].caption == "a blue ring"
+    got = teacher_samples(short, captions, (16, 1, 8, 8), 7, tmp_path, chunk=2)
+    assert got.latents.shape == (3, 16, 1, 8, 8) and len(got) == 3 and got[1].caption == "a blue ring"
+    assert got[1].noise_seed == int(got.noise_seeds[1]) and len(set(got.noise_seeds.tolist())) == 3
     pipe = short.replace(schedule=short.schedule.with_frames(1, 64, 64))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        want = torch.cat([pipe.sampler.sample(pipe, data.captions[:2], generator=g),
-                          pipe.sampler.sample(pipe, data.captions[2:], generator=g)])
-    assert torch.allclose(got.latents, want.float(), atol=1e-6)  # CFG, negative prompt and noise of the sampler
+    with torch.no_grad():  # each sample from its own generator, in another batch than the bank's chunks
+        want = pipe.sampler.sample(pipe, captions, generator=[torch.Generator().manual_seed(int(s))
+                                                              for s in got.noise_seeds])
+    assert torch.allclose(got.latents, want.float(), atol=1e-5)  # CFG, negative prompt and noise of the sampler
     assert len(list(tmp_path.glob("teacher-samples-*.safetensors"))) == 1
 
     class Sampled(Exception):
@@ -292,9 +291,79 @@ def test_teacher_samples_are_the_pipelines_own_and_cached(tiny, tmp_path, monkey
         raise Sampled
 
     monkeypatch.setattr(type(short.sampler), "sample", refuse)
-    assert torch.equal(teacher_samples(short, data, 7, tmp_path).latents, got.latents)  # read, not sampled
-    with pytest.raises(Sampled):  # another seed (or caption, schedule, weights) is another bank
-        teacher_samples(short, data, 8, tmp_path)
+    again = teacher_samples(short, captions, (16, 1, 8, 8), 7, tmp_path)
+    assert torch.equal(again.latents, got.latents) and torch.equal(again.noise_seeds, got.noise_seeds)  # read
+    with pytest.raises(Sampled):  # another seed (or caption, shape, schedule, weights) is another bank
+        teacher_samples(short, captions, (16, 1, 8, 8), 8, tmp_path)
+
+
+def _trajectory_bank(pipe, captions, seeds):
+    """What teacher_samples holds for these captions and seeds, sampled by `pipe`."""
+    from passes.step_distillation import SampledLatents
+
+    seeds = torch.tensor(seeds, dtype=torch.int64)
+    with torch.no_grad():
+        z = pipe.sampler.sample(pipe, captions, generator=[torch.Generator().manual_seed(int(s)) for s in seeds])
+    return SampledLatents(captions, z.float(), seeds)
+
+
+def test_trajectory_distillation_replays_the_teachers_noise(tiny):
+    """The objective runs the student's own k-step sampler from each sample's noise seed: against a bank
+    that the same pipeline sampled, its loss is 0 (the noise is replayed exactly); against the teacher's
+    full-schedule samples, it is the MSE of the student's k-step samples, recomputed apart; the gradient
+    flows through every step into the student only."""
+    from ndopt.train.data import collate
+    from passes.step_distillation import TrajectoryDistillation
+
+    captions, seeds = ["a red circle moving left", "a blue square moving up"], [11, 12]
+    student = copy.deepcopy(tiny["dit"].module).requires_grad_(True)
+    own = tiny.replace(schedule=tiny.schedule.with_steps((2, 2, 2)).with_guidance("none").with_frames(1, 64, 64))
+    with_student = own.replace(dit=own["dit"].with_module(student))
+
+    class _Modules:
+        def __getitem__(self, name):
+            return student
+
+        def raw(self, name):
+            return student
+
+    def loss(bank):
+        batch = collate([bank[i] for i in range(len(bank))], [0, 1], [0, 0])
+        return TrajectoryDistillation(own)(_Modules(), batch, StepInfo(0, 0, 0))
+
+    assert loss(_trajectory_bank(with_student, captions, seeds)).loss.item() < 1e-10
+    full = tiny.replace(schedule=tiny.schedule.with_steps((4, 4, 4)).with_frames(1, 64, 64))  # guided, 4 steps
+    bank = _trajectory_bank(full, captions, seeds)
+    out = loss(bank)
+    with torch.no_grad():
+        mine = with_student.sampler.sample(with_student, captions, generator=[torch.Generator().manual_seed(s)
+                                                                             for s in seeds])
+    assert out.loss.item() == pytest.approx(float((mine - bank.latents).pow(2).mean()), rel=1e-4)
+    assert out.loss.item() > 1e-3 and math.isfinite(out.metrics["latent_psnr"])
+    out.loss.backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in tiny["dit"].module.parameters())
+    with pytest.raises(PassError, match="noise seeds"):
+        batch = collate([bank[0]], [0], [0])
+        TrajectoryDistillation(own)(_Modules(), replace(batch, noise_seeds=None), StepInfo(0, 0, 0))
+
+
+def test_trajectory_polish_in_the_pass(tiny, tmp_path):
+    """trajectory_steps: after DMD (here 0 steps), the student is distilled onto the teacher's own samples
+    (a bank of `trajectory_clips` at `trajectory_latent_frames`, cached) and the run is reported."""
+    cfg = {"steps": [2, 2, 2], "evaluate": False, "data": {"clips": 2, "frames": 9},
+           "train": {"steps": 0, "batch_size": 2, "checkpoint_every": 1, "trajectory_steps": 2,
+                     "trajectory_lr": 1e-3, "trajectory_clips": 3, "trajectory_latent_frames": 1}}
+    res = StepDistillation(cfg).run(tiny.replace(schedule=tiny.schedule.with_steps((3, 3, 3), (2, 2, 2))),
+                                    PassContext(run_dir=tmp_path))
+    d = next((tmp_path / "passes").iterdir())
+    assert (d / "trajectory" / "metrics.json").is_file()
+    from safetensors.torch import load_file
+
+    (bank,) = list((d / "cache").glob("teacher-samples-*"))
+    assert load_file(str(bank))["latents"].shape == (3, 16, 1, 8, 8)
+    assert res.metrics["trajectory_steps"] == 2 and len(res.metrics["trajectory_loss_curve"]) == 2
+    assert not _same(_weights(res.pipeline["dit"].module), _weights(tiny["dit"].module))
 
 
 def test_guidance_warm_start_and_teacher_data_in_the_pass(tiny, tmp_path):

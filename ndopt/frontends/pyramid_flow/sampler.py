@@ -10,7 +10,7 @@ The Schedule in the IR drives everything, so passes that change the schedule cha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,12 +74,28 @@ def dit_layout(schedule: Schedule, unit: int, stage: int, batch: int, text_len: 
     return DiTLayout(batch=batch, text_len=text_len, clips=tuple(clips))
 
 
-def block_noise(shape: tuple[int, ...], gamma: float, generator: torch.Generator) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def randn(shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
+    """Standard normal noise of `shape` from one generator, or from one generator per row (dim 0).
+
+    Per-row generators make a sample's noise independent of the batch it is drawn in (a distillation
+    bank replays the teacher's noise for the same captions in other batches); with the same generator
+    for every row the draw equals the one-generator draw."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator)
+    if len(generator) != shape[0]:
+        raise NdoptError(f"{len(generator)} generators for a batch of {shape[0]}: give one per sample")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+
+
+def block_noise(shape: tuple[int, ...], gamma: float, generator: Generators) -> torch.Tensor:
     """Noise correlated within 2x2 blocks: covariance (1 + gamma) I - gamma 11^T (upstream)."""
     b, c, t, h, w = shape
     cov = torch.eye(4, dtype=torch.float64) * (1 + gamma) - torch.ones(4, 4, dtype=torch.float64) * gamma
     chol = torch.linalg.cholesky(cov).float()
-    z = torch.randn(b * c * t * (h // 2) * (w // 2), 4, generator=generator) @ chol.T
+    z = randn((b, c * t * (h // 2) * (w // 2), 4), generator).reshape(-1, 4) @ chol.T
     z = z.reshape(b, c, t, h // 2, w // 2, 2, 2).permute(0, 1, 2, 3, 5, 4, 6)
     return z.reshape(b, c, t, h, w)
 
@@ -198,7 +214,7 @@ class PyramidFlowSampler:
         nemb, nmask, npooled = te.module([self.negative_prompt] * len(prompts))
         return emb, mask, pooled, nemb, nmask, npooled
 
-    def sample(self, pipeline: Pipeline, prompts: list[str], *, generator: torch.Generator,
+    def sample(self, pipeline: Pipeline, prompts: list[str], *, generator: Generators,
                progress: Progress | None = None) -> torch.Tensor:
         sch = pipeline.schedule
         if sch.first_frame != "generate":
@@ -215,7 +231,7 @@ class PyramidFlowSampler:
         c = dit.module.config.in_channels
         n_stages = len(sch.stages)
         h, w = stage_hw(sch, n_stages - 1)
-        noise = torch.randn(bsz, c, sch.latent_frames, h, w, generator=generator)
+        noise = randn((bsz, c, sch.latent_frames, h, w), generator)
         for s in range(n_stages - 1):  # upstream starts from bilinearly downsampled noise (x2 keeps unit variance)
             hh, ww = stage_hw(sch, n_stages - 2 - s)
             noise = _resize(noise, hh, ww, "bilinear") * 2
