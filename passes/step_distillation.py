@@ -46,6 +46,12 @@ Also beyond the seed (off by default):
   of the data's captions instead of the data (`teacher_samples`), so they come from the distribution
   the latent-PSNR figure compares with.
 - `ema_decay`: the student's weights are an exponential moving average.
+- `trajectory_steps`: a trajectory-distillation polish after DMD (Luhman & Luhman 2021, through the whole
+  pyramid; TrajectoryDistillation). The student runs its own k-step sampler from the noise of a teacher
+  sample (`teacher_samples`: full schedule, CFG, one generator per sample) and regresses that sample,
+  backpropagating through every step, renoise and stage. The per-step terms pull each step onto the
+  teacher's path by itself, from noised data; this one trains on the states the student meets when it
+  samples and lets its k steps share out their errors, and it is what the latent-PSNR figure measures.
 With `dmd_weight` 0 there is no fake model: every step is the student's (pure trajectory distillation).
 
 Tiny teacher (CFG 5), latent PSNR vs its 20-20-20 schedule over 4 noise draws (worst in brackets):
@@ -664,7 +670,8 @@ def teacher_samples(pipeline: Pipeline, captions: list[str], shape: tuple[int, .
         saved = load_file(str(path))
         log.info("step_distillation: read %d teacher samples from %s", len(saved["latents"]), path)
         return SampledLatents(captions, saved["latents"], saved["noise_seeds"])
-    pipe = pipeline.replace(schedule=sch)
+    # the conditional and unconditional calls as one of batch 2B (cfg_folding: the same numbers, fewer calls)
+    pipe = pipeline.replace(schedule=sch.with_guidance("cfg_batched") if sch.guidance.mode == "cfg" else sch)
     seeds = torch.tensor([sample_seed(seed, i, "teacher-sample") for i in range(len(captions))], dtype=torch.int64)
     out = []
     with torch.no_grad(), progress("step_distillation: sampling the teacher", len(captions)) as advance:
