@@ -281,7 +281,10 @@ def test_teacher_samples_are_the_pipelines_own_and_cached(tiny, tmp_path, monkey
     with torch.no_grad():  # each sample from its own generator, in another batch than the bank's chunks
         want = pipe.sampler.sample(pipe, captions, generator=[torch.Generator().manual_seed(int(s))
                                                               for s in got.noise_seeds])
-    assert torch.allclose(got.latents, want.float(), atol=1e-5)  # CFG, negative prompt and noise of the sampler
+    # CFG, negative prompt and noise of the sampler; other batch shapes (chunks of 2 against 3, CFG batched)
+    # change the GEMMs' summation order, which the sampler's 6 steps carry on at float32 rounding
+    err = (got.latents - want.float()).abs().max().item()
+    assert err < 1e-4 * want.abs().max().item(), err
     assert len(list(tmp_path.glob("teacher-samples-*.safetensors"))) == 1
 
     class Sampled(Exception):
