@@ -45,8 +45,7 @@ Also beyond the seed (off by default):
 - `clean: teacher`: the student's inputs and Cauchy targets are built from the teacher's own samples
   of the data's captions instead of the data (`teacher_samples`), so they come from the distribution
   the latent-PSNR figure compares with.
-- `ema_decay`: the student's weights are an exponential moving average (`trajectory_ema_decay`: the
-  trajectory stage's own, where it differs).
+- `ema_decay`: the student's weights are an exponential moving average.
 - `trajectory_steps`: a trajectory-distillation polish after DMD (Luhman & Luhman 2021, through the whole
   pyramid; TrajectoryDistillation). The student runs its own k-step sampler from the noise of a teacher
   sample (`teacher_samples`: full schedule, CFG, one generator per sample) and regresses that sample,
@@ -409,7 +408,6 @@ class DMDTraining(PassConfig):
     trajectory_lr: float = Field(2e-5, gt=0)
     trajectory_clips: int | None = Field(None, ge=1)  # teacher samples to distil on; None: the data's clip count
     trajectory_latent_frames: int | None = Field(None, ge=1)  # their latent frames; None: the data's
-    trajectory_ema_decay: float | None = Field(None, ge=0, lt=1)  # the stage's EMA; None: ema_decay's
 
 
 @register
@@ -562,10 +560,9 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
                                pass_dir / "cache")
         own = pipeline.replace(schedule=target.with_guidance("none").with_frames(frames, *(int(x) * VAE_SPATIAL
                                                                        for x in data.latents.shape[3:])))
-        ema = t.ema_decay if t.trajectory_ema_decay is None else t.trajectory_ema_decay
         polish = Trainer(trainable={"student": student}, frozen={},
                          objective=TrajectoryDistillation(own), data=bank,
-                         config=TrainConfig(steps=t.trajectory_steps, lr=t.trajectory_lr, **{**common, "ema_decay": ema},
+                         config=TrainConfig(steps=t.trajectory_steps, lr=t.trajectory_lr, **common,
                                             log_every=max(1, min(10, t.trajectory_steps // 10))),
                          run_dir=pass_dir / "trajectory", device=ctx.device, name="trajectory_distillation").fit()
         results["trajectory"] = polish
