@@ -61,6 +61,18 @@ def training_latents(pipeline: Pipeline, data: DataSpec, cache_dir: Path) -> Lat
     return LatentCache(ds, enc.module, cache_dir, size=data.clips, name=name).load()
 
 
+def training_captions(data: DataSpec, n: int) -> list[str]:
+    """The first `n` captions of the clip source, without rendering or reading any video: procedural
+    data draws scenes 0..n-1 (its first `clips` are the captions of `training_latents`, the rest new
+    scenes of the same distribution); a folder repeats its captions in order once they run out."""
+    if data.source == "procedural":
+        pc = ProceduralConfig(frames=data.frames, height=data.height, width=data.width)
+        ds = ProceduralVideos(pc, seed=data.seed + 7)
+        return [ds.scene(i)[0].caption for i in range(n)]
+    items = FolderVideos(data.source, frames=data.frames, height=data.height, width=data.width).items
+    return [items[i % len(items)][1] for i in range(n)]
+
+
 def text_len_for(pipeline: Pipeline, captions: Sequence[str]) -> int:
     """The shortest T5 length (a multiple of 8) that holds every caption: exact, and cheaper than 128."""
     te = pipeline.by_role("text_encoder")[0].module

@@ -111,3 +111,18 @@ def test_collate_keeps_positions_and_seeds():
     b = collate([ds[0], ds[1]], [10, 11], [5, 6])
     assert b.videos.shape == (2, 3, 9, 64, 64) and b.latents is None and b.indices.tolist() == [10, 11]
     assert torch.equal(torch.randn(3, generator=b.generators()[0]), torch.randn(3, generator=torch.Generator().manual_seed(5)))
+
+
+def test_training_captions_extend_the_latent_caches_captions(tiny, tmp_path):
+    """The trajectory bank's captions: the first `clips` are the encoded clips' captions (same scenes);
+    procedural data goes on with new scenes (more distinct captions), a folder repeats its own."""
+    from ndopt.train.finetune import DataSpec, training_captions, training_latents
+
+    spec = DataSpec(clips=3, seed=2)
+    cache = training_latents(tiny, spec, tmp_path / "cache")
+    more = training_captions(spec, 40)
+    assert more[:3] == list(cache.captions) and len(set(more)) > 20 and more == training_captions(spec, 40)
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "captions.jsonl").write_text(
+        "".join(json.dumps({"video": f"{i}.gif", "caption": c}) + "\n" for i, c in enumerate(["a", "b"])))
+    assert training_captions(DataSpec(source=str(tmp_path / "clips")), 5) == ["a", "b", "a", "b", "a"]
