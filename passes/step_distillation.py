@@ -533,7 +533,8 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
     teacher = pipeline.by_role("dit")[0].module
     smp = pipeline.sampler
     suffix, negative = getattr(smp, "prompt_suffix", ""), getattr(smp, "negative_prompt", "")
-    data = training_latents(pipeline, DataSpec(**cfg.data.model_dump(), seed=ctx.seed), pass_dir / "cache")
+    spec = DataSpec(**cfg.data.model_dump(), seed=ctx.seed)
+    data = training_latents(pipeline, spec, pass_dir / "cache")
     if cfg.clean == "teacher":
         data = teacher_samples(pipeline, data.captions, tuple(data.latents.shape[1:]), ctx.seed_for(704),
                                pass_dir / "cache")
@@ -566,7 +567,7 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
     if t.trajectory_steps:
         n = t.trajectory_clips or len(data)
         frames = t.trajectory_latent_frames or int(data.latents.shape[2])
-        bank = teacher_samples(pipeline, training_captions(DataSpec(**cfg.data.model_dump(), seed=ctx.seed), n),
+        bank = teacher_samples(pipeline, training_captions(spec, n),
                                (*data.latents.shape[1:2], frames, *data.latents.shape[3:]), ctx.seed_for(704),
                                pass_dir / "cache")
         own = pipeline.replace(schedule=target.with_guidance("none").with_frames(frames, *(int(x) * VAE_SPATIAL

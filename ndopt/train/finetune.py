@@ -46,18 +46,21 @@ class DataSpec:
     seed: int = 0
 
 
+def _clip_source(data: DataSpec) -> tuple[ProceduralVideos | FolderVideos, str]:
+    """The clip dataset the spec names, and its latent-cache name."""
+    if data.source == "procedural":
+        pc = ProceduralConfig(frames=data.frames, height=data.height, width=data.width)
+        return ProceduralVideos(pc, seed=data.seed + 7), f"procedural-{pc.fingerprint()}-s{data.seed}"
+    ds = FolderVideos(data.source, frames=data.frames, height=data.height, width=data.width)
+    return ds, Path(data.source).name or "folder"
+
+
 def training_latents(pipeline: Pipeline, data: DataSpec, cache_dir: Path) -> LatentCache:
     enc = pipeline.components.get("vae_encoder")
     if enc is None:
         raise PassError("fine-tuning on data needs the pipeline's vae_encoder to encode clips: run this pass "
                         "before dead_component_elimination (or keep vae_encoder there)")
-    if data.source == "procedural":
-        pc = ProceduralConfig(frames=data.frames, height=data.height, width=data.width)
-        ds = ProceduralVideos(pc, seed=data.seed + 7)
-        name = f"procedural-{pc.fingerprint()}-s{data.seed}"
-    else:
-        ds = FolderVideos(data.source, frames=data.frames, height=data.height, width=data.width)
-        name = Path(data.source).name or "folder"
+    ds, name = _clip_source(data)
     return LatentCache(ds, enc.module, cache_dir, size=data.clips, name=name).load()
 
 
@@ -65,12 +68,10 @@ def training_captions(data: DataSpec, n: int) -> list[str]:
     """The first `n` captions of the clip source, without rendering or reading any video: procedural
     data draws scenes 0..n-1 (its first `clips` are the captions of `training_latents`, the rest new
     scenes of the same distribution); a folder repeats its captions in order once they run out."""
-    if data.source == "procedural":
-        pc = ProceduralConfig(frames=data.frames, height=data.height, width=data.width)
-        ds = ProceduralVideos(pc, seed=data.seed + 7)
+    ds, _ = _clip_source(data)
+    if isinstance(ds, ProceduralVideos):
         return [ds.scene(i)[0].caption for i in range(n)]
-    items = FolderVideos(data.source, frames=data.frames, height=data.height, width=data.width).items
-    return [items[i % len(items)][1] for i in range(n)]
+    return [ds.items[i % len(ds.items)][1] for i in range(n)]
 
 
 def text_len_for(pipeline: Pipeline, captions: Sequence[str]) -> int:
