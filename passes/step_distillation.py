@@ -419,11 +419,6 @@ class DMDTraining(PassConfig):
     # `data.clips`, procedural data draws new scenes (more distinct captions), a folder repeats its own
     trajectory_clips: int | None = Field(None, ge=1)
     trajectory_latent_frames: int | None = Field(None, ge=1)  # their latent frames; None: the data's
-    # a uniform model soup (Wortsman et al. 2022): k trajectory runs from the same start, each with its own
-    # data order (seed + r), and the student is the mean of their weights: of each run's last
-    # `trajectory_average_last` checkpoints (`checkpoint_every` apart; 1: its final weights)
-    trajectory_runs: int = Field(1, ge=1)
-    trajectory_average_last: int = Field(1, ge=1)
 
 
 @register
@@ -514,12 +509,6 @@ class StepDistillation(Pass):
             if "trajectory" in results:
                 metrics["trajectory_steps"] = results["trajectory"].steps
                 metrics["trajectory_loss_curve"] = [round(x, 6) for x in results["trajectory"].loss_curve()]
-                runs = results["trajectory_runs"]
-                if len(runs) > 1 or self.config.train.trajectory_average_last > 1:
-                    metrics["trajectory_soup"] = {"runs": len(runs),
-                                                  "checkpoints_per_run": self.config.train.trajectory_average_last,
-                                                  "final_loss": [round(r.final.get("loss", float("nan")), 6)
-                                                                 for r in runs]}
             artifacts = {"loss_plot": d / "dmd" / "loss.png", "train_metrics": d / "dmd" / "metrics.json",
                          "student": save_student(d / "student.safetensors", student, comp.module, after,
                                                  self.config)}
@@ -583,69 +572,13 @@ def distil_student(pipeline: Pipeline, target: Schedule, cfg: StepDistillation.C
                                pass_dir / "cache")
         own = pipeline.replace(schedule=target.with_guidance("none").with_frames(frames, *(int(x) * VAE_SPATIAL
                                                                        for x in data.latents.shape[3:])))
-        student, results["trajectory_runs"] = _trajectory_soup(student, own, bank, t, common, pass_dir, ctx)
-        results["trajectory"] = results["trajectory_runs"][0]
+        polish = Trainer(trainable={"student": student}, frozen={},
+                         objective=TrajectoryDistillation(own), data=bank,
+                         config=TrainConfig(steps=t.trajectory_steps, lr=t.trajectory_lr, **common,
+                                            log_every=max(1, min(10, t.trajectory_steps // 10))),
+                         run_dir=pass_dir / "trajectory", device=ctx.device, name="trajectory_distillation").fit()
+        results["trajectory"] = polish
     return student.eval().requires_grad_(False), results
-
-
-def _trajectory_soup(student: torch.nn.Module, own: Pipeline, bank: Any, t: DMDTraining, common: dict[str, Any],
-                     pass_dir: Path, ctx: PassContext) -> tuple[torch.nn.Module, list[Any]]:
-    """The trajectory stage: `trajectory_runs` runs from `student`'s weights (run r in pass_dir/trajectory,
-    trajectory-1, ...; data order seed + r; each resumable), and the uniform mean of their weights, of the
-    last `trajectory_average_last` checkpoints of each run. One run of one checkpoint trains `student` in
-    place (no soup)."""
-    from ndopt.train.engine import TrainConfig, Trainer
-
-    k, last = t.trajectory_runs, t.trajectory_average_last
-    every = t.checkpoint_every
-    if last > 1 and (not every or every * (last - 1) >= t.trajectory_steps):
-        raise PassError(f"step_distillation: trajectory_average_last {last} needs {last} checkpoints per run, "
-                        f"checkpoint_every ({every}) apart within trajectory_steps ({t.trajectory_steps}): lower "
-                        "trajectory_average_last or checkpoint_every")
-    if last > 1 and t.ema_decay:
-        raise PassError("step_distillation: trajectory_average_last averages the checkpoints' raw weights; with "
-                        "ema_decay the run's weights are the EMA: use one of the two")
-    start = copy.deepcopy(student) if k > 1 else student
-    results, total, members = [], None, 0
-    for r in range(k):
-        member = student if r == 0 else copy.deepcopy(start)
-        config = TrainConfig(steps=t.trajectory_steps, lr=t.trajectory_lr,
-                             **{**common, "seed": common["seed"] + r},
-                             keep_checkpoints=max(2, last) if every else 2,
-                             log_every=max(1, min(10, t.trajectory_steps // 10)))
-        trainer = Trainer(trainable={"student": member}, frozen={}, objective=TrajectoryDistillation(own), data=bank,
-                          config=config, run_dir=pass_dir / ("trajectory" if r == 0 else f"trajectory-{r}"),
-                          device=ctx.device, name="trajectory_distillation" + (f" {r + 1}/{k}" if k > 1 else ""))
-        results.append(trainer.fit())
-        if k == 1 and last == 1:
-            return student, results
-        if last == 1:
-            states = [{n: v.detach() for n, v in member.state_dict().items()}]
-        else:
-            paths = sorted(trainer.checkpoint_dir.glob("step-*.pt"))[-last:]
-            steps = [int(p.stem.split("-")[1]) for p in paths]
-            want = [t.trajectory_steps - every * i for i in reversed(range(last))]
-            if steps != want:
-                raise PassError(f"step_distillation: {trainer.checkpoint_dir} holds the checkpoints of steps {steps}, "
-                                f"the soup needs {want}: delete the folder to run it again")
-            states = [{n[len("student."):]: v for n, v in
-                       torch.load(p, map_location="cpu", weights_only=True)["modules"].items()} for p in paths]
-        for state in states:
-            if total is None:
-                total = {n: v.double().clone() if v.is_floating_point() else v.clone() for n, v in state.items()}
-            else:
-                for n, v in state.items():
-                    if v.is_floating_point():
-                        total[n] += v.double()
-            members += 1
-        if r:
-            del member
-    ref = student.state_dict()
-    student.load_state_dict({n: (v / members).to(ref[n].dtype) if v.is_floating_point() else v
-                             for n, v in total.items()})
-    log.info("step_distillation: the student is the mean of %d trajectory checkpoints (%d runs x the last %d)",
-             members, k, last)
-    return student, results
 
 
 def _steps_key(schedule: Schedule) -> str:

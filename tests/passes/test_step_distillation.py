@@ -8,7 +8,6 @@ the module; the test that judges the figures needs the trained tiny teacher and 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -368,39 +367,6 @@ def test_trajectory_polish_in_the_pass(tiny, tmp_path):
     assert load_file(str(bank))["latents"].shape == (3, 16, 1, 8, 8)
     assert res.metrics["trajectory_steps"] == 2 and len(res.metrics["trajectory_loss_curve"]) == 2
     assert not _same(_weights(res.pipeline["dit"].module), _weights(tiny["dit"].module))
-
-
-def test_trajectory_soup_is_the_mean_of_the_runs_checkpoints(tiny, tmp_path):
-    """trajectory_runs 2 x trajectory_average_last 2: two runs from the same start with their own data
-    order (trajectory/, trajectory-1/), and the student is the mean of the weights of the last two
-    checkpoints of each; a second run of the pass resumes every run (trains nothing) and gives it back."""
-    cfg = {"steps": [2, 2, 2], "evaluate": False, "data": {"clips": 2, "frames": 9},
-           "train": {"steps": 0, "batch_size": 1, "checkpoint_every": 1, "trajectory_steps": 2,
-                     "trajectory_lr": 1e-3, "trajectory_clips": 4, "trajectory_latent_frames": 1,
-                     "trajectory_runs": 2, "trajectory_average_last": 2}}
-    pipe = tiny.replace(schedule=tiny.schedule.with_steps((3, 3, 3), (2, 2, 2)))
-    res = StepDistillation(cfg).run(pipe, PassContext(run_dir=tmp_path))
-    d = next((tmp_path / "passes").iterdir())
-    members = []
-    for run in ("trajectory", "trajectory-1"):
-        paths = sorted((d / run / "checkpoints").glob("step-*.pt"))
-        assert [p.name for p in paths] == ["step-0000001.pt", "step-0000002.pt"]
-        members += [{k[len("student."):]: v for k, v in torch.load(p, weights_only=True)["modules"].items()}
-                    for p in paths]
-    first, second = ([h["loss"] for h in json.loads((d / run / "metrics.json").read_text())["history"]]
-                     for run in ("trajectory", "trajectory-1"))
-    assert first != second  # another data order, so another run
-    assert not _same(members[1], members[3])
-    got = _weights(res.pipeline["dit"].module)
-    for name, v in got.items():
-        want = sum(m[name].double() for m in members) / 4
-        assert torch.allclose(v.double(), want, atol=1e-6), name
-    assert res.metrics["trajectory_soup"]["runs"] == 2 and res.metrics["trajectory_soup"]["checkpoints_per_run"] == 2
-    again = StepDistillation(cfg).run(pipe, PassContext(run_dir=tmp_path))
-    assert _same(_weights(again.pipeline["dit"].module), got)
-    with pytest.raises(PassError, match="trajectory_average_last 3 needs 3 checkpoints"):
-        StepDistillation({**cfg, "train": {**cfg["train"], "trajectory_average_last": 3}}).run(
-            pipe, PassContext(run_dir=tmp_path / "b"))
 
 
 def test_guidance_warm_start_and_teacher_data_in_the_pass(tiny, tmp_path):
