@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -64,12 +64,18 @@ def training_latents(pipeline: Pipeline, data: DataSpec, cache_dir: Path) -> Lat
     return LatentCache(ds, enc.module, cache_dir, size=data.clips, name=name).load()
 
 
-def training_captions(data: DataSpec, n: int) -> list[str]:
+def training_captions(data: DataSpec, n: int, *, held_out: bool = False) -> list[str]:
     """The first `n` captions of the clip source, without rendering or reading any video: procedural
     data draws scenes 0..n-1 (its first `clips` are the captions of `training_latents`, the rest new
-    scenes of the same distribution); a folder repeats its captions in order once they run out."""
+    scenes of the same distribution); a folder repeats its captions in order once they run out.
+
+    `held_out`: procedural scenes over every (colour, shape) pair of the vocabulary, the pairs the
+    data holds out of training included (prompts only: no clip of them is rendered). For distillation
+    onto a teacher's samples, whose prompts are the teacher's whole prompt space, not its training set."""
     ds, _ = _clip_source(data)
     if isinstance(ds, ProceduralVideos):
+        if held_out:
+            ds = ProceduralVideos(replace(ds.config, held_out=()), seed=ds.seed)
         return [ds.scene(i)[0].caption for i in range(n)]
     return [ds.items[i % len(ds.items)][1] for i in range(n)]
 

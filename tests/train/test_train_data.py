@@ -126,3 +126,18 @@ def test_training_captions_extend_the_latent_caches_captions(tiny, tmp_path):
     (tmp_path / "clips" / "captions.jsonl").write_text(
         "".join(json.dumps({"video": f"{i}.gif", "caption": c}) + "\n" for i, c in enumerate(["a", "b"])))
     assert training_captions(DataSpec(source=str(tmp_path / "clips")), 5) == ["a", "b", "a", "b", "a"]
+
+
+def test_training_captions_over_the_prompt_space_include_the_held_out_pairs():
+    """held_out=True: a teacher's prompt space, every (colour, shape) pair of the vocabulary (the held-out
+    ones included, which the training captions never have); deterministic; a folder is unchanged."""
+    from ndopt.train.finetune import DataSpec, training_captions
+
+    config, spec = ProceduralConfig(), DataSpec(clips=3, seed=2)
+    held = [f"{c} {s} " for c, s in config.held_out]
+    space = training_captions(spec, 400, held_out=True)
+    assert space == training_captions(spec, 400, held_out=True)
+    assert all(any(h in c for c in space) for h in held)  # every held-out pair is drawn
+    assert not any(h in c for c in training_captions(spec, 400) for h in held)
+    pairs = {tuple(c.split()[1:3]) if c.split()[1] != "large" else tuple(c.split()[2:4]) for c in space}
+    assert len(pairs) == len(config.colours) * len(config.shapes)
