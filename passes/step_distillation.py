@@ -99,6 +99,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -723,6 +724,18 @@ def evaluate(teacher: Pipeline, student: Pipeline, latent_frames: int, reference
 
     The probe's prompts with `seeds` noise draws (probe seeds 0..seeds-1); the figure is the mean of
     the per-draw PSNRs, and the spread (min) is reported beside it."""
+    runs = evaluate_draws(teacher, student, latent_frames, reference_steps, seeds)
+    out = {k: round(sum(v) / len(v), 3) for k, v in runs.items()}
+    if seeds > 1:
+        out.update({f"{k}_min": round(min(v), 3) for k, v in runs.items()})
+    return out
+
+
+def evaluate_draws(teacher: Pipeline, student: Pipeline, latent_frames: int, reference_steps: list[int] | None,
+                   seeds: int, advance: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+    """`evaluate`'s per-draw figures: {"student": [...], "undistilled": [...]}, one latent PSNR per noise
+    draw (probe seed), paired: draw i of both is compared with the same reference. `advance` is called
+    after each draw (a progress bar's)."""
     from ndopt.eval.probe import FidelityProbe, ProbeSettings
 
     sch = teacher.schedule
@@ -738,7 +751,6 @@ def evaluate(teacher: Pipeline, student: Pipeline, latent_frames: int, reference
         ref = probe.outputs(teacher.replace(schedule=sch))
         runs["student"].append(probe.compare(probe.outputs(fast), ref)["latent_psnr"])
         runs["undistilled"].append(probe.compare(probe.outputs(undistilled), ref)["latent_psnr"])
-    out = {k: round(sum(v) / len(v), 3) for k, v in runs.items()}
-    if seeds > 1:
-        out.update({f"{k}_min": round(min(v), 3) for k, v in runs.items()})
-    return out
+        if advance is not None:
+            advance()
+    return runs
