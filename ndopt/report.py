@@ -125,6 +125,53 @@ def _pass_detail_lines(steps: list[dict[str, Any]], run_dir: str | None) -> list
     return ["", "## What each pass measured", *lines] if lines else []
 
 
+def _budget(fid: dict[str, Any]) -> str:
+    """The pass's fidelity contract as a table cell: `>= 20 dB` (lossy) or `exact 1e-05` (relative)."""
+    if "budget_db" in fid:
+        ok = fid.get("vs_previous", {}).get(fid.get("metric", "latent_psnr"))
+        mark = "" if ok is None or isinstance(ok, str) else (" ok" if ok >= fid["budget_db"] else " **below**")
+        return f">= {fid['budget_db']:g} dB{mark}"
+    if "tolerance" in fid:
+        return f"exact {fid['tolerance']:g}"
+    return "-"
+
+
+def plot_frames(run_dir: Path, prompts: list[str], original: Any, optimized: Any) -> Path:
+    """frames.png: per prompt, the unoptimized pipeline's frames above the optimized pipeline's.
+
+    `original` / `optimized` are [B, 3, F, H, W] videos in [-1, 1] (the probe's outputs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def frames(v: Any, b: int) -> Any:
+        x = np.asarray(v[b], dtype=np.float32).transpose(1, 2, 3, 0)  # F, H, W, 3
+        return ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+
+    n_frames = int(original.shape[2])
+    rows = 2 * len(prompts)
+    fig, axes = plt.subplots(rows, n_frames, figsize=(1.1 * n_frames + 1.6, 1.15 * rows), squeeze=False)
+    for b, prompt in enumerate(prompts):
+        for r, (label, video) in enumerate((("original", original), ("optimized", optimized))):
+            fs = frames(video, b)
+            for f in range(n_frames):
+                ax = axes[2 * b + r][f]
+                ax.imshow(fs[f], interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if f == 0:
+                    ax.set_ylabel(label, fontsize=7)
+                if r == 0 and f == 0:
+                    ax.set_title(prompt, fontsize=7, loc="left")
+    fig.tight_layout(pad=0.3)
+    with atomic_path(run_dir / "frames.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return run_dir / "frames.png"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# ndopt run `{report['recipe']['name']}`", "",
              f"- model: `{report['recipe']['model']}`", f"- status: **{report['status']}**"]
@@ -134,9 +181,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- targets: {', '.join(report['targets'])}")
         for name, low in (report.get("lowering") or {}).items():
             lines.append(f"  - {name}: {low.get('status', '-')}" + (f" ({low['reason']})" if low.get("reason") else ""))
+    if report.get("model"):
+        lines.append(f"- optimized model: `{report['model']['path']}` (reload: `ndopt generate --model "
+                     f"{report['model']['path']} --prompt ...` or `ndopt.load_model(...)`)")
+    if report.get("frames"):
+        lines += ["", "## Original vs optimized", "",
+                  f"The probe's prompts and seed, {report['frames']['frames']} frames each: for every prompt the "
+                  "unoptimized pipeline's video (upper row) and the optimized one's (lower row).", "",
+                  "![frames](frames.png)"]
     lines += ["", "## Passes", "",
-              "| # | pass | modified | params | DiT calls/video | FLOPs/video | latent PSNR (vs prev) | "
-              "pixel PSNR (vs orig) | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+              "| # | pass | modified | params | DiT calls/video | FLOPs/video | latent PSNR (vs prev) | budget | "
+              "pixel PSNR (vs orig) | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def fewer(s: dict[str, Any], key: str) -> str:  # x fewer than the unoptimized pipeline
         r = s.get("ratios", {}).get(key)
@@ -149,7 +204,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {s['index']} | {s['name']} | {s.get('modified', '-')} | {_num(s['cost']['params_total'])} | "
                      f"{s['cost']['dit_calls_per_video']}{fewer(s, 'dit_calls_per_video')} | "
                      f"{_num(s['cost']['flops_per_video'])}{fewer(s, 'flops_per_video')} | "
-                     f"{_num(prev.get('latent_psnr'))} | {_num(orig.get('pixel_psnr'))} | {s.get('seconds', '-')} |")
+                     f"{_num(prev.get('latent_psnr'))} | {_budget(fid)} | {_num(orig.get('pixel_psnr'))} | "
+                     f"{s.get('seconds', '-')} |")
     if report["steps"]:
         first, last = report.get("baseline") or report["steps"][0]["cost"], report["steps"][-1]["cost"]
         if last["flops_per_video"]:

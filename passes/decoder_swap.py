@@ -24,6 +24,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -198,6 +199,10 @@ class DecoderSwap(Pass):
         height: int = Field(64, ge=8)
         width: int = Field(64, ge=8)
         eval_videos: int = Field(4, ge=1)
+        # a trained decoder (the `decoder.safetensors` a run of this pass writes, or a bundled one by name,
+        # e.g. `pyramid-flow-tiny-decoder`) instead of training: its kind, scale, latent channels and native
+        # VAE encoder must match this pipeline and this config
+        weights: Path | None = None
 
     def swapped(self, pipeline: Pipeline, ctx: PassContext) -> tuple[Pipeline, Any, Any]:
         decs = pipeline.by_role("vae_decoder")
@@ -242,20 +247,86 @@ class DecoderSwap(Pass):
             raise PassError("decoder_swap trains the new decoder on the native VAE encoder's latents, but the "
                             "pipeline has no vae_encoder: put decoder_swap before dead_component_elimination "
                             "(or give dead_component_elimination keep: [vae_encoder])")
-        key = hashlib.blake2b(json.dumps(self.config.model_dump(), sort_keys=True).encode(), digest_size=6)
-        work = ctx.pass_dir(int(ctx.options.get("pass_index", 0)), self.name) / f"train-{key.hexdigest()}"
+        key = hashlib.blake2b(json.dumps(self.config.model_dump(mode="json"), sort_keys=True).encode(),
+                              digest_size=6)
+        pass_dir = ctx.pass_dir(int(ctx.options.get("pass_index", 0)), self.name)
+        work = pass_dir / f"train-{key.hexdigest()}"
         metrics = self._metrics(old, new)
-        untrained = decoder_fidelity(self.config, encoder.module, old.module, new.module, ctx)["decoded_psnr"]
         bank = held = None
-        if self.config.generated and self.config.steps:
-            bank, held = generated_bank(pipeline, self.config, ctx, work / "generated.safetensors")
-        metrics.update(distill(self.config, encoder.module, old.module, new.module, ctx, work, bank))
+        artifacts: dict[str, Path] = {}
+        if self.config.weights is not None:
+            load_decoder(resolve_decoder_weights(self.config.weights), new.module, encoder.module, self.config)
+            metrics["weights"] = str(self.config.weights)
+        else:
+            untrained = decoder_fidelity(self.config, encoder.module, old.module, new.module, ctx)["decoded_psnr"]
+            if self.config.generated and self.config.steps:
+                bank, held = generated_bank(pipeline, self.config, ctx, work / "generated.safetensors")
+            metrics.update(distill(self.config, encoder.module, old.module, new.module, ctx, work, bank))
+            metrics["decoded_psnr_untrained"] = untrained
+            artifacts = {"training": work,
+                         "decoder": save_decoder(pass_dir / "decoder.safetensors", new.module, encoder.module,
+                                                 self.config)}
         metrics.update(decoder_fidelity(self.config, encoder.module, old.module, new.module, ctx, held))
-        metrics["decoded_psnr_untrained"] = untrained
         log.info("decoder_swap (%s): decoded PSNR %.2f dB (native %.2f dB), vs native %.2f dB",
                  self.config.decoder, metrics["decoded_psnr"], metrics["native_decoded_psnr"],
                  metrics["psnr_vs_native"])
-        return PassResult(out, modified=True, metrics=metrics, artifacts={"training": work})
+        return PassResult(out, modified=True, metrics=metrics, artifacts=artifacts)
+
+
+DECODER_FORMAT = "ndopt.decoder_swap.decoder/1"
+
+
+def _decoder_meta(encoder: nn.Module, config: Any) -> dict[str, str]:
+    from ndopt.train.data import module_fingerprint
+
+    return {"format": DECODER_FORMAT, "encoder": module_fingerprint(encoder), "decoder": config.decoder,
+            "scale": str(config.scale), "latent_channels": str(config.latent_channels)}
+
+
+def save_decoder(path: Path, decoder: nn.Module, encoder: nn.Module, config: Any) -> Path:
+    """A trained decoder (safetensors, atomically) with what it decodes: the native encoder's weight
+    fingerprint, the decoder kind, scale and latent channels (metadata), so `weights:` can refuse a mismatch."""
+    from safetensors.torch import save_file
+
+    from ndopt.io import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in decoder.state_dict().items()}, str(tmp),
+                  metadata={**_decoder_meta(encoder, config),
+                            "config": json.dumps(config.model_dump(mode="json"), sort_keys=True)})
+    return Path(path)
+
+
+def resolve_decoder_weights(ref: Path) -> Path:
+    """A decoder file: a path, or the name of one the frontend bundles (`pyramid-flow-tiny-decoder`)."""
+    from ndopt.frontends.pyramid_flow.presets import bundled_weights
+
+    path = Path(ref)
+    if path.is_file() or path.suffix or len(path.parts) > 1:
+        return path
+    bundled = bundled_weights(str(ref))
+    return bundled if bundled is not None else path
+
+
+def load_decoder(path: Path, decoder: nn.Module, encoder: nn.Module, config: Any) -> None:
+    """Load `save_decoder`'s file into `decoder` in place, refusing another encoder's or another kind's."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ndopt.frontends.pyramid_flow.checkpoint import load_into
+
+    if not Path(path).is_file():
+        raise PassError(f"decoder_swap: weights {path}: no such file (a path, or a bundled decoder's name)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    want = _decoder_meta(encoder, config)
+    if meta.get("format") != DECODER_FORMAT:
+        raise PassError(f"decoder_swap: {path} is not a decoder written by decoder_swap "
+                        f"(metadata format {meta.get('format')!r})")
+    bad = [f"{k}: file {meta.get(k)!r}, this pipeline/config {v!r}" for k, v in want.items() if meta.get(k) != v]
+    if bad:
+        raise PassError(f"decoder_swap: {path} does not fit: {'; '.join(bad)}; train it again (omit weights)")
+    load_into(decoder, load_file(str(path)), source=str(path))
 
 
 def _videos(config: Any, seed: int, held_out: bool = False) -> Any:

@@ -454,7 +454,8 @@ class StepDistillation(Pass):
         # teacher's own samples of the data's captions (its full schedule, with CFG; see teacher_samples)
         clean: Literal["data", "teacher"] = "data"
         # a trained student (the `student.safetensors` a run of this pass writes, or a bundled one) instead
-        # of training: its teacher fingerprint and steps must match this pipeline and these steps
+        # of training: its teacher fingerprint and steps must match this pipeline and these steps; a
+        # bare name is a student the frontend bundles (`pyramid-flow-tiny-student-1-1-1`)
         student_weights: Path | None = None
         evaluate: bool = True  # latent PSNR vs the teacher's full schedule, student and undistilled
         evaluate_latent_frames: int = Field(2, ge=1)  # the recipe probe's default
@@ -511,7 +512,8 @@ class StepDistillation(Pass):
         d = ctx.pass_dir(pass_index(pipeline), self.name)
         metrics = self._metrics(pipeline.schedule, after)
         if self.config.student_weights is not None:
-            student = load_student(self.config.student_weights, comp.module, after)
+            weights = resolve_student_weights(self.config.student_weights)
+            student = load_student(weights, comp.module, after)
             metrics["student_weights"] = str(self.config.student_weights)
             artifacts: dict[str, Path] = {}
         else:
@@ -619,6 +621,18 @@ def save_student(path: Path, student: torch.nn.Module, teacher: torch.nn.Module,
         save_file({k: v.detach().float().contiguous().cpu() for k, v in student.state_dict().items()}, str(tmp),
                   metadata=meta)
     return path
+
+
+def resolve_student_weights(ref: Path) -> Path:
+    """A student file: a path, or the name of a student the frontend bundles (e.g.
+    `pyramid-flow-tiny-student-1-1-1`), so a shipped recipe can reuse a shipped artifact."""
+    from ndopt.frontends.pyramid_flow.presets import bundled_weights
+
+    path = Path(ref)
+    if path.is_file() or path.suffix or len(path.parts) > 1:
+        return path
+    bundled = bundled_weights(str(ref))
+    return bundled if bundled is not None else path
 
 
 def load_student(path: Path, teacher: torch.nn.Module, target: Schedule) -> torch.nn.Module:

@@ -97,8 +97,23 @@ class FidelityInstrument:
         out = self.probe.outputs(result.pipeline)
         step = self.compare_checked(out, self._previous, p, kind)
         total = self.probe.compare(out, self.reference)
-        record["fidelity"] = {"contract": kind, "vs_previous": step, "vs_original": total}
+        record["fidelity"] = {"contract": kind, "vs_previous": step, "vs_original": total, **self.contract(p)}
         self._previous = out
+
+    def contract(self, p) -> dict[str, Any]:
+        """What the pass promised: an exact tolerance, or a lossy metric and its budget (recipe overrides win)."""
+        kind = p.fidelity.kind
+        if kind == "exact":
+            return {"tolerance": p.fidelity.tolerance}
+        if kind == "lossy":
+            budget = self.budgets.get(p.name, p.fidelity.budget_db)
+            return {"metric": p.fidelity.metric, "budget_db": budget}
+        return {}
+
+    @property
+    def latest(self) -> ProbeOutput | None:
+        """The probe's outputs of the newest pipeline (the unoptimized one before any pass ran)."""
+        return self._previous
 
     def compare_checked(self, out: ProbeOutput, prev: ProbeOutput, p, kind: str) -> dict[str, float]:
         step = self.probe.compare(out, prev)

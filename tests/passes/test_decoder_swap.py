@@ -175,3 +175,27 @@ def test_plan_through_the_runner():
     step = d["passes"][0]
     assert step["params"]["vae_decoder"] == 9_910_419
     assert step["flops_per_video"] < d["flops_per_video"]
+
+
+def test_trained_decoder_is_saved_and_reused_by_weights(tiny, tmp_path):
+    """A run writes decoder.safetensors; `weights:` loads it instead of training (same decodes); a file
+    made for another decoder kind, or a file that is not a decoder, is refused naming the mismatch."""
+    from safetensors.torch import save_file
+
+    trained = _run(tiny, tmp_path / "a", steps=3, batch_size=1, height=32, width=32, eval_videos=1)
+    path = trained.artifacts["decoder"]
+    assert path.name == "decoder.safetensors" and path.is_file()
+    reused = _run(tiny, tmp_path / "b", weights=str(path), steps=0, height=32, width=32, eval_videos=1)
+    assert reused.metrics["weights"] == str(path) and "steps" not in reused.metrics
+    z = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    a, b = (r.pipeline.by_role("vae_decoder")[0].module for r in (trained, reused))
+    with torch.no_grad():
+        assert torch.equal(a(z), b(z))
+    with pytest.raises(PassError, match="decoder: file 'tiny', this pipeline/config 'wan'"):
+        _run(tiny, tmp_path / "c", decoder="wan", scale="tiny", weights=str(path), steps=0)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(other))
+    with pytest.raises(PassError, match="is not a decoder written by decoder_swap"):
+        _run(tiny, tmp_path / "d", weights=str(other), steps=0)
+    with pytest.raises(PassError, match="no such file"):
+        _run(tiny, tmp_path / "e", weights=str(tmp_path / "missing.safetensors"), steps=0)

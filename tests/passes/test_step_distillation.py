@@ -635,3 +635,19 @@ def test_the_student_recipes_from_scratch(tmp_path, steps):
     teacher = load_model("pyramid-flow-tiny")
     res = StepDistillation(_recipe_config(steps)).run(teacher, PassContext(run_dir=tmp_path))
     _judge(teacher, res.pipeline, res.metrics["latent_psnr_vs_teacher"], strict=steps == "1-1-1")
+
+
+def test_student_weights_by_bundled_name(tiny, tmp_path):
+    """A bare name is a student the frontend ships (what the README's main recipe reuses); an unknown
+    name is refused as a missing file."""
+    from ndopt.frontends.pyramid_flow.presets import bundled_weights
+    from passes.step_distillation import StepDistillation, resolve_student_weights
+
+    name = "pyramid-flow-tiny-student-1-1-1"
+    assert resolve_student_weights(name) == bundled_weights(name)
+    res = StepDistillation({"steps": [1, 1, 1], "student_weights": name, "evaluate": False}).run(
+        tiny, PassContext(run_dir=tmp_path))
+    assert res.metrics["student_weights"] == name and res.pipeline.schedule.stages[0].steps == 1
+    with pytest.raises(PassError, match="no such file"):
+        StepDistillation({"student_weights": "no-such-student", "evaluate": False}).run(
+            tiny, PassContext(run_dir=tmp_path))
