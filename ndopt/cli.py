@@ -157,29 +157,48 @@ def targets() -> None:
 
 
 @main.command()
-@click.option("--model", default="pyramid-flow-tiny", show_default=True)
+@click.option("--model", help="A preset, a bundled student (pyramid-flow-tiny-student-1-1-1), a saved pipeline "
+              "(RUN/model of `ndopt run`) or an upstream checkpoint directory.  [default: pyramid-flow-tiny]")
+@click.option("--bundle", type=click.Path(file_okay=False),
+              help="A lowered bundle (RUN/bundles/<target>) run by the bundle runtime instead of torch.")
+@click.option("--provider", help="With --bundle: the onnxruntime execution provider (default: the runtime's choice).")
 @click.option("--prompt", required=True)
 @click.option("--frames", default=9, show_default=True, help="Video frames: 1 + 8k.")
 @click.option("--height", type=int)
 @click.option("--width", type=int)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", help="Steps per pyramid stage, e.g. 4,4,4 (or 4 for every stage); not for folded "
+              "schedules or step-distilled students, whose steps are fixed.")
+@click.option("--seed", default=0, show_default=True, help="Noise seed (numpy's default_rng: the same noise "
+              "for --model and --bundle).")
 @click.option("--format", "fmt", type=click.Choice(["mp4", "gif", "png"]), help="Default: from --out's suffix.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @_errors
-def generate(model: str, prompt: str, frames: int, height: int | None, width: int | None, seed: int,
-             fmt: str | None, out: str) -> None:
-    """Generate a video from a prompt."""
-    from ndopt.frontends import load_model
+def generate(model: str | None, bundle: str | None, provider: str | None, prompt: str, frames: int,
+             height: int | None, width: int | None, steps: str | None, seed: int, fmt: str | None, out: str) -> None:
+    """Generate a video from a prompt, with a model (torch) or a lowered bundle (its runtime)."""
     from ndopt.progress import progress
     from ndopt.runner import generate as gen
+    from ndopt.runner import generate_bundle, generation_pipeline
 
-    sched = load_model(model, meta=True).schedule if model in _preset_names() else None
+    if bundle is not None:
+        if model is not None:
+            raise click.UsageError("--model and --bundle exclude each other: give one")
+        fixed = [f"--{n}" for n, v in (("height", height), ("width", width), ("steps", steps)) if v is not None]
+        if fixed:
+            raise click.UsageError(f"{', '.join(fixed)}: a bundle's shapes and steps are fixed when it is lowered")
+        with progress("generating (bundle)", None) as advance:
+            path, used = generate_bundle(bundle, prompt, out, seed=seed, provider=provider, fmt=fmt, progress=advance)
+        click.echo(f"wrote {path} (provider {used})")
+        return
+    if provider is not None:
+        raise click.UsageError("--provider applies to --bundle only")
+    model = model or "pyramid-flow-tiny"
     total = None
-    if sched is not None:
-        sched = sched.with_frames(1 + (frames - 1) // 8)
-        total = sched.steps_per_video
+    if model in _preset_names():  # the bar's length from the meta-device schedule (no weights built)
+        total = generation_pipeline(model, frames=frames, height=height, width=width, steps=steps,
+                                    meta=True).schedule.steps_per_video
     with progress("generating", total) as advance:
-        path = gen(model, prompt, out, frames=frames, height=height, width=width, seed=seed, fmt=fmt,
+        path = gen(model, prompt, out, frames=frames, height=height, width=width, seed=seed, fmt=fmt, steps=steps,
                    progress=advance)
     click.echo(f"wrote {path}")
 

@@ -62,9 +62,36 @@ class Analysis:
 Fidelity = Exact | Lossy | Analysis
 
 
+@dataclass(frozen=True)
+class TargetInfo:
+    """What a pass may know of the target it optimizes for (read from the target's data; the core
+    imports no target): its name, Hexagon arch, AIMET config name and supported precisions."""
+
+    name: str
+    hexagon_arch: str | None = None
+    aimet_config: str | None = None
+    precisions: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, target: Any) -> TargetInfo:
+        """From a registered target (`ndopt.target.get_target(name)`): its `spec` fields where it has them."""
+        spec = getattr(target, "spec", None)
+        return cls(str(getattr(target, "name", "?")), getattr(spec, "hexagon_arch", None),
+                   getattr(spec, "aimet_config", None), tuple(getattr(spec, "precisions", ()) or ()))
+
+
+def target_info(names: Sequence[str]) -> TargetInfo | None:
+    """The context's target for a recipe's targets: the first one (recipe loading refuses targets
+    whose data disagree where a pass reads it, e.g. two AIMET configs for one quantization pass)."""
+    from ndopt.target import get_target
+
+    return TargetInfo.of(get_target(names[0])) if names else None
+
+
 @dataclass
 class PassContext:
-    """What a pass may use: where to write, which device/dtype, seeded randomness, plan mode."""
+    """What a pass may use: where to write, which device/dtype, seeded randomness, plan mode, and
+    the target the run is for (`target`: None when no target is known, e.g. a pass run by hand)."""
 
     run_dir: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -72,6 +99,7 @@ class PassContext:
     seed: int = 0
     plan: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    target: TargetInfo | None = None
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)  # a str from a script or notebook is fine
@@ -124,7 +152,14 @@ class Pass:
     def plan(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
         """The structural effect only (meta-device pipeline; no training, no calibration).
 
-        Passes whose `run` is already purely structural inherit this default."""
+        Passes whose `run` is already purely structural inherit this default.
+
+        A saved pipeline (ndopt.saved) is rebuilt by replaying every applied pass's `plan` on the base
+        model, then loading the saved weights. Two optional hooks serve passes whose result is more than
+        structure plus weights (an AIMET sim): `save_state(self, pipeline, directory: Path) -> None`
+        writes the pass's own state under `RUN/model/<state_subdir>/` (class attribute; default: the
+        pass name) when the pipeline is saved, and `restore(self, pipeline, ctx, state: Path) -> Pipeline`
+        is called with that directory after the weights are loaded, to rebuild what the pass wraps."""
         return self.run(pipeline, ctx)
 
     def __repr__(self) -> str:
@@ -284,7 +319,7 @@ class PassManager:
                 raise PassError(f"pass {p.name!r} says it modified the pipeline but returned its input")
             new = result.pipeline.replace(facts_add=p.provides, facts_remove=p.invalidates) \
                 if result.modified or p.provides else result.pipeline
-            new = new.with_provenance(AppliedPass(p.name, p.config.model_dump(), result.modified,
+            new = new.with_provenance(AppliedPass(p.name, p.config.model_dump(mode="json"), result.modified,
                                                   dict(result.metrics)))
             result = PassResult(new, result.modified, result.metrics, result.artifacts)
             verify(new, calls=self.verify_calls, costs=self.costs)
@@ -292,7 +327,7 @@ class PassManager:
                                       "artifacts": {k: str(v) for k, v in result.artifacts.items()}}
             for inst in self.instruments:
                 inst.after(index, p, pipeline, result, ctx, record)
-            rec = PassRecord(index, p.name, p.config.model_dump(), record)
+            rec = PassRecord(index, p.name, p.config.model_dump(mode="json"), record)
             records.append(rec)
             pipeline = new
             if on_pass_done is not None:

@@ -251,6 +251,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     recipe = Recipe(source, spec, tuple(passes), lines)
     _check_targets(recipe, b)
     _check_requirements(recipe, b)
+    _check_passes_against_targets(recipe, b)
     return recipe
 
 
@@ -264,6 +265,25 @@ def _check_targets(recipe: Recipe, b: _Builder) -> None:
             loc: Loc = ("targets", i) if field == "targets" else ("target",)
             raise b.error(b.line_of(loc), f"{_fmt(loc)}: unknown target {t!r}; available: "
                           f"{', '.join(sorted(known)) or '(none)'}")
+
+
+def _check_passes_against_targets(recipe: Recipe, b: _Builder) -> None:
+    """A pass that reads its target (the quantization pass's HTP config) may refuse the recipe's
+    targets at load: a pass offering `check_targets(targets) -> [(config field or None, reason)]`
+    is asked, with the targets' `TargetInfo`s. The core names no pass: it only asks."""
+    from ndopt.passmanager import TargetInfo
+    from ndopt.target import get_target
+
+    if not recipe.targets:
+        return
+    infos = [TargetInfo.of(get_target(t)) for t in recipe.targets]
+    field = "targets" if recipe.spec.targets is not None else "target"
+    for i, (spec, p) in enumerate(zip(recipe.passes, recipe.instantiate())):
+        check = getattr(p, "check_targets", None)
+        for cfg_field, reason in (check(infos) if callable(check) else []):
+            loc: Loc = ("passes", i, spec.name, cfg_field) if cfg_field else ("passes", i)
+            where = f"passes[{i}].{spec.name}" + (f".{cfg_field}" if cfg_field else "")
+            raise b.error(b.line_of(loc), f"{where}: {reason} ({field} on line {b.line_of((field,))})")
 
 
 def _check_requirements(recipe: Recipe, b: _Builder) -> None:

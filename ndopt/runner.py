@@ -7,6 +7,7 @@ each pass. `plan` does the same on the meta device with each pass's structural e
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from ndopt.frontends import load_model
 from ndopt.ir.cost import CostModel, PipelineCost
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.verify import verify
-from ndopt.passmanager import PassContext, PassManager, PassRecord
+from ndopt.passmanager import PassContext, PassManager, PassRecord, target_info
 from ndopt.recipe import Recipe, load_recipe
 from ndopt.report import write_plan_report, write_report
 
@@ -89,7 +90,7 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
     pipeline = _load_recipe_model(r, model)
     costs = CostModel()  # shared by the verifier and the cost rows: each shape run happens once
     verify(pipeline, costs=costs)
-    ctx = PassContext(run_dir=run_dir, seed=r.spec.seed, device=pipeline.device)
+    ctx = PassContext(run_dir=run_dir, seed=r.spec.seed, device=pipeline.device, target=target_info(r.targets))
     report: dict[str, Any] = {
         "recipe": {"name": r.name, "source": r.source, "model": r.spec.model,
                    "passes": [{p.name: p.config} for p in r.passes]},
@@ -122,12 +123,47 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
         raise
     report["status"] = "ok"
     report["final_summary"] = final.summary()
+    report["model"] = save_model(final, run_dir, r, report)
     last = report["steps"][-1]["cost"] if report["steps"] else base
     report["ratios"] = _ratios(base, last)
+    _frames(run_dir, report, instruments)
     report["lowering"] = lower_targets(final, r.targets, run_dir, ctx)
     paths = write_report(run_dir, report)
     report["paths"] = {k: str(v) for k, v in paths.items()}
     return report
+
+
+def _frames(run_dir: Path, report: dict[str, Any], instruments: list[Any]) -> None:
+    """frames.png: the probe's videos of the unoptimized and the final pipeline, same prompts and seed
+    (the probe already sampled both: nothing is sampled again)."""
+    from ndopt.report import plot_frames
+
+    probe = next((i for i in instruments if isinstance(i, FidelityInstrument)), None)
+    if probe is None or probe.reference is None or probe.latest is None:
+        return
+    ref, out = probe.reference.video, probe.latest.video
+    if ref.shape != out.shape:
+        log.warning("frames.png skipped: the optimized video's shape %s differs from the original's %s",
+                    tuple(out.shape), tuple(ref.shape))
+        return
+    prompts = list(probe.probe.settings.prompts)
+    path = plot_frames(run_dir, prompts, ref.numpy(), out.numpy())
+    report["frames"] = {"path": str(path), "prompts": prompts, "seed": probe.probe.settings.seed,
+                        "frames": int(ref.shape[2])}
+
+
+def save_model(final: Pipeline, run_dir: Path, r: Recipe, report: dict[str, Any]) -> dict[str, Any]:
+    """RUN/model: the optimized pipeline, reloadable with `ndopt.load_model(RUN/model)` (ndopt.saved)."""
+    from ndopt.saved import directory_bytes, save_pipeline
+
+    fidelity = {f"{s['index']}_{s['name']}": s["fidelity"] for s in report["steps"] if "fidelity" in s}
+    try:
+        path = save_pipeline(final, run_dir / "model", recipe={**report["recipe"], "targets": r.targets},
+                             fidelity=fidelity, base=r.spec.model, seed=r.spec.seed)
+    except NdoptError as e:  # the passes' work stays usable: the report says why there is no RUN/model
+        log.error("the optimized pipeline was not saved: %s", e)
+        return {"path": None, "error": str(e)}
+    return {"path": str(path), "bytes": directory_bytes(path)}
 
 
 def lower_targets(pipeline: Pipeline, names: list[str], run_dir: Path, ctx: PassContext) -> dict[str, Any]:
@@ -189,7 +225,7 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
     steps = []
     first = cost_row(base, pipeline)
     run_dir = Path(report_dir) if report_dir else Path(r.spec.output) / f"{r.name}-plan"
-    ctx = PassContext(run_dir=run_dir, plan=True, device=torch.device("meta"))
+    ctx = PassContext(run_dir=run_dir, plan=True, device=torch.device("meta"), target=target_info(r.targets))
     manager = PassManager(r.instantiate(), costs=costs)
     manager.instruments = [i for i in manager.instruments if type(i).__name__ != "SummaryArtifacts"]
 
@@ -211,21 +247,101 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
     return out
 
 
+def parse_steps(steps: str | tuple[int, ...] | None, n_stages: int) -> tuple[int, ...] | None:
+    """`--steps 4,4,4` (one count per pyramid stage) or `--steps 4` (the same count for every stage)."""
+    if steps is None or isinstance(steps, tuple):
+        return steps
+    try:
+        counts = tuple(int(x) for x in str(steps).replace("-", ",").split(",") if x.strip())
+    except ValueError:
+        raise NdoptError(f"--steps {steps!r}: give step counts as integers, e.g. 4,4,4 or 4") from None
+    if len(counts) == 1:
+        counts *= n_stages
+    if len(counts) != n_stages or any(k < 1 for k in counts):
+        raise NdoptError(f"--steps {steps!r}: the schedule has {n_stages} pyramid stages; give {n_stages} positive "
+                         "counts (e.g. " + ",".join(["4"] * n_stages) + ") or one for all")
+    return counts
+
+
+def with_steps(pipeline: Pipeline, steps: tuple[int, ...]) -> Pipeline:
+    """The pipeline with `steps` per stage (first and later frames), refused where the steps are fixed."""
+    sch = pipeline.schedule
+    if tuple(s.steps for s in sch.stages) == steps and tuple(s.video_steps for s in sch.stages) == steps:
+        return pipeline
+    if sch.folded or "schedule_folding" in pipeline.analyses:
+        raise NdoptError(f"--steps: pipeline {pipeline.name!r} has a folded schedule (schedule_folding precomputed "
+                         "its timestep table for its own steps); generate with its steps, or fold again")
+    if "guidance_free" in pipeline.facts:
+        have = "-".join(str(s.steps) for s in sch.stages)
+        raise NdoptError(f"--steps: pipeline {pipeline.name!r} is a step-distilled student: its steps are fixed at "
+                         f"{have} (it was distilled for them); drop --steps")
+    return pipeline.replace(schedule=sch.with_steps(steps))
+
+
+def generation_pipeline(model: str, *, frames: int = 9, height: int | None = None, width: int | None = None,
+                        steps: str | tuple[int, ...] | None = None, seed: int = 0, meta: bool = False) -> Pipeline:
+    """The model (preset, student, saved RUN/model or checkpoint) with the video's frames, size and steps."""
+    if (frames - 1) % 8 or frames < 1:
+        raise NdoptError(f"--frames {frames}: the causal VAE makes 1 + 8k frames (1, 9, 17, 25, ..., 49)")
+    pipeline = load_model(model, seed=seed, meta=meta)
+    pipeline = pipeline.replace(schedule=pipeline.schedule.with_frames(1 + (frames - 1) // 8, height, width))
+    counts = parse_steps(steps, len(pipeline.schedule.stages))
+    return with_steps(pipeline, counts) if counts is not None else pipeline
+
+
+def _numpy_noise() -> bool:
+    """Whether the sampler draws noise from a numpy Generator (the bundle runtime's noise)."""
+    import numpy as np
+
+    from ndopt.frontends.pyramid_flow.sampler import randn
+
+    try:
+        randn((1, 1), np.random.default_rng(0))
+    except (TypeError, AttributeError, NdoptError):
+        return False
+    return True
+
+
 def generate(model: str, prompt: str, out: str | Path, *, frames: int = 9, height: int | None = None,
-             width: int | None = None, seed: int = 0, fmt: str | None = None, progress: Any = None) -> Path:
-    """Text to video: writes an .mp4 (or .gif, or a .png strip of the frames) atomically."""
+             width: int | None = None, seed: int = 0, fmt: str | None = None, steps: str | tuple[int, ...] | None = None,
+             progress: Any = None) -> Path:
+    """Text to video: writes an .mp4 (or .gif, or a .png strip of the frames) atomically.
+
+    The noise comes from `numpy.random.default_rng(seed)`, as in the bundle runtime
+    (`generate_bundle`), so the same seed draws the same noise on both paths."""
+    import numpy as np
+
     from ndopt.frontends.pyramid_flow.sampler import video_frames
     from ndopt.media import write_video
 
-    pipeline = load_model(model, seed=seed)
-    if (frames - 1) % 8:
-        from ndopt.errors import NdoptError
-
-        raise NdoptError(f"--frames {frames}: the causal VAE makes 1 + 8k frames (1, 9, 17, 25, ..., 49)")
-    sch = pipeline.schedule.with_frames(1 + (frames - 1) // 8, height, width)
-    pipeline = pipeline.replace(schedule=sch)
-    g = torch.Generator().manual_seed(seed)
+    pipeline = generation_pipeline(model, frames=frames, height=height, width=width, steps=steps, seed=seed)
+    if _numpy_noise():
+        g: Any = np.random.default_rng(seed)
+    else:  # until the sampler takes a numpy Generator: torch noise (differs from the bundle's)
+        log.warning("the sampler does not take a numpy Generator yet: torch noise, unlike the bundle runtime")
+        g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         latents = pipeline.sampler.sample(pipeline, [prompt], generator=g, progress=progress)
         video = pipeline.sampler.decode(pipeline, latents)
     return write_video(Path(out), video_frames(video), fmt=fmt)
+
+
+def generate_bundle(bundle: str | Path, prompt: str, out: str | Path, *, seed: int = 0, provider: str | None = None,
+                    fmt: str | None = None, progress: Any = None) -> tuple[Path, str]:
+    """Text to video with a lowered bundle's runtime (onnxruntime; QNN on the device): (video path, provider)."""
+    from ndopt.frontends.pyramid_flow.sampler import video_frames
+    from ndopt.media import write_video
+
+    bundle = Path(bundle)
+    if not (bundle / "manifest.json").is_file():
+        raise NdoptError(f"--bundle {bundle}: no manifest.json; a bundle is RUN/bundles/<target>/ of `ndopt run`")
+    try:  # the core imports no target package by name (STYLE rule 1): found at run time
+        runtime = importlib.import_module("targets.runtime")
+    except ImportError as e:
+        raise NdoptError(f"--bundle needs the bundle runtime (targets.runtime), which this install lacks: {e}") from None
+    result = runtime.generate(bundle, prompt, seed=seed, provider=provider, progress=progress)
+    if result.video is None:
+        raise NdoptError(f"--bundle {bundle}: the bundle has no VAE decoder graph, so no video (latents only); "
+                         "lower a pipeline that keeps its vae_decoder")
+    path = write_video(Path(out), video_frames(torch.from_numpy(result.video)), fmt=fmt)
+    return path, str(result.provider)

@@ -1,8 +1,10 @@
 """AIMET quantization (lossy): W8A16, or W4A16 with LPBQ, sims of the pipeline's components for Hexagon.
 
 The last optimization before lowering. Each selected component (text encoder, context adapter, DiT,
-VAE decoder) becomes an aimet-torch `QuantizationSimModel` built with the target's HTP config
-(`htp_v79` for the Snapdragon 8 Elite, `htp_v73` for the X Elite): int8 weights and int16
+VAE decoder) becomes an aimet-torch `QuantizationSimModel` built with the target's HTP config (the
+pass context's target's `aimet_config`: `htp_v79` for the Snapdragon 8 Elite, `htp_v73` for the X
+Elite; the config's `hexagon` pins one; metrics and attrs say which and where it came from, and
+lowering refuses encodings made for another HTP version): int8 weights and int16
 activations by default (the Hexagon standard for transformers, REFERENCE.md), or int4 weights by
 low-power blockwise quantization (LPBQ: 4-bit weights in blocks along the input dimension, each
 block's scale a 4-bit multiple of a per-channel float scale).
@@ -68,6 +70,7 @@ from passes.aimet_sim import (
 log = logging.getLogger("ndopt")
 
 ROLES = ("text_encoder", "context_adapter", "dit", "vae_decoder")
+DEFAULT_AIMET_CONFIG = "htp_v79"  # without a target: the Snapdragon 8 Elite's (the paper's first target)
 PRECISION_BITS = {"w8a16": (8, 16), "w4a16": (4, 16)}  # (weight, activation) bits; names as targets' precisions
 # Captions of the tiny teacher's training distribution (ndopt/train/tiny_teacher.yaml; no held-out
 # pair): whole-word tokens for the tiny preset, plain English for the real tokenizers. Calibration
@@ -161,7 +164,9 @@ class AimetQuantization(Pass):
 
     class Config(PassConfig):
         precision: Literal["w8a16", "w4a16"] = "w8a16"  # REFERENCE.md: W8A16 is the Hexagon standard
-        hexagon: Literal["v68", "v69", "v73", "v75", "v79", "v81"] = "v79"  # 8 Elite v79, X Elite v73
+        # None: the target's (`aimet_config` in its YAML: 8 Elite htp_v79, X Elite htp_v73); set it only
+        # to pin a version (recipe loading refuses one that disagrees with the recipe's target)
+        hexagon: Literal["v68", "v69", "v73", "v75", "v79", "v81"] | None = None
         components: list[str] | None = None  # roles; None: every one of ROLES the pipeline has
         quant_scheme: Literal["min_max", "tf_enhanced"] = "min_max"
         per_channel: bool = True  # weight encodings per output channel (False: AIMET's HTP default, per tensor)
@@ -210,9 +215,41 @@ class AimetQuantization(Pass):
                                 "run the pass once, on the float pipeline")
         return out
 
-    def _attrs(self, extra: Mapping[str, Any] = ()) -> dict[str, Any]:
-        p, cfg = self.config.precision, f"htp_{self.config.hexagon}"
-        return {"precision": p, "aimet_config": cfg, "summary.precision": f"{p} ({cfg})", **dict(extra)}
+    # ---- which HTP config ----------------------------------------------------------------------
+    def aimet_config(self, ctx: PassContext | None) -> tuple[str, str]:
+        """(AIMET config name, where it came from): the recipe's `hexagon`, else the context's target's
+        `aimet_config`, else htp_v79 (the 8 Elite) with a warning."""
+        if self.config.hexagon is not None:
+            return f"htp_{self.config.hexagon}", "recipe"
+        target = getattr(ctx, "target", None)
+        if target is not None and target.aimet_config:
+            return target.aimet_config, f"target {target.name}"
+        log.warning("aimet_quantization: no target in the pass context and no `hexagon` in the config; using "
+                    "%s (Snapdragon 8 Elite): give the recipe a target or set hexagon", DEFAULT_AIMET_CONFIG)
+        return DEFAULT_AIMET_CONFIG, "default (no target)"
+
+    def check_targets(self, targets: list[Any]) -> list[tuple[str | None, str]]:
+        """Recipe-load check (ndopt.recipe calls it with the recipe's targets' `TargetInfo`s): the
+        (config field, reason) of each way this config and the targets disagree on the HTP config."""
+        configs = {t.name: t.aimet_config for t in targets if t.aimet_config}
+        if self.config.hexagon is None:
+            if len(set(configs.values())) > 1:
+                return [(None, f"the targets need different AIMET configs ({', '.join(f'{n}: {c}' for n, c in configs.items())}) "
+                               "and one quantization pass calibrates encodings for one HTP version: split the recipe "
+                               "into one recipe per target")]
+            return []
+        mine = f"htp_{self.config.hexagon}"
+        bad = {n: c for n, c in configs.items() if c != mine}
+        if bad:
+            return [("hexagon", f"hexagon {self.config.hexagon} ({mine}) disagrees with "
+                                f"{', '.join(f'target {n} ({c})' for n, c in bad.items())}; lowering would refuse "
+                                "these encodings: remove `hexagon` (the pass takes the target's) or change the target")]
+        return []
+
+    def _attrs(self, aimet_config: str, source: str, extra: Mapping[str, Any] = ()) -> dict[str, Any]:
+        p = self.config.precision
+        return {"precision": p, "aimet_config": aimet_config, "aimet_config_source": source,
+                "summary.precision": f"{p} ({aimet_config})", **dict(extra)}
 
     def _check_overrides(self, comps: list[Component], sims: Mapping[str, Any] | None = None) -> None:
         """Every override pattern must match a module: of the float components (before any work;
@@ -240,9 +277,10 @@ class AimetQuantization(Pass):
             return PassResult(pipeline, modified=False, metrics={"already_quantized": True})
         bytes_ = {c.name: self._weight_bytes(c) for c in pending}
         key = "w8" if self.config.precision == "w8a16" else "w4"
-        new = {c.name: c.with_attrs(**self._attrs()) for c in pending}
+        aimet_config, source = self.aimet_config(ctx)
+        new = {c.name: c.with_attrs(**self._attrs(aimet_config, source)) for c in pending}
         return PassResult(pipeline.replace(**new), modified=True, metrics={
-            "precision": self.config.precision, "aimet_config": f"htp_{self.config.hexagon}",
+            "precision": self.config.precision, "aimet_config": aimet_config, "aimet_config_source": source,
             "weight_bytes": bytes_, "weight_bytes_total": sum(b[key] for b in bytes_.values()),
             "weight_bytes_float32_total": sum(b["float32"] for b in bytes_.values())})
 
@@ -255,6 +293,7 @@ class AimetQuantization(Pass):
         if not pending:
             return PassResult(pipeline, modified=False, metrics={"already_quantized": True})
         cfg = self.config
+        aimet_config, source = self.aimet_config(ctx)
         calib = self._calibration_pipeline(pipeline)
         t0 = time.perf_counter()
         records = record_calls(calib, [c.name for c in pending], cfg.calibration.prompts, ctx.generator(1))
@@ -262,20 +301,21 @@ class AimetQuantization(Pass):
             if not records[c.name]:
                 raise PassError(f"aimet_quantization: calibration never called {c.name!r}, so it cannot be "
                                 "calibrated; is it on the path from the prompt to the video?")
-        metrics: dict[str, Any] = {"precision": cfg.precision, "aimet_config": f"htp_{cfg.hexagon}",
+        metrics: dict[str, Any] = {"precision": cfg.precision, "aimet_config": aimet_config,
+                                   "aimet_config_source": source,
                                    "calibration": {"prompts": len(cfg.calibration.prompts),
                                                    "calls": {n: len(r) for n, r in records.items()},
                                                    "seconds": round(time.perf_counter() - t0, 2)},
                                    "components": {}}
         with aq.quiet_aimet():
-            built = [self._build(c, records[c.name]) for c in pending]
+            built = [self._build(c, records[c.name], aimet_config) for c in pending]
             self._check_overrides(pending, {b.comp.name: b.sim for b in built})
             new: dict[str, Component] = {}
             for b in built:
-                qc, m = self._calibrate(b, records[b.comp.name])
+                qc, m = self._calibrate(b, records[b.comp.name], aimet_config)
                 metrics["components"][b.comp.name] = m
                 new[b.comp.name] = b.comp.with_module(qc, **self._attrs(
-                    {"summary.quantized_ops": sum(m["quantized_ops"].values())}))
+                    aimet_config, source, {"summary.quantized_ops": sum(m["quantized_ops"].values())}))
         out = pipeline.replace(**new)
         if cfg.evaluate:
             metrics["fidelity"] = self._evaluate(pipeline, out, ctx)
@@ -303,7 +343,7 @@ class AimetQuantization(Pass):
                 raise PassError(f"aimet_quantization: calibration steps: {e}") from None
         return pipeline.replace(schedule=sch)
 
-    def _build(self, comp: Component, records: list[dict[str, Any]]) -> _Built:
+    def _build(self, comp: Component, records: list[dict[str, Any]], aimet_config: str) -> _Built:
         """Copy, make quantizable, wrap in a QuantizationSimModel; LPBQ and overrides applied."""
         from aimet_torch.common.defs import QuantScheme
         from aimet_torch.quantsim import QuantizationSimModel
@@ -325,7 +365,7 @@ class AimetQuantization(Pass):
         seconds = {"prepare": time.perf_counter() - t}
         t = time.perf_counter()
         scheme = QuantScheme.min_max if cfg.quant_scheme == "min_max" else QuantScheme.post_training_tf_enhanced
-        with self._htp_config() as config_file:
+        with self._htp_config(aimet_config) as config_file:
             sim = QuantizationSimModel(call, tuple(records[0][n] for n in names), quant_scheme=scheme,
                                        default_output_bw=abits, default_param_bw=8, in_place=True,
                                        config_file=config_file)
@@ -336,24 +376,30 @@ class AimetQuantization(Pass):
         return _Built(comp, sim, report, mask_fill, lpbq, overrides, seconds)
 
     @contextlib.contextmanager
-    def _htp_config(self) -> Iterator[str]:
-        """AIMET's HTP config for the Hexagon version; with `per_channel`, its weights per output channel
-        (HTP runs per-channel weights for conv and linear; AIMET's HTP files default to per-tensor,
-        which costs the trained tiny teacher 3 dB and its colours at W8A16)."""
+    def _htp_config(self, name: str) -> Iterator[str]:
+        """AIMET's HTP config `name` (`htp_v73`: AIMET's htp_quantsim_config_v73.json); with `per_channel`,
+        its weights per output channel (HTP runs per-channel weights for conv and linear; AIMET's HTP
+        files default to per-tensor, which costs the trained tiny teacher 3 dB and its colours at W8A16)."""
         from aimet_torch.common.quantsim_config.config_utils import get_path_for_target_config
 
-        name = f"htp_{self.config.hexagon}"
+        version = name.removeprefix("htp_")
+        path = Path(get_path_for_target_config(f"htp_quantsim_config_{version}"))
+        if not path.is_file():
+            raise PassError(f"aimet_quantization: AIMET has no HTP config {name!r} (no {path.name} in aimet_torch); "
+                            "set the target's `aimet_config` (targets/<chip>.yaml) or the pass's `hexagon` to a "
+                            "version AIMET ships (htp_v68 ... htp_v81)")
         if not self.config.per_channel:
             yield name
             return
-        cfg = json.loads(Path(get_path_for_target_config(f"htp_quantsim_config_{self.config.hexagon}")).read_text())
+        cfg = json.loads(path.read_text())
         cfg["defaults"]["per_channel_quantization"] = "True"
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / f"{name}_per_channel.json"
             path.write_text(json.dumps(cfg))
             yield str(path)
 
-    def _calibrate(self, b: _Built, records: list[dict[str, Any]]) -> tuple[QuantizedComponent, dict[str, Any]]:
+    def _calibrate(self, b: _Built, records: list[dict[str, Any]],
+                   aimet_config: str) -> tuple[QuantizedComponent, dict[str, Any]]:
         """Encodings from every recorded call; the census; weights folded for fast inference."""
         cfg, sim = self.config, b.sim
         t = time.perf_counter()
@@ -380,7 +426,8 @@ class AimetQuantization(Pass):
                 m[key] = round(value, 3) if isinstance(value, float) else value
         if b.comp.role == "dit" and remaining["matmul_softmax"]:
             log.warning("aimet_quantization: %s still runs unquantized %s", b.comp.name, remaining["matmul_softmax"])
-        qc = QuantizedComponent(b.comp.module, sim, b.comp.entry, cfg.precision, f"htp_{cfg.hexagon}", state)
+        qc = QuantizedComponent(b.comp.module, sim, b.comp.entry, cfg.precision, aimet_config, state)
+        qc.__dict__["example_inputs"] = records[0]  # one real calibration call: what a reload rebuilds the sim from
         return qc, m
 
     def _apply_lpbq(self, sim: Any) -> dict[str, Any]:
@@ -469,3 +516,102 @@ class AimetQuantization(Pass):
             for key, e in exported.items():
                 artifacts[f"{name}_{key}_onnx"] = d / e["file"]
         return artifacts
+
+    # ---- a saved pipeline (ndopt.saved: RUN/model/quantization/<component>/) ---------------------
+    state_subdir = "quantization"
+
+    def save_state(self, pipeline: Pipeline, directory: Path) -> None:
+        """Per quantized component: its quantizer state (every encoding, before the weights were folded)
+        and one example call's inputs, from which `restore` rebuilds and traces the same sim."""
+        from safetensors.torch import save_file
+
+        for c in self._selected(pipeline):
+            qc = c.module
+            if not isinstance(qc, QuantizedComponent):
+                continue
+            d = directory / c.name
+            d.mkdir(parents=True, exist_ok=True)
+            save_file(dict(qc.quantizer_state), str(d / "quantizers.safetensors"))
+            save_example_inputs(example_inputs(pipeline, c), d)
+
+    def restore(self, pipeline: Pipeline, ctx: PassContext, state: Path) -> Pipeline:
+        """The sims `save_state` described, over the float components the replay loaded: built as `run`
+        builds them (`_build`), the saved encodings loaded, the weight quantizers folded."""
+        from safetensors.torch import load_file
+
+        from ndopt.errors import CheckpointError
+
+        new: dict[str, Component] = {}
+        with aq.quiet_aimet():
+            for c in self._selected(pipeline):
+                if isinstance(c.module, QuantizedComponent) or c.attrs.get("precision") is None:
+                    continue
+                d = state / c.name
+                if not (d / "quantizers.safetensors").is_file():
+                    raise CheckpointError(f"{d}: no quantizers.safetensors for the quantized component {c.name!r}; "
+                                          "the saved pipeline is incomplete")
+                example = load_example_inputs(d, c.device)
+                config = str(c.attrs.get("aimet_config") or self.aimet_config(ctx)[0])
+                b = self._build(c, [example], config)
+                qstate = load_file(str(d / "quantizers.safetensors"))
+                _, unexpected = b.sim.model.load_state_dict(nested_quantizer_state(qstate), strict=False)
+                if unexpected:
+                    raise CheckpointError(f"{d}: {len(unexpected)} saved encodings fit no quantizer of the rebuilt "
+                                          f"sim ({unexpected[:4]}); the pass's config or version changed")
+                b.sim.fold_param_quantizers()
+                qc = QuantizedComponent(c.module, b.sim, c.entry, self.config.precision, config, qstate)
+                qc.__dict__["example_inputs"] = example
+                new[c.name] = c.with_module(qc, quantizers=str(d / "quantizers.safetensors"))
+        return pipeline.replace(**new)
+
+
+def nested_quantizer_state(flat: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """`flat_tensors`'s dotted `_extra_state` keys back into the dicts AIMET's quantizers load."""
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        head, sep, tail = k.partition("._extra_state.")
+        if sep:
+            out.setdefault(f"{head}._extra_state", {})[tail] = v
+        else:
+            out[k] = v
+    return out
+
+
+def example_inputs(pipeline: Pipeline, comp: Component) -> dict[str, Any]:
+    """One call's inputs of a component: the first calibration call where the sim kept it, else
+    tensors of its first call signature (a sim's structure depends on the call's shapes, not values)."""
+    kept = comp.module.__dict__.get("example_inputs") if isinstance(comp.module, QuantizedComponent) else None
+    if kept is not None:
+        return kept
+    for sig in pipeline.call_plan():
+        if sig.component == comp.name:
+            g = torch.Generator().manual_seed(0)
+            return {name: (list(v) if isinstance(v, list) else v)
+                    for name, v in sig.make_inputs(comp.device, g).items() if name not in sig.static_dict}
+    raise PassError(f"aimet_quantization: the sampler never calls {comp.name!r}; no example call to save")
+
+
+def save_example_inputs(inputs: Mapping[str, Any], d: Path) -> None:
+    """Tensors (and lists of tensors, as `<name>.<i>`) in safetensors, their order and layout in JSON."""
+    from safetensors.torch import save_file
+
+    tensors, layout = {}, []
+    for name, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            tensors[name] = v.detach().cpu().contiguous()
+            layout.append([name, None])
+        elif isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v):
+            tensors.update({f"{name}.{i}": t.detach().cpu().contiguous() for i, t in enumerate(v)})
+            layout.append([name, len(v)])
+        else:
+            raise PassError(f"aimet_quantization: example input {name!r} is a {type(v).__name__}, not tensors")
+    save_file(tensors, str(d / "example_inputs.safetensors"))
+    (d / "example_inputs.json").write_text(json.dumps({"layout": layout}) + "\n")
+
+
+def load_example_inputs(d: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(d / "example_inputs.safetensors"), device=str(device))
+    layout = json.loads((d / "example_inputs.json").read_text())["layout"]
+    return {name: tensors[name] if n is None else [tensors[f"{name}.{i}"] for i in range(n)] for name, n in layout}

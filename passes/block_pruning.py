@@ -279,6 +279,9 @@ class BlockPruning(Pass):
                 raise PassError(f"block_pruning: remove={cfg.remove}: the DiT has blocks 0..{n - 1} and must keep one")
             return sorted(cfg.remove), "named"
         n_remove = n - blocks_to_keep(n, cfg.keep, cfg.reference_depth)
+        replayed = (self._replay or {}).get("removed_blocks") if plan else None
+        if replayed is not None and len(replayed) == n_remove:  # reloading a run: the blocks it removed
+            return sorted(int(i) for i in replayed), "replayed from the run"
         scores = pipeline.analyses.get(ANALYSIS_KEY)
         if not isinstance(scores, BlockImportanceScores):
             raise PassError("block_pruning: no block importance scores on the pipeline; run block_importance "
@@ -309,7 +312,12 @@ class BlockPruning(Pass):
                    "dit_params": sum(p.numel() for p in new.parameters())}
         return pruned, metrics, graph
 
+    _replay: dict[str, Any] | None = None
+
     def plan(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
+        # a saved pipeline's replay (ndopt.saved) hands over the run's metrics: which blocks went matters
+        # when the last block is kept unfolded (its text stream differs from the placeholder's)
+        self._replay = ctx.options.get("replay_metrics")
         pruned, metrics, _ = self._prune(pipeline, ctx)
         return PassResult(pruned, modified=True, metrics=metrics)
 

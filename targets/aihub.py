@@ -1,5 +1,8 @@
 """Qualcomm AI Hub: compile every graph of a bundle to a QNN context binary and profile it on a
-real device, then merge the measured latencies next to the estimates.
+real device, then merge the measured latencies next to the estimates; and link each component's
+graphs into one QNN context binary whose graphs share their weights (compile to `qnn_dlc`, then
+`submit_link_job`: how multi-shape models ship). A quantized component's graphs are submitted as
+their QDQ ONNX, which AI Hub compiles to a quantized QNN model; float graphs compile to fp16.
 
 `qai_hub` is the optional extra `ndopt[hub]`, imported only here and only when a bundle is
 submitted. Without the package or without credentials (`~/.qai_hub/client.ini`, or the file
@@ -65,10 +68,11 @@ class GraphJob:
     graph: str
     model: Path
     input_specs: dict[str, tuple[tuple[int, ...], str]]
+    component: str | None = None  # graphs of one component are linked into one context binary
 
 
 def profile_bundle(jobs: list[GraphJob], device_name: str, options: str,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, link: bool = False) -> dict[str, Any]:
     """Compile and profile every graph on `device_name`; returns {"status", "graphs": {...}}.
 
     Per graph: compile job (QNN context binary), then a profiling inference job on the compiled
@@ -113,11 +117,57 @@ def profile_bundle(jobs: list[GraphJob], device_name: str, options: str,
             if peak is not None:
                 row["measured_peak_memory_mb"] = float(max(peak) if isinstance(peak, (list, tuple)) else peak) / 2**20
             log.info("AI Hub: %s on %s: %.3f ms", job.graph, device_name, row["measured_latency_ms"])
+        links = link_components(hub, jobs, device, options, say) if link else {}
     except Exception as e:  # the client's own errors (auth, network, quota) end the session, not the run
         reason = f"AI Hub: {type(e).__name__}: {redact(str(e)).splitlines()[0] if str(e) else ''}; continuing offline"
         log.warning("%s", reason)
         return {"status": "failed", "reason": reason, "device": device_name, "graphs": results}
-    return {"status": "ok", "device": device_name, "graphs": results}
+    return {"status": "ok", "device": device_name, "graphs": results} | ({"links": links} if link else {})
+
+
+def dlc_options(options: str) -> str:
+    """The compile options with the target runtime set to `qnn_dlc` (what a link job takes)."""
+    out = re.sub(r"--target_runtime\s+\S+", "--target_runtime qnn_dlc", options)
+    return out if "--target_runtime" in out else f"{out} --target_runtime qnn_dlc".strip()
+
+
+def link_components(hub: Any, jobs: list[GraphJob], device: Any, options: str,
+                    say: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
+    """Per component: compile each of its graphs to a QNN DLC, then one link job that builds a single
+    context binary holding every graph with one copy of the shared weights. A failed compile or link
+    is recorded for its component and the others go on."""
+    if not callable(getattr(hub, "submit_link_job", None)):
+        log.warning("AI Hub: this qai-hub client has no submit_link_job; graphs are not linked (upgrade qai-hub)")
+        return {"status": "unavailable", "reason": "qai-hub client without submit_link_job"}
+    by_comp: dict[str, list[GraphJob]] = {}
+    for job in jobs:
+        by_comp.setdefault(job.component or job.graph, []).append(job)
+    out: dict[str, Any] = {}
+    for comp, group in by_comp.items():
+        row: dict[str, Any] = {"graphs": [j.graph for j in group], "compile_jobs": []}
+        out[comp] = row
+        compiled = []
+        for job in group:
+            cj = hub.submit_compile_job(model=str(job.model), device=device, name=f"ndopt:{job.graph}:dlc",
+                                        input_specs=job.input_specs, options=dlc_options(options))
+            row["compile_jobs"].append(getattr(cj, "job_id", None))
+            compiled.append((job, cj))
+        failed = [job.graph for job, cj in compiled if not getattr(cj.wait(), "success", False)]
+        if failed:
+            row.update(status="compile_failed", failed=failed)
+            log.warning("AI Hub: link of %s skipped: DLC compile of %s failed", comp, failed)
+            continue
+        lj = hub.submit_link_job([cj.get_target_model() for _, cj in compiled], device=device, name=f"ndopt:{comp}")
+        row["link_job"] = getattr(lj, "job_id", None)
+        say(f"link {comp}")
+        done = lj.wait()
+        if not getattr(done, "success", False):
+            row.update(status="link_failed", message=redact(getattr(done, "message", "") or ""))
+            log.warning("AI Hub: link of %s failed: %s", comp, row["message"])
+            continue
+        row["status"] = "ok"
+        log.info("AI Hub: %s: %d graphs linked into one context binary (job %s)", comp, len(group), row["link_job"])
+    return out
 
 
 def _submit_profile(hub: Any, target_model: Any, device: Any, name: str) -> Any:

@@ -1,46 +1,69 @@
-"""The bundle an on-device runtime follows: graphs plus `manifest.json`.
+"""The bundle an on-device runtime follows: graphs, tokenizer files and `manifest.json`.
 
-The manifest says which graph to call, when (frame, stage, step), with which constants (the
-timestep, the step's sigmas, the guidance scale, the renoise alpha/beta at a stage boundary) and
-on which buffers; what each graph takes and returns; and a memory plan. For Pyramid-Flow the
-program is generated from the pipeline's Schedule with the frontend's own schedule math
-(`ndopt.frontends.pyramid_flow.schedule`), so it is the sampler's loop written out: a test checks
-that it calls every graph exactly as often as the call plan says. Other samplers get a call list
-(graph and count) without the loop.
+The manifest says which graph to call, when (frame, stage, step), with which constants and on which
+buffers; what each graph takes and returns; and a memory plan. For Pyramid-Flow the program is the
+sampler's loop written out with the frontend's own schedule math (`sampler.unroll`), as a list of
+host ops from a closed set (`HOST_OPS`) whose fields carry every parameter the runtime needs
+(interpolation modes, renoise coefficients and the block-noise Cholesky factor, tokenizer files and
+padding, latent normalisation, ...): `targets.runtime` executes it with numpy and onnxruntime only.
+Every manifest is validated against `manifest.schema.json` before it is written. Other samplers get
+a call list (graph and count) without the loop.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from functools import cache
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from ndopt.errors import LoweringError
 from ndopt.ir.pipeline import Pipeline
-from targets.lowering import GraphPlan, graph_name
+from targets.lowering import GraphPlan, boundary_dtype, graph_name
 
-FORMAT = "ndopt-bundle/1"
+VERSION = 2
+FORMAT = f"ndopt-bundle/{VERSION}"
+SCHEMA = "manifest.schema.json"  # package data beside this module (JSON Schema, draft 2020-12)
 TIMESTEP_TABLE = "timestep_embedding.npy"  # a folded schedule's timestep-MLP rows, [rows, D] float32
 
-# What each host-side op of the program means (the runtime implements these; graphs do the rest).
+# The host ops a program is made of (a closed set: the schema refuses any other). Their fields carry
+# the parameters; these lines are documentation for people reading a manifest.
 HOST_OPS = {
-    "tokenize": "tokenize the prompt (+ suffix) and, with guidance, the negative prompt, into the text "
-                "encoder's id/mask inputs (int32, padded to the graph's lengths)",
-    "init_noise": "noise ~ N(0, I) of `shape` (full resolution); then `downsample` times: bilinear to half "
-                  "size, times 2 (keeps unit variance), down to stage 0's resolution",
-    "frame_start": "latents = noise[:, :, first:first+frames] for this autoregressive unit",
-    "history": "clips of generated frames (first, frames, stage): each frame bilinearly downsampled to "
-               "the stage's resolution; fed before the current latents as sample_0..",
-    "stage_start": "at stage > 0: latents = upsample_nearest(latents, size); then "
-                   "latents = alpha * latents + beta * block_noise(gamma) (2x2-block correlated noise)",
-    "denoise_step": "v = graph(...) per call; cfg: v = v_uncond + scale * (v_cond - v_uncond); cfg_batched: "
-                    "one call on [uncond; cond] (inputs `a+b` are concatenated on the batch), v_uncond, v_cond = "
-                    "v.chunk(2), then the same combination; latents += (sigma_next - sigma) * v. `fill`: a tensor "
-                    "of the input's shape filled with the value; `table`/`row`: that row of the table file, "
-                    "repeated over the batch",
+    "tokenize": "each text (the user's prompt + suffix, or a fixed one) through each tokenizer file: "
+                "ids (and mask) padded/truncated to max_length -> tokens.<text>.<input>",
+    "init_noise": "N(0, I) of `shape` from the bundle's RNG, then resized to each `downsample` size "
+                  "(interpolation) and multiplied by `gain` -> noise at stage 0's resolution",
+    "frame_start": "latents = input[first:first+frames] along `axis` (this autoregressive unit's noise)",
+    "history": "pyramid of the generated frames (concatenated on `axis`): full size, then resized to "
+               "each of `sizes` in turn (interpolation) -> pyramid[stage]",
+    "stage_start": "history[i] = pyramid[stage_i][first_i:first_i+frames_i]; at stage > 0: latents = "
+                   "resample(latents), then alpha * latents + beta * block noise (N(0, I) x cholesky^T "
+                   "over each block x block patch)",
+    "denoise_step": "one Euler step: v from the graph (per call; guidance `cfg`: v_u + scale (v_c - v_u), "
+                    "`cfg_batched`: one call on concatenated inputs, split on the batch); latents += dt * v",
     "frame_end": "append latents to the generated frames",
-    "denormalize": "first latent frame: z / image_scale + image_shift; later frames: z / video_scale + "
-                   "video_shift",
-    "call": "run the graph `count` times per video",
+    "denormalize": "concatenate generated frames on `axis`; first `first_frames`: z / image.scale + "
+                   "image.shift; later frames: z / video.scale + video.shift",
+    "call": "run a graph on named buffers (or `count` times per video, for samplers without a program)",
+    "postprocess": "clamp the decoded video, then (x + offset) * scale rounded half to even -> uint8 frames",
+    "external_first_frame": "hybrid mode: the first latent frame comes from an image model outside the bundle",
 }
+
+# The tokenizers behind the text encoder's graph inputs (`SD3TextEncoder.tokenize`, also DT5's):
+# (tokenizer attribute, ids input, mask input or None, config field with the padded length)
+TEXT_INPUTS = (("tokenizer_3", "t5_ids", "t5_mask", "max_sequence_length"),
+               ("tokenizer", "clip_l_ids", None, "clip_max_length"),
+               ("tokenizer_2", "clip_g_ids", None, "clip_max_length"))
+INTERPOLATION_BILINEAR = {"mode": "bilinear", "align_corners": False, "antialias": False}
+INTERPOLATION_NEAREST = {"mode": "nearest"}  # torch's legacy 'nearest': src = floor(dst * in / out)
+RNG = "numpy.random.default_rng(seed).standard_normal(shape, dtype=float32), one stream, in program order"
+
+
+def tokenizer_file(attr: str) -> str:
+    """Where a tokenizer lives in the bundle (upstream's subdirectory names)."""
+    return f"{attr}/tokenizer.json"
 
 
 def graph_index(plans: list[GraphPlan]) -> dict[tuple[str, str], str]:
@@ -62,23 +85,54 @@ def program(pipeline: Pipeline, plans: list[GraphPlan]) -> list[dict[str, Any]]:
     return [{"op": "call", "graph": p.name, "component": p.component, "count": p.calls_per_video} for p in plans]
 
 
+def _tokenize_op(pipeline: Pipeline, guided: bool) -> dict[str, Any]:
+    te = pipeline.by_role("text_encoder")[0]
+    smp, cfg = pipeline.sampler, te.module.config
+    toks = getattr(te.module, "tokenizers", None)
+    if toks is None:
+        raise LoweringError(f"component {te.name!r} has no tokenizers, so the bundle cannot tokenize prompts; load "
+                            "the text encoder with its tokenizers (tiny_tokenizers() or from_pretrained_dir)")
+    inputs = {p.name: p for p in te.inputs}
+    encoders = []
+    for attr, ids, mask, length in TEXT_INPUTS:
+        tok = getattr(toks, attr)
+        encoders.append({"tokenizer": tokenizer_file(attr), "ids": ids, "mask": mask,
+                         "max_length": int(getattr(cfg, length)), "padding": "max_length",
+                         "padding_side": tok.padding_side, "pad_id": int(tok.pad_token_id), "pad_token": tok.pad_token,
+                         "truncation": True, "truncation_side": tok.truncation_side, "add_special_tokens": True,
+                         "dtype": boundary_dtype(inputs[ids].spec.dtype) if ids in inputs else "int32"})
+    made = {e["ids"] for e in encoders} | {e["mask"] for e in encoders if e["mask"]}
+    if set(inputs) - made:
+        raise LoweringError(f"text encoder {te.name!r} takes {sorted(inputs)}; the tokenize op makes {sorted(made)} "
+                            "(targets.bundle.TEXT_INPUTS): teach TEXT_INPUTS the encoder's tokenization")
+    texts = [{"name": "cond", "text": None, "suffix": smp.prompt_suffix}]  # text None: the user's prompt
+    if guided:  # upstream: the negative prompt without the suffix
+        texts.insert(0, {"name": "uncond", "text": smp.negative_prompt, "suffix": ""})
+    return {"op": "tokenize", "texts": texts, "encoders": encoders, "output": "tokens"}
+
+
 def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
     """The sampler's loop (`PyramidFlowSampler.sample` then `.decode`) written out with its constants.
 
     The denoising steps come from the frontend's own `sampler.unroll` (timestep or folded-table row,
     sigmas, guidance, renoise), so the manifest and the sampler cannot drift apart."""
     from ndopt.frontends.pyramid_flow import vae as vae_mod
-    from ndopt.frontends.pyramid_flow.sampler import folded_time, history_clips, stage_hw, unroll
+    from ndopt.frontends.pyramid_flow.sampler import (
+        block_noise_cholesky,
+        folded_time,
+        history_clips,
+        stage_hw,
+        unroll,
+    )
 
-    sch, smp = pipeline.schedule, pipeline.sampler
+    sch = pipeline.schedule
     guided = sch.guidance.mode != "none"
     prog: list[dict[str, Any]] = []
     text = pipeline.by_role("text_encoder")
     prompts = ["uncond", "cond"] if guided else ["cond"]
     if text:
         te = text[0]
-        prog.append({"op": "tokenize", "prompts": prompts, "suffix": smp.prompt_suffix,
-                     "negative_prompt": smp.negative_prompt if guided else None})
+        prog.append(_tokenize_op(pipeline, guided))
         for which in prompts:
             prog.append({"op": "call", "graph": graphs[(te.name, "prompt")], "component": te.name,
                          "inputs": {p.name: f"tokens.{which}.{p.name}" for p in te.inputs},
@@ -86,9 +140,11 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
     dit = pipeline.by_role("dit")[0]
     folded = folded_time(dit)
     n_stages = len(sch.stages)
-    h, w = stage_hw(sch, n_stages - 1)
+    sizes = [list(stage_hw(sch, s)) for s in range(n_stages)]
+    h, w = sizes[-1]
     prog.append({"op": "init_noise", "shape": [1, int(dit.module.config.in_channels), sch.latent_frames, h, w],
-                 "downsample": n_stages - 1, "output": "noise"})
+                 "dtype": "float32", "rng": RNG, "downsample": sizes[-2::-1], "interpolation": INTERPOLATION_BILINEAR,
+                 "gain": 2.0, "output": "noise"})  # upstream: x2 per halving keeps unit variance
     fpu = sch.temporal.frame_per_unit
     if sch.first_frame != "generate":
         prog.append({"op": "external_first_frame", "output": "generated[0]",
@@ -96,50 +152,63 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
     calls = unroll(pipeline)
     batched = sch.guidance.mode == "cfg_batched"
     branches = ["uncond", "cond"] if sch.guidance.mode == "cfg" else ["uncond+cond" if batched else "cond"]
+    velocity = dit.outputs[0].name
     for n, c in enumerate(calls):
         unit, s = c["unit"], c["stage"]
         if n == 0 or calls[n - 1]["unit"] != unit:
             if n:
                 prog.append({"op": "frame_end", "unit": calls[n - 1]["unit"], "input": "latents",
-                             "output": f"generated[{calls[n - 1]['unit']}]"})
+                             "output": "generated"})
             prog.append({"op": "frame_start", "unit": unit, "first": 0 if unit == 0 else 1 + (unit - 1) * fpu,
-                         "frames": 1 if unit == 0 else fpu, "input": "noise", "output": "latents"})
+                         "frames": 1 if unit == 0 else fpu, "axis": 2, "input": "noise", "output": "latents"})
+            if unit:
+                prog.append({"op": "history", "unit": unit, "input": "generated", "axis": 2,
+                             "sizes": sizes[-2::-1], "interpolation": INTERPOLATION_BILINEAR, "output": "pyramid"})
         clips = history_clips(unit, s, n_stages, fpu)
         if c["step"] == 0:
-            entry: dict[str, Any] = {"op": "stage_start", "unit": unit, "stage": s, "size": list(stage_hw(sch, s)),
-                                     "history": [list(x) for x in clips]}
+            entry: dict[str, Any] = {
+                "op": "stage_start", "unit": unit, "stage": s, "size": sizes[s],
+                "history": [{"first": f0, "frames": k, "stage": st} for f0, k, st in clips],
+                "input": "pyramid", "output": "history", "resample": None, "renoise": None}
+            if s > 0:
+                entry["resample"] = {"size": sizes[s], **INTERPOLATION_NEAREST}
             if c["renoise"]:
-                entry["renoise"] = {"alpha": c["renoise"][0], "beta": c["renoise"][1], "gamma": sch.gamma}
+                chol = block_noise_cholesky(sch.gamma).double()  # float32 values, exact in JSON
+                entry["renoise"] = {"alpha": c["renoise"][0], "beta": c["renoise"][1], "gamma": sch.gamma,
+                                    "block": 2, "cholesky": chol.tolist(), "dtype": "float32"}
             prog.append(entry)
         samples = [f"history[{i}]" for i in range(len(clips))] + ["latents"]
-        time_input = ({"timestep_embedding": {"table": TIMESTEP_TABLE, "row": c["timestep_row"]}} if folded
-                      else {"timestep_ratio": {"fill": c["timestep"]}})
+        time_input: dict[str, Any] = ({"timestep_embedding": {"table": TIMESTEP_TABLE, "row": c["timestep_row"]}}
+                                      if folded else {"timestep_ratio": {"fill": c["timestep"]}})
         graph_calls = []
         for which in branches:
             srcs = ["uncond", "cond"] if batched else [which]
 
-            def text_buf(field: str, srcs: list[str] = srcs) -> str:
-                return "+".join(f"text.{x}.{field}" for x in srcs)
+            def buf(name: str, srcs: list[str] = srcs) -> Any:
+                return {"concat": [name.format(x) for x in srcs]} if batched else name.format(srcs[0])
 
-            graph_calls.append({"prompt": which, "inputs": {
-                **{f"sample_{k}": (f"{v}+{v}" if batched else v) for k, v in enumerate(samples)},
-                "encoder_hidden_states": text_buf("prompt_embeds"),
-                "encoder_attention_mask": text_buf("prompt_attention_mask"),
-                "pooled_projections": text_buf("pooled_projections"), **time_input}})
+            graph_calls.append({"prompt": which, "output": velocity, "inputs": {
+                **{f"sample_{k}": ({"concat": [v, v]} if batched else v) for k, v in enumerate(samples)},
+                "encoder_hidden_states": buf("text.{}.prompt_embeds"),
+                "encoder_attention_mask": buf("text.{}.prompt_attention_mask"),
+                "pooled_projections": buf("text.{}.pooled_projections"), **time_input}})
         prog.append({"op": "denoise_step", "index": n, "unit": unit, "stage": s, "step": c["step"],
                      "graph": graphs[(dit.name, c["dit_signature"])], "component": dit.name,
-                     "timestep": c["timestep"], "sigma": c["sigma"], "sigma_next": c["sigma_next"],
+                     "timestep": c["timestep"], "sigma": c["sigma"], "sigma_next": c["sigma_next"], "dt": c["dt"],
                      "guidance": {"mode": c["guidance"], "scale": c["guidance_scale"]}, "calls": graph_calls})
     if calls:
-        prog.append({"op": "frame_end", "unit": calls[-1]["unit"], "input": "latents",
-                     "output": f"generated[{calls[-1]['unit']}]"})
+        prog.append({"op": "frame_end", "unit": calls[-1]["unit"], "input": "latents", "output": "generated"})
     dec = pipeline.by_role("vae_decoder")
     if dec:
-        prog.append({"op": "denormalize", "input": "generated", "output": "z",
-                     "image_scale": vae_mod.IMAGE_SCALE, "image_shift": vae_mod.IMAGE_SHIFT,
-                     "video_scale": vae_mod.VIDEO_SCALE, "video_shift": vae_mod.VIDEO_SHIFT})
+        prog.append({"op": "denormalize", "input": "generated", "axis": 2, "output": "z", "first_frames": 1,
+                     "image": {"scale": vae_mod.IMAGE_SCALE, "shift": vae_mod.IMAGE_SHIFT},
+                     "video": {"scale": vae_mod.VIDEO_SCALE, "shift": vae_mod.VIDEO_SHIFT}})
+        out = dec[0].outputs[0].name
         prog.append({"op": "call", "graph": graphs[(dec[0].name, "video")], "component": dec[0].name,
                      "inputs": {"z": "z"}, "outputs": {p.name: p.name for p in dec[0].outputs}})
+        prog.append({"op": "postprocess", "input": out, "output": "frames", "clamp": [-1.0, 1.0],
+                     "offset": 1.0, "scale": 127.5, "round": "half_to_even", "dtype": "uint8",
+                     "layout": "[1, 3, F, H, W] -> F x [H, W, 3]"})
     return prog
 
 
@@ -152,6 +221,29 @@ def constants(pipeline: Pipeline) -> dict[str, Any]:
         return {}
     f = folded_schedule(pipeline)
     return {TIMESTEP_TABLE: {"array": f.table.detach().float().cpu().numpy(), "timesteps": list(f.timesteps)}}
+
+
+def write_assets(pipeline: Pipeline, directory: Path) -> dict[str, Any]:
+    """The text encoder's tokenizers as `tokenizers` library JSON under `directory` (the bundle being
+    written); returns the manifest's `assets` record ({file: {"sha256", "kind"}})."""
+    te = pipeline.by_role("text_encoder")
+    toks = getattr(te[0].module, "tokenizers", None) if te else None
+    if toks is None:
+        return {}
+    out: dict[str, Any] = {}
+    for attr, *_ in TEXT_INPUTS:
+        tok = getattr(toks, attr)
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            raise LoweringError(f"text encoder {te[0].name!r}: its {attr} ({type(tok).__name__}) is not a fast "
+                                "tokenizer, so it cannot be saved as tokenizer.json for the runtime; load it with "
+                                "use_fast=True (PreTrainedTokenizerFast)")
+        rel = tokenizer_file(attr)
+        path = Path(directory) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend.save(str(path))
+        out[rel] = {"kind": "tokenizer", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return out
 
 
 def graph_calls(prog: list[dict[str, Any]]) -> dict[str, int]:
@@ -171,6 +263,7 @@ def manifest(*, target: dict[str, Any], pipeline: Pipeline, graphs: dict[str, di
     sch = pipeline.schedule
     return {
         "format": FORMAT,
+        "version": VERSION,
         "target": target,
         "pipeline": {"name": pipeline.name, "latent_frames": sch.latent_frames, "height": sch.height,
                      "width": sch.width, "guidance": sch.guidance.mode, "stages": len(sch.stages),
@@ -178,6 +271,7 @@ def manifest(*, target: dict[str, Any], pipeline: Pipeline, graphs: dict[str, di
                      "passes": [p.name for p in pipeline.provenance]},
         "graphs": graphs,
         "constants": constants or {},
+        "assets": {},
         "host_ops": HOST_OPS,
         "program": prog,
         "memory_plan": memory,
@@ -185,5 +279,24 @@ def manifest(*, target: dict[str, Any], pipeline: Pipeline, graphs: dict[str, di
     }
 
 
-__all__ = ["FORMAT", "HOST_OPS", "TIMESTEP_TABLE", "constants", "graph_calls", "graph_index", "graph_name",
-           "manifest", "program"]
+@cache
+def schema() -> dict[str, Any]:
+    """The manifest's JSON Schema (package data)."""
+    return json.loads((resources.files(__package__) / SCHEMA).read_text())
+
+
+def validate_manifest(m: dict[str, Any]) -> None:
+    """Raise LoweringError naming the JSON path of the first place `m` breaks the schema."""
+    import jsonschema
+
+    doc = json.loads(json.dumps(m, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    validator = jsonschema.Draft202012Validator(schema())
+    err = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+    if err is not None:
+        raise LoweringError(f"manifest at {err.json_path}: {err.message} (targets/{SCHEMA}, rule "
+                            f"{'/'.join(map(str, err.absolute_schema_path))}); the program generator "
+                            "(targets/bundle.py) and the schema disagree: fix the one that is wrong")
+
+
+__all__ = ["FORMAT", "HOST_OPS", "TIMESTEP_TABLE", "VERSION", "constants", "graph_calls", "graph_index",
+           "graph_name", "manifest", "program", "schema", "validate_manifest", "write_assets"]

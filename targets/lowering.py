@@ -6,7 +6,9 @@ inputs are int32 at the graph boundary (the graph casts them; `legality.lower_in
 every int64 tensor inside); attention is exported in its explicit matmul form when the module
 offers `set_attention_impl("matmul")`. The legacy TorchScript exporter (`dynamo=False`) is used:
 it needs no onnxscript and produces plain opset-17 graphs that onnxsim and the NPU converter take.
-Graphs whose weights pass protobuf's 2 GB limit are saved with external data (`<graph>.onnx.data`).
+In a bundle, every graph keeps its weights in its component's shared external-data file
+(`targets.shared_weights`), which also keeps each graph under protobuf's 2 GB limit; `save_model`
+writes a single graph on its own (`<graph>.onnx.data` past 2 GB).
 """
 
 from __future__ import annotations

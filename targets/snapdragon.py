@@ -15,6 +15,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,17 @@ from targets.lowering import (
     export_graph,
     npu_friendly,
     plan_graphs,
-    save_model,
     simplify,
     weight_bytes,
 )
 from targets.numerics import NumericsReport, check_model, check_numerics
 from targets.onnx_costs import onnx_graph_cost
+from targets.quantized import QuantizedGraph, is_quantized, lower_quantized
+from targets.shared_weights import SharedWeights, save_graph, shared_external_data
 from targets.torch_costs import torch_graph_cost
 
 log = logging.getLogger("ndopt")
+FLOAT_PRECISION = "fp16"  # an unquantized component on the NPU: its float path
 
 
 @dataclass(frozen=True)
@@ -128,18 +131,28 @@ class SnapdragonTarget:
         est = estimate_graph(onnx_graph_cost(model), self.spec, precision)
         return {"latency_ms": round(est.latency_ms, 4), "peak_memory_mb": round(est.peak_memory_mb, 3)}
 
-    def _precision_of(self, component: Component, default: str) -> str:
+    @property
+    def float_precision(self) -> str:
+        """What an unquantized component runs at on the NPU: its float path (fp16)."""
+        return FLOAT_PRECISION if FLOAT_PRECISION in self.spec.precisions else self.spec.default_precision
+
+    def _precision_of(self, component: Component, default: str | None = None) -> str:
+        """The precision a component really has: its `precision` attr (the quantization pass), else
+        `default` (a what-if from the caller), else float."""
         p = component.attrs.get("precision")
-        return p if isinstance(p, str) and p in self.spec.precisions else default
+        return p if isinstance(p, str) and p in self.spec.precisions else (default or self.float_precision)
 
     def estimate(self, pipeline: Pipeline, precision: str | None = None) -> dict[str, Any]:
         """Latency and peak memory per component and per video (works on meta pipelines).
 
         A component that records its own `precision` attr (the quantization pass) is priced at it;
-        the rest at `precision` (the target's default, w8a16)."""
+        the rest at `precision` when given (a what-if), else as float (fp16, the NPU's float path).
+        `precision` in the result is the one precision every component has, or "mixed" (then
+        `precisions` says which component has which)."""
         from ndopt.ir.cost import CostModel
 
-        precision = self.spec.check_precision(precision or self.spec.default_precision)
+        if precision is not None:
+            self.spec.check_precision(precision)
         costs = CostModel()  # fresh: every signature runs once under the recording mode
         seen: dict[Any, tuple[Estimate, float]] = {}
         comps: dict[str, dict[str, Any]] = {}
@@ -163,16 +176,17 @@ class SnapdragonTarget:
             sigs.append({"component": sig.component, "key": sig.key, "count": sig.count,
                          "latency_ms": round(est.latency_ms, 4), "peak_memory_mb": round(est.peak_memory_mb, 3)})
         total = sum(r["latency_ms"] for r in comps.values())
+        precisions = {n: r["precision"] for n, r in comps.items()}
         plan = memory_plan([(n, [n]) for n in pipeline.topo_order() if n in comps],
                            {n: r["weights_mb"] * 2**20 for n, r in comps.items()},
                            {n: r["peak_activations_mb"] * 2**20 for n, r in comps.items()},
-                           _state_bytes(pipeline, precision), self.spec.memory_budget_gb * 2**30)
+                           _state_bytes(pipeline, precisions.values()), self.spec.memory_budget_gb * 2**30)
         for r in comps.values():
             r["share"] = round(r["latency_ms"] / total, 4) if total else 0.0
             for k in ("latency_ms", "flops_per_video", "weights_mb", "peak_activations_mb"):
                 r[k] = round(r[k], 4)
-        eff = self.spec.efficiency[precision]
-        return {"target": self.name, "precision": precision, "calibrated": eff.calibrated,
+        return {"target": self.name, "precision": precision_label(precisions.values()), "precisions": precisions,
+                "calibrated": all(self.spec.efficiency[p].calibrated for p in precisions.values()),
                 "latency_ms": round(total, 3), "latency_s": round(total / 1000, 4),
                 "peak_memory_mb": plan["peak_mb"], "components": comps, "memory_plan": plan, "signatures": sigs}
 
@@ -183,8 +197,8 @@ class SnapdragonTarget:
             raise LoweringError(f"target {self.name}: pipeline {pipeline.name!r} is on the meta device (no weights); "
                                 "lowering exports real graphs: run it on a loaded model, or use `ndopt plan` for "
                                 "estimates")
+        self.check_encodings(pipeline)
         t0 = time.perf_counter()
-        precision = self.spec.default_precision
         plans = plan_graphs(pipeline)
         lowered: list[LoweredGraph] = []
         with progress(f"lowering for {self.name}", total=len(plans)) as advance:
@@ -192,25 +206,53 @@ class SnapdragonTarget:
                 lowered.append(self._lower_graph(pipeline[plan.component], plan))
                 advance(plan.name)
         _raise_on_failures(self.name, lowered)
+        by_component: dict[str, list[LoweredGraph]] = {}
+        for lg in lowered:
+            by_component.setdefault(lg.plan.component, []).append(lg)
+        precisions = {n: self._precision_of(pipeline[n]) for n in by_component}
+        precision = precision_label(precisions.values())
 
         out_dir = Path(out_dir)
         graphs: dict[str, dict[str, Any]] = {}
         estimates: dict[str, dict[str, Any]] = {}
+        weights: dict[str, dict[str, Any]] = {}
+        shared: dict[str, SharedWeights] = {}
+        quantized: dict[str, QuantizedGraph] = {}
         with atomic_dir(out_dir) as tmp:
-            for lg in lowered:
-                files = save_model(lg.model, tmp / f"{lg.plan.name}.onnx")
+            for lg in lowered:  # QDQ graph and encodings of every graph of a quantized component
                 comp = pipeline[lg.plan.component]
-                est = estimate_graph(onnx_graph_cost(lg.model), self.spec, self._precision_of(comp, precision))
+                if is_quantized(comp):
+                    with _threads_for(comp):
+                        quantized[lg.plan.name] = lower_quantized(comp, lg.plan, example_inputs(lg.plan), tmp,
+                                                                  self.spec.legality)
+            for name, lgs in by_component.items():  # one weights file per component, shared by all its graphs
+                models = [(f"{lg.plan.name}.onnx", lg.model) for lg in lgs]
+                for q in (quantized[lg.plan.name] for lg in lgs if lg.plan.name in quantized):
+                    models += [(q.qdq, q.qdq_model), (q.encodings_graph, q.encodings_model)]
+                with shared_external_data(name, models, tmp, priced={f"{lg.plan.name}.onnx" for lg in lgs}) as sw:
+                    for file, model in models:
+                        save_graph(model, tmp / file)
+                shared[name] = sw
+                weights[name] = {**sw.to_json(), "precision": precisions[name],
+                                 "sha256": _sha256(tmp / sw.file) if sw.file else None}
+            for lg in lowered:
+                comp = pipeline[lg.plan.component]
+                prec = precisions[comp.name]
+                est = estimate_graph(onnx_graph_cost(lg.model), self.spec, prec)
                 estimates[lg.plan.name] = est.to_json()
+                file = f"{lg.plan.name}.onnx"
                 graphs[lg.plan.name] = {
-                    "file": files[0], "external_data": files[1] if len(files) > 1 else None,
-                    "sha256": _sha256(tmp / files[0]), "component": lg.plan.component, "role": lg.plan.role,
+                    "file": file, "external_data": shared[comp.name].file,
+                    "sha256": _sha256(tmp / file), "component": lg.plan.component, "role": lg.plan.role,
                     "call_signatures": list(lg.plan.keys), "calls_per_video": lg.plan.calls_per_video,
                     "inputs": [io.to_json() for io in _graph_io(lg.model.graph.input, lg.model)],
                     "outputs": [io.to_json() for io in _graph_io(lg.model.graph.output, lg.model)],
-                    "precision": self._precision_of(comp, precision), "encodings": _encodings(comp, tmp, lg.plan),
+                    "precision": prec, "encodings": _encodings(comp, tmp, lg.plan),
                     "simplify": lg.simplify, "legality": lg.legality.to_json(), "numerics": lg.numerics.to_json(),
                     "estimate": estimates[lg.plan.name]}
+                q = quantized.get(lg.plan.name)
+                if q is not None:
+                    graphs[lg.plan.name].update(q.to_json(), encodings=q.encodings, qdq_sha256=_sha256(tmp / q.qdq))
             prog = bundle.program(pipeline, plans)
             consts = bundle.constants(pipeline)
             for fname, c in consts.items():
@@ -220,13 +262,16 @@ class SnapdragonTarget:
             if calls != expected:
                 raise LoweringError(f"target {self.name}: the manifest program calls graphs {calls} times, the call "
                                     f"plan says {expected}; the program generator and the sampler disagree (a bug)")
-            video = self._video_estimate(pipeline, lowered, estimates, precision)
+            video = self._video_estimate(pipeline, lowered, estimates, precisions, shared)
             man = bundle.manifest(target=self._target_json(precision), pipeline=pipeline, graphs=graphs, prog=prog,
                                   memory=video.pop("memory_plan"), estimate=video,
                                   constants={f: {"shape": list(c["array"].shape), "dtype": "float32",
                                                  "timesteps": c["timesteps"]} for f, c in consts.items()})
+            man["weights"] = weights  # per component: the shared external-data file, its bytes and graphs
+            man["assets"] = bundle.write_assets(pipeline, tmp)  # tokenizer files the program's tokenize op reads
+            bundle.validate_manifest(man)
             atomic_write_json(tmp / "manifest.json", man)
-        hub = self._profile_on_hub(out_dir, lowered)
+        hub = self._profile_on_hub(out_dir, lowered, graphs)
         if hub.get("status") == "ok":
             man["estimate"]["graphs"] = aihub.merge_measured(estimates, hub)
             man["aihub"] = hub
@@ -238,12 +283,27 @@ class SnapdragonTarget:
                     g: {"legal": r["legality"]["ok"], "rewrites": r["legality"]["rewrites"],
                         "warnings": {k: v["count"] for k, v in r["legality"]["warnings"].items()},
                         "numerics_max_abs_err": r["numerics"]["max_abs_err"], "numerics_ok": r["numerics"]["ok"],
-                        "calls_per_video": r["calls_per_video"], "latency_ms": r["estimate"]["latency_ms"]}
+                        "calls_per_video": r["calls_per_video"], "latency_ms": r["estimate"]["latency_ms"],
+                        "precision": r["precision"]} | (
+                        {"qdq_rel_err": r["qdq_numerics"]["rel_err"]} if "qdq_numerics" in r else {})
                     for g, r in graphs.items()},
                 "estimate": {k: man["estimate"][k] for k in ("precision", "calibrated", "latency_ms", "latency_s",
                                                               "peak_memory_mb", "components")},
                 "aihub": {k: v for k, v in hub.items() if k != "graphs"} | (
                     {"graphs": hub["graphs"]} if hub.get("graphs") else {})}
+
+    def check_encodings(self, pipeline: Pipeline) -> None:
+        """Refuse quantized components whose encodings were made for another HTP version: the HTP
+        config decides which ops get encodings and at which widths, so another chip's would not match."""
+        for c in pipeline.components.values():
+            have = c.attrs.get("aimet_config")
+            if have and have != self.spec.aimet_config:
+                src = c.attrs.get("aimet_config_source")
+                raise LoweringError(
+                    f"target {self.name}: component {c.name!r} was quantized with {have}"
+                    f"{f' (from {src})' if src else ''} but this target runs {self.spec.aimet_config} "
+                    f"(targets/{self.name}.yaml, aimet_config); rerun aimet_quantization for {self.name}: "
+                    "leave `hexagon` unset so the pass takes the target's config")
 
     def _lower_graph(self, component: Component, plan: GraphPlan) -> LoweredGraph:
         key = _CACHE.key(component, plan, self.spec)
@@ -272,41 +332,61 @@ class SnapdragonTarget:
         return lg
 
     def _video_estimate(self, pipeline: Pipeline, lowered: list[LoweredGraph], estimates: dict[str, dict[str, Any]],
-                        precision: str) -> dict[str, Any]:
-        comps: dict[str, dict[str, float]] = {}
+                        precisions: dict[str, str], shared: dict[str, SharedWeights]) -> dict[str, Any]:
+        from targets import PRECISION_BITS
+
+        comps: dict[str, dict[str, Any]] = {}
         for lg in lowered:
             e = estimates[lg.plan.name]
-            row = comps.setdefault(lg.plan.component, {"latency_ms": 0.0, "weights_mb": 0.0, "activations_mb": 0.0})
+            row = comps.setdefault(lg.plan.component, {"precision": precisions[lg.plan.component], "latency_ms": 0.0,
+                                                       "weights_mb": 0.0, "activations_mb": 0.0})
             row["latency_ms"] += lg.plan.calls_per_video * e["latency_ms"]
-            row["weights_mb"] = max(row["weights_mb"], e["weights_mb"])  # graphs of a component share weights
+            row["weights_mb"] = max(row["weights_mb"], e["weights_mb"])  # the largest graph's own weights ...
             row["activations_mb"] = max(row["activations_mb"], e["activations_mb"])
+        for n, row in comps.items():  # ... or the component's shared file, at its precision: what the runtime loads
+            sw = shared.get(n)
+            if sw is not None:
+                wbits = PRECISION_BITS[row["precision"]][0]
+                row["weights_mb"] = max(row["weights_mb"],
+                                        (sw.unique_float_elems * wbits / 8 + sw.unique_other_bytes) / 2**20)
         total = sum(r["latency_ms"] for r in comps.values())
         plan = memory_plan([(n, [n]) for n in pipeline.topo_order() if n in comps],
                            {n: r["weights_mb"] * 2**20 for n, r in comps.items()},
                            {n: r["activations_mb"] * 2**20 for n, r in comps.items()},
-                           _state_bytes(pipeline, precision), self.spec.memory_budget_gb * 2**30)
-        plan["weight_sharing"] = "graphs of one component share its weights (one QNN context per component)"
-        return {"precision": precision, "calibrated": self.spec.efficiency[precision].calibrated,
+                           _state_bytes(pipeline, precisions.values()), self.spec.memory_budget_gb * 2**30)
+        plan["weight_sharing"] = ("weights counted once per component: its graphs share one external-data file "
+                                  "(<component>.weights.bin) and, on the device, one linked QNN context")
+        return {"precision": precision_label(precisions.values()), "precisions": dict(precisions),
+                "calibrated": all(self.spec.efficiency[p].calibrated for p in precisions.values()),
                 "latency_ms": round(total, 3), "latency_s": round(total / 1000, 4), "peak_memory_mb": plan["peak_mb"],
-                "components": {n: {k: round(v, 4) for k, v in r.items()} for n, r in comps.items()},
+                "components": {n: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                               for n, r in comps.items()},
                 "graphs": estimates, "memory_plan": plan}
 
-    def _profile_on_hub(self, out_dir: Path, lowered: list[LoweredGraph]) -> dict[str, Any]:
+    def _profile_on_hub(self, out_dir: Path, lowered: list[LoweredGraph],
+                        graphs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Compile and profile every graph in the form that carries its precision (the QDQ graph of a
+        quantized component, else the float graph with its component's weights file), then link each
+        component's graphs into one weight-sharing context binary."""
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="ndopt-aihub-") as staging:
-            jobs = [aihub.GraphJob(lg.plan.name, _hub_model(out_dir, lg.plan.name, Path(staging)),
-                                   {io.name: (tuple(io.shape), io.dtype)
-                                    for io in _graph_io(lg.model.graph.input, lg.model)})
-                    for lg in lowered]
-            with progress(f"AI Hub {self.spec.ai_hub_devices[0]}", total=2 * len(jobs)) as advance:
-                return aihub.profile_bundle(jobs, self.spec.ai_hub_devices[0], self.spec.aihub_options, advance)
+            jobs = []
+            for lg in lowered:
+                g = graphs[lg.plan.name]
+                model = _hub_model(out_dir, g.get("qdq") or g["file"], g.get("external_data"), Path(staging))
+                jobs.append(aihub.GraphJob(lg.plan.name, model, {io.name: (tuple(io.shape), io.dtype)
+                                                                for io in _graph_io(lg.model.graph.input, lg.model)},
+                                           component=lg.plan.component))
+            with progress(f"AI Hub {self.spec.ai_hub_devices[0]}", total=3 * len(jobs)) as advance:
+                return aihub.profile_bundle(jobs, self.spec.ai_hub_devices[0], self.spec.aihub_options, advance,
+                                            link=True)
 
     def _target_json(self, precision: str) -> dict[str, Any]:
         s = self.spec
         return {"name": s.name, "hexagon_arch": s.hexagon_arch, "ai_hub_devices": s.ai_hub_devices,
-                "aimet_config": s.aimet_config, "precision": precision, "opset": s.opset,
-                "aihub_options": s.aihub_options}
+                "aimet_config": s.aimet_config, "precision": precision, "default_precision": s.default_precision,
+                "opset": s.opset, "aihub_options": s.aihub_options}
 
 
 def _raise_on_failures(target: str, lowered: list[LoweredGraph]) -> None:
@@ -362,35 +442,30 @@ def _sha256(path: Path) -> str:
 
 
 def _encodings(component: Component, tmp: Path, plan: GraphPlan) -> str | None:
-    """Quantization encodings copied beside the graph: `attrs["encodings"]` (an AIMET encodings file),
-    else `attrs["quantizers"]` (the quantization pass: every quantizer's encoding, safetensors).
-    Encodings name the tensors of AIMET's own export, so they are attached, not remapped."""
-    if component.attrs.get("encodings"):
-        src, suffix, what = component.attrs["encodings"], "encodings", "encodings file"
-        fix = "rerun the quantization pass or remove the `encodings` attr"
-    elif component.attrs.get("quantizers"):
-        src, suffix, what = component.attrs["quantizers"], "quantizers.safetensors", "quantizer encodings"
-        fix = "rerun the quantization pass"
-    else:
+    """An encodings file a component brings itself (`attrs["encodings"]`, AIMET JSON for its own export),
+    copied beside the graph. The quantization pass's sims get theirs from `targets.quantized` instead."""
+    if not component.attrs.get("encodings") or is_quantized(component):
         return None
-    src = Path(str(src))
+    src = Path(str(component.attrs["encodings"]))
     if not src.is_file():
-        raise LoweringError(f"component {component.name!r}: its {what} {src} does not exist; {fix}")
-    dst = tmp / f"{plan.name}.{suffix}"
+        raise LoweringError(f"component {component.name!r}: its encodings file {src} does not exist; rerun the "
+                            "quantization pass or remove the `encodings` attr")
+    dst = tmp / f"{plan.name}.encodings"
     dst.write_bytes(src.read_bytes())
     return dst.name
 
 
-def _hub_model(out_dir: Path, name: str, staging: Path) -> Path:
-    """The graph as AI Hub takes it: the .onnx file, or, with external data, a directory named
-    `<name>.onnx` holding the .onnx and its .data (hard links into a staging folder)."""
+def _hub_model(out_dir: Path, file: str, data_file: str | None, staging: Path) -> Path:
+    """The graph as AI Hub takes it: the .onnx file, or, with external data (its component's shared
+    weights file), a directory named like the file holding both (hard links into a staging folder)."""
     import os
     import shutil
 
-    onnx_path, data = out_dir / f"{name}.onnx", out_dir / f"{name}.onnx.data"
-    if not data.exists():
+    onnx_path = out_dir / file
+    data = out_dir / data_file if data_file else None
+    if data is None or not data.exists():
         return onnx_path
-    d = staging / f"{name}.onnx"
+    d = staging / file
     d.mkdir()
     for f in (onnx_path, data):
         try:
@@ -400,12 +475,18 @@ def _hub_model(out_dir: Path, name: str, staging: Path) -> Path:
     return d
 
 
-def _state_bytes(pipeline: Pipeline, precision: str) -> float:
+def precision_label(precisions: Iterable[str]) -> str:
+    """One precision when every component has it, else "mixed"."""
+    found = set(precisions)
+    return found.pop() if len(found) == 1 else ("mixed" if found else FLOAT_PRECISION)
+
+
+def _state_bytes(pipeline: Pipeline, precisions: Iterable[str]) -> float:
     """What lives across phases: the latents of the whole video (noise and generated frames) and the
-    text encoder's outputs, at the precision's activation width."""
+    text encoder's outputs, at the widest activation width of the components' precisions."""
     from targets import PRECISION_BITS
 
-    abits = PRECISION_BITS[precision][1]
+    abits = max((PRECISION_BITS[p][1] for p in precisions), default=16)
     total = 0
     for sig in pipeline.call_plan():
         comp = pipeline[sig.component]

@@ -13,9 +13,9 @@ from ndopt.cli import main
 
 
 @pytest.mark.slow
-def test_run_default_recipe_writes_report(tmp_path):
+def test_run_exact_recipe_writes_report(tmp_path):
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, ["run", "default", "--out", str(out)])
+    res = CliRunner().invoke(main, ["run", "exact", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok" and report["steps"][0]["name"] == "dead_component_elimination"
@@ -23,11 +23,15 @@ def test_run_default_recipe_writes_report(tmp_path):
     assert step["fidelity"]["contract"] == "exact" and step["fidelity"]["vs_previous"]["latent_rel_err"] == 0.0
     assert step["cost"]["params"].keys() == {"text_encoder", "dit", "vae_decoder"}
     assert report["baseline"]["params"]["vae_encoder"] > 0
-    for name in ("report.md", "cost.png", "fidelity.png", "passes/01_dead_component_elimination/pipeline.txt"):
+    for name in ("report.md", "cost.png", "fidelity.png", "frames.png",
+                 "passes/01_dead_component_elimination/pipeline.txt"):
         assert (out / name).exists(), name
     assert (out / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "dead_component_elimination" in md
+    # the probe's videos of the original and the optimized pipeline, side by side, and each pass's contract
+    assert report["frames"]["frames"] == 9 and "![frames](frames.png)" in md
+    assert "| exact 1e-05 |" in md and step["fidelity"]["tolerance"] == 0.0
     assert "## What each pass measured" in md and "- params_removed: " in md  # each pass's own metrics
     # the default recipe's target: the bundle is lowered and its estimate tabled and plotted
     assert report["lowering"]["snapdragon-8-elite"]["status"] == "ok"

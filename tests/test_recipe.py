@@ -103,3 +103,19 @@ def test_neodragon_recipes_name_the_passes_still_missing(name):
     with pytest.raises(RecipeError, match=f"unknown pass '{missing[0]}'"):
         load_recipe(name)
     assert "target: snapdragon-" in text
+
+
+def test_quantization_htp_config_must_agree_with_the_targets():
+    """One quantization pass calibrates for one HTP version: two targets with different AIMET configs,
+    or an explicit `hexagon` other than the target's, are refused at load with the line and both names."""
+    base = "name: r\nmodel: pyramid-flow-tiny\npasses:\n  - aimet_quantization:\n      precision: w8a16\n{extra}{target}\n"
+    with pytest.raises(RecipeError, match=r"r.yaml:4: passes\[0\].aimet_quantization: the targets need different "
+                                          r"AIMET configs \(snapdragon-8-elite: htp_v79, snapdragon-x-elite: htp_v73\)"
+                                          r".*targets on line 6"):
+        parse_recipe(base.format(extra="", target="targets: [snapdragon-8-elite, snapdragon-x-elite]"), "r.yaml")
+    with pytest.raises(RecipeError, match=r"r.yaml:6: passes\[0\].aimet_quantization.hexagon: hexagon v79 \(htp_v79\) "
+                                          r"disagrees with target snapdragon-x-elite \(htp_v73\)"):
+        parse_recipe(base.format(extra="      hexagon: v79\n", target="target: snapdragon-x-elite"), "r.yaml")
+    ok = parse_recipe(base.format(extra="      hexagon: v73\n", target="target: snapdragon-x-elite"), "r.yaml")
+    assert ok.targets == ["snapdragon-x-elite"]
+    parse_recipe(base.format(extra="", target="target: snapdragon-x-elite"), "r.yaml")  # the pass takes the target's

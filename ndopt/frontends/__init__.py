@@ -11,18 +11,30 @@ from ndopt.ir.pipeline import Pipeline
 
 
 def preset_names() -> list[str]:
+    """Presets and the bundled step-distilled students of the tiny preset."""
     from ndopt.frontends.pyramid_flow.presets import preset_specs
+    from ndopt.frontends.pyramid_flow.students import student_files
 
-    return sorted(preset_specs())
+    return sorted([*preset_specs(), *student_files()])
 
 
 def load_model(ref: str, *, device: torch.device | str = "cpu", seed: int = 0, meta: bool = False,
                variant: str = "768p") -> Pipeline:
-    """A preset name (built on `device`, or on meta when `meta`) or an upstream checkpoint directory.
+    """A preset name (built on `device`, or on meta when `meta`), a bundled student of the tiny preset
+    (`pyramid-flow-tiny-student-1-1-1`), a pipeline saved by ndopt (`RUN/model`, a directory with
+    `pipeline.json`), or an upstream checkpoint directory.
 
     Real-size presets have no bundled weights: they are built on the meta device (costs, plans)."""
     from ndopt.frontends.pyramid_flow.presets import build_preset, load_checkpoint_dir, preset_specs
+    from ndopt.frontends.pyramid_flow.students import build_student, student_files
+    from ndopt.saved import is_saved_pipeline, load_saved
 
+    if ref in student_files():
+        return build_student(ref, device, seed, meta=meta)
+    if is_saved_pipeline(ref):
+        if meta:
+            raise NdoptError(f"{ref}: a saved pipeline holds weights; plan its recipe or its base model instead")
+        return load_saved(ref, device=device)
     if ref in preset_specs():
         real = not ref.endswith("tiny")
         if real and not meta:
@@ -35,5 +47,6 @@ def load_model(ref: str, *, device: torch.device | str = "cpu", seed: int = 0, m
             raise NdoptError("planning from a checkpoint directory loads weights; plan its preset instead")
         return load_checkpoint_dir(path, variant=variant, device=str(device))
     if path.exists():
-        raise CheckpointError(f"{ref}: a model is a preset name or an upstream checkpoint directory, not a file")
+        raise CheckpointError(f"{ref}: a model is a preset name, a saved pipeline (RUN/model) or an upstream "
+                              "checkpoint directory, not a file")
     raise NdoptError(f"unknown model {ref!r}: not a preset ({', '.join(preset_names())}) and no such directory")

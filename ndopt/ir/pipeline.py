@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import networkx as nx
@@ -102,6 +103,22 @@ class Pipeline:
 
     def with_provenance(self, applied: AppliedPass) -> Pipeline:
         return replace(self, provenance=(*self.provenance, applied))
+
+    # ---- saving (diffusers-style names; the work is ndopt.saved's) ----------------------------
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
+        """Write this pipeline to `directory` (what `ndopt run` writes to RUN/model): pipeline.json and
+        safetensors weights; keyword arguments go to `ndopt.saved.save_pipeline` (`max_shard_size`, ...)."""
+        from ndopt.saved import save_pipeline
+
+        return save_pipeline(self, directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> Pipeline:
+        """A pipeline written by `save_pretrained` (or `ndopt run`'s RUN/model), rebuilt and checked
+        (`ndopt.saved.load_saved`; keyword arguments: `device`)."""
+        from ndopt.saved import load_saved
+
+        return load_saved(directory, **kwargs)
 
     # ---- queries --------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Component:

@@ -228,16 +228,42 @@ def test_w8a16_still_follows_prompts(tiny, w8):
     assert quant.rate >= PROMPT_FOLLOWING_BAR and quant.rate >= float_rate - 2 / 16, (float_rate, quant.to_json())
 
 
-def test_lowering_ships_float_graphs_with_the_quantizer_encodings(w8):
-    """A quantized pipeline lowers: each graph is the float model (checked in onnxruntime against it)
-    with the component's quantizer encodings beside it and the pass's precision in the manifest."""
+def test_lowering_ships_qdq_graphs_and_aimet_encodings(w8):
+    """A quantized pipeline lowers: each graph is the float model (checked in onnxruntime against it),
+    its QDQ ONNX (checked against the sim) and AIMET encodings, with the pass's precision in the manifest.
+    Without a target in the context the pass used htp_v79, so the 8 Elite takes the encodings."""
     from targets import registry
 
     final, _, d = w8
+    assert {final[n].attrs["aimet_config_source"] for n in ("text_encoder", "dit", "vae_decoder")} == {
+        "default (no target)"}
     out = d / "bundle"
     res = registry()["snapdragon-8-elite"].lower(final, out, PassContext(run_dir=d))
-    assert res["status"] == "ok"
+    assert res["status"] == "ok" and res["precision"] == "w8a16"
     man = json.loads((out / "manifest.json").read_text())
     for name, g in man["graphs"].items():
         assert g["precision"] == "w8a16" and g["numerics"]["ok"] and g["legality"]["ok"], name
-        assert g["encodings"] == f"{name}.quantizers.safetensors" and (out / g["encodings"]).is_file(), name
+        assert g["encodings"] == f"{name}.encodings" and (out / g["encodings"]).is_file(), name
+        assert (out / g["qdq"]).is_file() and g["qdq_numerics"]["ok"], (name, g["qdq_numerics"])
+
+
+def test_the_htp_config_comes_from_the_target(tmp_path, caplog):
+    """Plan mode (no sim): the context's target decides the config; the recipe's `hexagon` wins; with
+    neither, htp_v79 and a warning. Recipe-load checks name the disagreement."""
+    from ndopt.passmanager import TargetInfo
+
+    pipe = load_model("pyramid-flow-tiny", meta=True)
+    xe = TargetInfo("snapdragon-x-elite", "v73", "htp_v73", ("fp16", "w8a16"))
+    e8 = TargetInfo("snapdragon-8-elite", "v79", "htp_v79", ("fp16", "w8a16"))
+    res = AimetQuantization({}).plan(pipe, PassContext(run_dir=tmp_path, plan=True, target=xe))
+    assert (res.metrics["aimet_config"], res.metrics["aimet_config_source"]) == ("htp_v73", "target snapdragon-x-elite")
+    assert res.pipeline["dit"].attrs["aimet_config"] == "htp_v73"
+    pinned = AimetQuantization({"hexagon": "v75"}).plan(pipe, PassContext(run_dir=tmp_path, plan=True, target=xe))
+    assert (pinned.metrics["aimet_config"], pinned.metrics["aimet_config_source"]) == ("htp_v75", "recipe")
+    none = AimetQuantization({}).plan(pipe, PassContext(run_dir=tmp_path, plan=True))
+    assert none.metrics["aimet_config"] == "htp_v79" and "no target in the pass context" in caplog.text
+    assert AimetQuantization({}).check_targets([xe]) == [] and AimetQuantization({"hexagon": "v73"}).check_targets([xe]) == []
+    [(field, why)] = AimetQuantization({}).check_targets([e8, xe])
+    assert field is None and "htp_v79" in why and "htp_v73" in why
+    [(field, why)] = AimetQuantization({"hexagon": "v79"}).check_targets([xe])
+    assert field == "hexagon" and "snapdragon-x-elite (htp_v73)" in why

@@ -46,3 +46,39 @@ def lowered_runs(tmp_path_factory, offline) -> dict[str, dict]:
 
 def bundle_files(bundle: Path) -> list[Path]:
     return sorted(bundle.glob("*.onnx"))
+
+
+QUANT_RECIPE = """name: quantize-x-elite
+model: pyramid-flow-tiny
+passes:
+  - dead_component_elimination
+  - aimet_quantization:
+      components: [dit, vae_decoder]
+      evaluate: false
+      export: none
+      calibration: {prompts: [a white square on a dark background], latent_frames: 1, steps: [1, 1, 1]}
+target: snapdragon-x-elite
+probe: {enabled: false}
+seed: 0
+"""
+
+
+@pytest.fixture(scope="session")
+def quantized_run(tmp_path_factory, offline) -> dict:
+    """`ndopt.run` of a cheap quantization-only recipe for the X Elite (DiT and VAE decoder at W8A16,
+    one calibration prompt at 1-1-1 steps, no evaluation): the text encoder stays float."""
+    import torch
+
+    import ndopt
+
+    root = tmp_path_factory.mktemp("quantized")
+    recipe = root / "quantize-x-elite.yaml"
+    recipe.write_text(QUANT_RECIPE)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors on shared cores
+    try:
+        report = ndopt.run(recipe, out=root / "run")
+    finally:
+        torch.set_num_threads(n)
+    bundle = root / "run" / "bundles" / "snapdragon-x-elite"
+    return {"report": report, "bundle": bundle, "manifest": json.loads((bundle / "manifest.json").read_text())}

@@ -155,3 +155,59 @@ def test_lower_with_credentials_submits_every_graph_and_merges(hub, tiny, tmp_pa
     blob = (out / "manifest.json").read_text() + json.dumps(summary) + caplog.text
     assert TOKEN not in blob
     assert onnx.load(str(out / "dit__unit0_stage0.onnx")).graph.input  # the bundle is intact
+
+
+class LinkingHub(FakeHub):
+    """A fake client that also links (compile to DLC, then one link job per component)."""
+
+    def __init__(self, fail_link: set[str] = frozenset()) -> None:
+        super().__init__()
+        self.links: list[dict] = []
+        self.fail_link = set(fail_link)
+
+    def submit_link_job(self, models, device=None, name=None, options=""):
+        self.links.append({"models": list(models), "device": device.name, "name": name})
+        return FakeJob(self, "link", name, ok=name.split(":")[1] not in self.fail_link)
+
+
+def test_link_job_per_component_from_its_dlc_graphs(monkeypatch, credentials, tmp_path):
+    hub = LinkingHub(fail_link={"vae_decoder"})
+    monkeypatch.setitem(sys.modules, "qai_hub", hub)
+    jobs = [aihub.GraphJob(j.graph, j.model, j.input_specs, component=c)
+            for j, c in zip(small_graphs(tmp_path, 3), ("dit", "dit", "vae_decoder"))]
+    res = aihub.profile_bundle(jobs, "Snapdragon X Elite CRD", "--target_runtime qnn_context_binary", link=True)
+    dlc = [c for c in hub.compiles if c["name"].endswith(":dlc")]
+    assert [c["options"] for c in dlc] == ["--target_runtime qnn_dlc"] * 3
+    assert [(lk["name"], lk["models"]) for lk in hub.links] == [
+        ("ndopt:dit", ["compiled:ndopt:graph0:dlc", "compiled:ndopt:graph1:dlc"]),
+        ("ndopt:vae_decoder", ["compiled:ndopt:graph2:dlc"])]
+    assert res["links"]["dit"]["status"] == "ok" and res["links"]["dit"]["graphs"] == ["graph0", "graph1"]
+    assert res["links"]["vae_decoder"]["status"] == "link_failed" and "<redacted>" in res["links"]["vae_decoder"]["message"]
+    assert aihub.dlc_options("--target_runtime qnn_context_binary --quantize_io") == "--target_runtime qnn_dlc --quantize_io"
+
+
+@pytest.mark.slow
+def test_lower_submits_the_qdq_graph_of_quantized_components(monkeypatch, credentials, quantized_run, tmp_path):
+    """A quantized component goes to AI Hub as its QDQ ONNX (compiled to a quantized QNN model), a float
+    one as its graph directory with the shared weights file; each component is linked."""
+    from targets.snapdragon import SnapdragonTarget
+
+    hub = LinkingHub()
+    monkeypatch.setitem(sys.modules, "qai_hub", hub)
+    bundle, man = quantized_run["bundle"], quantized_run["manifest"]
+
+    class Lowered:  # what _profile_on_hub reads of a lowered graph
+        def __init__(self, name, g):
+            self.plan = types.SimpleNamespace(name=name, component=g["component"])
+            self.model = onnx.load(str(bundle / g["file"]), load_external_data=False)
+
+    target = registry()["snapdragon-x-elite"]
+    assert isinstance(target, SnapdragonTarget)
+    res = target._profile_on_hub(bundle, [Lowered(n, g) for n, g in man["graphs"].items()], man["graphs"])
+    assert res["status"] == "ok"
+    first = {c["name"]: c for c in hub.compiles if not c["name"].endswith(":dlc")}
+    assert Path(first["ndopt:dit__unit0_stage0"]["model"]).name == "dit__unit0_stage0.qdq.onnx"
+    text = Path(first["ndopt:text_encoder__prompt"]["model"])
+    assert text.name == "text_encoder__prompt.onnx"
+    assert {lk["name"] for lk in hub.links} == {"ndopt:text_encoder", "ndopt:dit", "ndopt:vae_decoder"}
+    assert len(next(lk for lk in hub.links if lk["name"] == "ndopt:dit")["models"]) == 6

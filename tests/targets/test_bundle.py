@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ndopt.frontends.pyramid_flow.sampler import count_dit_calls, unroll
@@ -28,9 +29,14 @@ def test_program_of_the_unfolded_sampler(tiny):
     assert steps[-1]["guidance"]["scale"] == 5.0
     starts = [op for op in prog if op["op"] == "stage_start" and op["stage"] == 1]
     alpha, beta = renoise_coefficients(tiny.schedule.stages[1], tiny.schedule.gamma)
-    assert starts[0]["renoise"] == {"alpha": alpha, "beta": beta, "gamma": tiny.schedule.gamma}
+    renoise = starts[0]["renoise"]
+    assert (renoise["alpha"], renoise["beta"], renoise["gamma"]) == (alpha, beta, tiny.schedule.gamma)
+    chol = np.asarray(renoise["cholesky"])  # the block-noise covariance (1 + gamma) I - gamma 11^T
+    assert np.allclose(chol @ chol.T, np.eye(4) * (1 + tiny.schedule.gamma) - tiny.schedule.gamma, atol=1e-6)
+    assert starts[0]["resample"] == {"size": [4, 4], "mode": "nearest"}
     second = next(op for op in prog if op["op"] == "stage_start" and op["unit"] == 1 and op["stage"] == 2)
-    assert second["history"] == [[0, 1, 2]]  # the previous frame at the current stage's resolution
+    # the previous frame at the current stage's resolution
+    assert second["history"] == [{"first": 0, "frames": 1, "stage": 2}]
     assert constants(tiny) == {}
 
 
@@ -62,7 +68,7 @@ def test_program_of_a_folded_schedule_reads_the_table(tiny, tmp_path):
     assert graph_calls(prog) == {p.name: p.calls_per_video for p in plans}
     step = next(op for op in prog if op["op"] == "denoise_step")
     (call,) = step["calls"]
-    assert call["prompt"] == "uncond+cond" and call["inputs"]["sample_0"] == "latents+latents"
+    assert call["prompt"] == "uncond+cond" and call["inputs"]["sample_0"] == {"concat": ["latents", "latents"]}
     assert call["inputs"]["timestep_embedding"] == {"table": TIMESTEP_TABLE, "row": 0}
     table = constants(folded)[TIMESTEP_TABLE]
     assert table["array"].shape == (84, 128) and len(table["timesteps"]) == 84

@@ -110,8 +110,12 @@ def test_estimate_of_a_real_size_pipeline():
     from ndopt.frontends import load_model
 
     pipe = load_model("pyramid-flow-sd3-768p", meta=True)
-    est = registry()["snapdragon-8-elite"].estimate(pipe)
+    float_est = registry()["snapdragon-8-elite"].estimate(pipe)  # unquantized: the NPU's float path
+    assert float_est["precision"] == "fp16" and set(float_est["precisions"].values()) == {"fp16"}
+    est = registry()["snapdragon-8-elite"].estimate(pipe, "w8a16")  # what-if: every component at w8a16
     assert est["precision"] == "w8a16" and est["calibrated"]
+    assert float_est["components"]["dit"]["weights_mb"] == pytest.approx(2 * est["components"]["dit"]["weights_mb"])
+    assert float_est["latency_ms"] > est["latency_ms"]
     comps = est["components"]
     assert set(comps) == {"text_encoder", "dit", "vae_decoder"}
     assert est["latency_ms"] == pytest.approx(sum(c["latency_ms"] for c in comps.values()), rel=1e-6)
@@ -159,5 +163,23 @@ def test_component_precision_attr_is_priced():
     small = tiny.replace(schedule=tiny.schedule.with_frames(1), remove=["text_encoder", "vae_encoder"])
     a = t.estimate(small)
     b = t.estimate(small.replace(dit=small["dit"].with_attrs(precision="w4a16")))
-    assert b["components"]["dit"]["precision"] == "w4a16" and a["components"]["dit"]["precision"] == "w8a16"
-    assert b["components"]["dit"]["weights_mb"] == pytest.approx(a["components"]["dit"]["weights_mb"] / 2)
+    assert b["components"]["dit"]["precision"] == "w4a16" and a["components"]["dit"]["precision"] == "fp16"
+    assert b["components"]["dit"]["weights_mb"] == pytest.approx(a["components"]["dit"]["weights_mb"] / 4)
+    assert a["precision"] == "fp16" and b["precision"] == "mixed"  # the decoder stays float
+
+
+def test_unquantized_components_are_float_and_the_mix_is_reported():
+    """Only what the quantization pass recorded is priced quantized; the rest run the NPU's float path,
+    and a pipeline with both says "mixed" with the precision of each component."""
+    from ndopt.frontends import load_model
+
+    t = registry()["snapdragon-x-elite"]
+    tiny = load_model("pyramid-flow-tiny", meta=True)
+    small = tiny.replace(schedule=tiny.schedule.with_frames(1), remove=["vae_encoder"])
+    est = t.estimate(small.replace(dit=small["dit"].with_attrs(precision="w8a16")))
+    assert est["precision"] == "mixed"
+    assert est["precisions"] == {"text_encoder": "fp16", "dit": "w8a16", "vae_decoder": "fp16"}
+    assert {n: c["precision"] for n, c in est["components"].items()} == est["precisions"]
+    fp = t.estimate(small)["components"]
+    assert est["components"]["dit"]["latency_ms"] < fp["dit"]["latency_ms"]  # int8 weights, faster MACs
+    assert est["components"]["vae_decoder"]["latency_ms"] == fp["vae_decoder"]["latency_ms"]

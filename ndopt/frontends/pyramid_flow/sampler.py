@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,27 +75,39 @@ def dit_layout(schedule: Schedule, unit: int, stage: int, batch: int, text_len: 
     return DiTLayout(batch=batch, text_len=text_len, clips=tuple(clips))
 
 
-Generators = torch.Generator | Sequence[torch.Generator]
+Generators = torch.Generator | np.random.Generator | Sequence[torch.Generator | np.random.Generator]
 
 
 def randn(shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
     """Standard normal noise of `shape` from one generator, or from one generator per row (dim 0).
 
-    Per-row generators make a sample's noise independent of the batch it is drawn in (a distillation
-    bank replays the teacher's noise for the same captions in other batches); with the same generator
-    for every row the draw equals the one-generator draw."""
+    A `numpy.random.Generator` draws `standard_normal(shape, float32)`: the stream the bundle runtime
+    (`targets.runtime`) draws too, so ndopt and the bundle sample identical noise (torch's CPU RNG
+    has no numpy equivalent). Per-row generators make a sample's noise independent of the batch it
+    is drawn in (a distillation bank replays the teacher's noise for the same captions in other
+    batches); with the same generator for every row the draw equals the one-generator draw."""
+    if isinstance(generator, np.random.Generator):
+        return torch.from_numpy(generator.standard_normal(shape, dtype=np.float32))
     if isinstance(generator, torch.Generator):
         return torch.randn(shape, generator=generator)
     if len(generator) != shape[0]:
         raise NdoptError(f"{len(generator)} generators for a batch of {shape[0]}: give one per sample")
-    return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+    return torch.cat([randn((1, *shape[1:]), g) for g in generator])
+
+
+def block_noise_cholesky(gamma: float) -> torch.Tensor:
+    """The 4x4 Cholesky factor (float32) of the 2x2-block noise covariance (1 + gamma) I - gamma 11^T."""
+    cov = torch.eye(4, dtype=torch.float64) * (1 + gamma) - torch.ones(4, 4, dtype=torch.float64) * gamma
+    return torch.linalg.cholesky(cov).float()
 
 
 def block_noise(shape: tuple[int, ...], gamma: float, generator: Generators) -> torch.Tensor:
-    """Noise correlated within 2x2 blocks: covariance (1 + gamma) I - gamma 11^T (upstream)."""
+    """Noise correlated within 2x2 blocks: covariance (1 + gamma) I - gamma 11^T (upstream).
+
+    Draws `randn((b, c*t*(h/2)*(w/2), 4))` (so a numpy generator gives the runtime's stream) and
+    maps each row of 4 through the Cholesky factor onto a 2x2 block."""
     b, c, t, h, w = shape
-    cov = torch.eye(4, dtype=torch.float64) * (1 + gamma) - torch.ones(4, 4, dtype=torch.float64) * gamma
-    chol = torch.linalg.cholesky(cov).float()
+    chol = block_noise_cholesky(gamma)
     z = randn((b, c * t * (h // 2) * (w // 2), 4), generator).reshape(-1, 4) @ chol.T
     z = z.reshape(b, c, t, h // 2, w // 2, 2, 2).permute(0, 1, 2, 3, 5, 4, 6)
     return z.reshape(b, c, t, h, w)

@@ -1,0 +1,379 @@
+"""A run's optimized pipeline on disk (`RUN/model/`), and back: `save_pipeline`, `load_saved`.
+
+What a pipeline is lives in `pipeline.json` (components with their ports and attrs, the graph, the
+Schedule, the sampler settings, facts, analyses, the provenance of every applied pass, the base
+model and the summary); the weights in `model.safetensors` (or shards and an index, written by
+huggingface_hub). Modules are not pickled: `load_saved` rebuilds the base model and *replays*
+the provenance with each pass's plan form (its structural effect only), loads the weights
+strictly, lets passes with a `restore` hook rebuild what they wrap (AIMET sims), and checks the
+rebuilt pipeline's summary equals the saved one. The upstream DiT layout (`upstream/`) is written
+beside it when the DiT still has upstream's structure (`ndopt.saved_upstream`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+
+from ndopt.errors import CheckpointError, NdoptError
+from ndopt.io import atomic_dir, atomic_write_json
+from ndopt.ir.component import Component
+from ndopt.ir.pipeline import AppliedPass, Pipeline
+from ndopt.ir.spec import Port
+from ndopt.saved_codec import Unencodable, class_path, decode, encode
+from ndopt.saved_weights import (
+    RESERVED,
+    WEIGHTS,
+    component_weights,
+    load_weights,
+    quiet_hub,
+    read_weights,
+)
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "is_saved_pipeline", "load_saved", "save_pipeline"]
+
+log = logging.getLogger("ndopt")
+
+FORMAT = "ndopt.saved_pipeline"
+FORMAT_VERSION = 1
+MANIFEST = "pipeline.json"
+UNSAVED = "__unsaved__"
+
+
+def is_saved_pipeline(path: str | Path) -> bool:
+    """Whether `path` is a directory written by `save_pipeline` (it holds `pipeline.json`)."""
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST).is_file()
+
+
+# ---- saving ----------------------------------------------------------------------------------
+def _record(x: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    try:
+        return encode(x, tensors, key)
+    except Unencodable as e:
+        log.debug("saved pipeline: %s is not saved (%s)", key, e)
+        return {UNSAVED: type(x).__name__}
+
+
+def ports_json(ports: tuple[Port, ...]) -> list[dict[str, Any]]:
+    """Ports for people reading pipeline.json (the rebuilt ports come from the replay; the summary check
+    compares them)."""
+    return [{"name": p.name, "shape": list(p.spec.shape), "dtype": p.spec.dtype, "optional": p.optional}
+            for p in ports]
+
+
+def _component_record(c: Component, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    key = f"{RESERVED}attrs.{c.name}"
+    return {"role": c.role, "module_class": class_path(type(c.module)), "entry": c.entry,
+            "inputs": ports_json(c.inputs), "outputs": ports_json(c.outputs),
+            "attrs": {k: _record(v, tensors, f"{key}.{k}") for k, v in c.attrs.items()},
+            "params": c.params()}
+
+
+def _pass_instance(applied: AppliedPass) -> Any:
+    from ndopt.passmanager import get_pass
+
+    cls = get_pass(applied.name)
+    try:
+        return cls(_set_fields(cls.Config, dict(applied.config)))
+    except NdoptError:
+        raise
+    except Exception as e:  # pydantic: a config this version of the pass no longer accepts
+        raise CheckpointError(f"pass {applied.name!r}: its saved config does not validate ({e}); load with the "
+                              "ndopt version that wrote it") from None
+
+
+def _set_fields(config_cls: Any, dumped: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config without the fields at their defaults: what the recipe set (a config can refuse
+    two fields set together, e.g. block_pruning's keep and remove, though its dump holds both)."""
+    out = {}
+    for k, v in dumped.items():
+        field = getattr(config_cls, "model_fields", {}).get(k)
+        if field is None:
+            out[k] = v
+            continue
+        default = field.get_default(call_default_factory=True)
+        if hasattr(default, "model_dump"):
+            default = default.model_dump()
+        if _plain(default) != _plain(v):
+            out[k] = v
+    return out
+
+
+def base_reference(pipeline: Pipeline, base: str | Path | None = None) -> dict[str, Any]:
+    """What `load_saved` rebuilds before replaying the passes: a preset, or an upstream checkpoint
+    directory's configs (copied into `base/`)."""
+    from ndopt.frontends import preset_names
+
+    ref = str(base) if base is not None else pipeline.name
+    if ref in preset_names():
+        return {"kind": "preset", "name": ref}
+    path = Path(ref)
+    if is_saved_pipeline(path):
+        return json.loads((path / MANIFEST).read_text())["base"]
+    if path.is_dir():
+        return {"kind": "checkpoint", "source": str(path.resolve()), "path": "base",
+                "variants": sorted(p.name.removeprefix("diffusion_transformer_")
+                                   for p in path.glob("diffusion_transformer_*"))}
+    raise CheckpointError(f"save_pipeline: cannot tell the base model of pipeline {pipeline.name!r} (not a preset); "
+                          "pass base=<preset name or upstream checkpoint directory>")
+
+
+def _copy_base_configs(source: Path, dest: Path) -> None:
+    """config.json files and tokenizer folders of an upstream checkpoint: the structure, no weights."""
+    for sub in sorted(p for p in source.iterdir() if p.is_dir()):
+        if sub.name.startswith("tokenizer"):
+            shutil.copytree(sub, dest / sub.name)
+        elif (sub / "config.json").is_file():
+            (dest / sub.name).mkdir(parents=True)
+            shutil.copy2(sub / "config.json", dest / sub.name / "config.json")
+    for extra in source.glob("*.json"):
+        shutil.copy2(extra, dest / extra.name)
+
+
+def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[str, Any] | None = None,
+                  fidelity: Mapping[str, Any] | None = None, base: str | Path | None = None,
+                  max_shard_size: int | str = "2GB", upstream: bool = True, seed: int = 0) -> Path:
+    """Write `pipeline` to `directory` (replaced atomically): `pipeline.json`, the weights (sharded past
+    `max_shard_size`), each pass's own state (`Pass.save_state`), and `upstream/` where it applies.
+    `recipe` and `fidelity` are stored as given (JSON); `base` names the base model when the pipeline's
+    name is not a preset."""
+    from huggingface_hub import save_torch_state_dict
+
+    from ndopt.io import jsonable
+
+    directory = Path(directory)
+    t0 = time.perf_counter()
+    base_ref = base_reference(pipeline, base)
+    records: dict[str, torch.Tensor] = {}
+    manifest: dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "ndopt_version": _version(), "name": pipeline.name,
+        "base": base_ref, "seed": seed,
+        "components": {n: _component_record(c, records) for n, c in pipeline.components.items()},
+        "graph": {"nodes": [[n, _record(dict(d), records, f"{RESERVED}graph.{n}")] for n, d in pipeline.graph.nodes(data=True)],
+                  "edges": [[a, b, encode(d["ports"], records, RESERVED + "graph")]
+                            for a, b, d in pipeline.graph.edges(data=True)]},
+        "sources": {k: ports_json(v) for k, v in pipeline.sources.items()},
+        "sink": ports_json(pipeline.sink),
+        "inputs": list(pipeline.inputs),
+        "schedule": encode(pipeline.schedule, records, RESERVED + "schedule"),
+        "sampler": encode(pipeline.sampler, records, RESERVED + "sampler"),
+        "facts": sorted(pipeline.facts),
+        "analyses": {k: _record(v, records, f"{RESERVED}analyses.{k}") for k, v in pipeline.analyses.items()},
+        "provenance": [{"name": p.name, "config": jsonable(_plain(p.config)), "modified": p.modified,
+                        "metrics": jsonable(_plain(p.metrics))} for p in pipeline.provenance],
+        "quantization": {n: {k: v for k, v in c.attrs.items() if k in ("precision", "aimet_config")}
+                         for n, c in pipeline.components.items() if "precision" in c.attrs},
+        "recipe": jsonable(_plain(recipe)) if recipe is not None else None,
+        "fidelity": jsonable(_plain(fidelity)) if fidelity is not None else None,
+        "summary": pipeline.summary(),
+    }
+    weights = component_weights(pipeline)
+    clash = [k for k in pipeline.components if k.startswith(RESERVED.rstrip("."))]
+    if clash:
+        raise CheckpointError(f"component names {clash} use the reserved weight prefix {RESERVED!r}; rename them")
+    weights.update(records)
+    with atomic_dir(directory) as tmp:
+        if base_ref["kind"] == "checkpoint":
+            _copy_base_configs(Path(base_ref["source"]), tmp / base_ref["path"])
+        with quiet_hub():
+            save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
+        states = {}
+        for applied in pipeline.provenance:
+            p = _pass_instance(applied)
+            if applied.modified and callable(getattr(p, "save_state", None)):
+                sub = getattr(p, "state_subdir", applied.name)
+                p.save_state(pipeline, tmp / sub)
+                states[applied.name] = sub
+        manifest["pass_state"] = states
+        for name, q in manifest["quantization"].items():
+            for sub in states.values():
+                if (tmp / sub / name).is_dir():
+                    q["state"] = f"{sub}/{name}"
+        if upstream:
+            from ndopt.saved_upstream import write_upstream_dit
+
+            manifest["upstream"] = write_upstream_dit(pipeline, tmp / "upstream")
+        files = sorted(p.name for p in tmp.glob("model*.safetensors"))
+        for f in tmp.glob("model*"):
+            f.chmod(0o644)  # huggingface_hub writes through private temp files (0600): others read a run
+        manifest["weights"] = {"files": files, "tensors": len(weights),
+                               "bytes": sum((tmp / f).stat().st_size for f in files)}
+        atomic_write_json(tmp / MANIFEST, manifest)
+    log.info("saved pipeline %s to %s (%.1f MB, %.2f s)", pipeline.name, directory,
+             manifest["weights"]["bytes"] / 1e6, time.perf_counter() - t0)
+    return directory
+
+
+def _plain(x: Any) -> Any:
+    """Pydantic models and paths inside configs/metrics as JSON-able values."""
+    if hasattr(x, "model_dump"):
+        return x.model_dump(mode="json")
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    try:
+        json.dumps(x)
+        return x
+    except TypeError:
+        return repr(x)
+
+
+def _version() -> str:
+    from ndopt import __version__
+
+    return __version__
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {MANIFEST}; not a pipeline saved by ndopt (ndopt run writes RUN/model/)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the save was interrupted or the file edited") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {manifest.get('format_version')!r}; this ndopt reads version "
+                              f"{FORMAT_VERSION}: load it with the ndopt that wrote it (ndopt {manifest.get('ndopt_version')})")
+    return manifest
+
+
+def _build_base(directory: Path, manifest: dict[str, Any], device: torch.device | str) -> Pipeline:
+    base = manifest["base"]
+    if base["kind"] == "preset":
+        from ndopt.frontends import load_model
+
+        return load_model(base["name"], device=device, seed=int(manifest.get("seed", 0)))
+    if base["kind"] == "checkpoint":
+        from ndopt.saved_upstream import build_from_configs
+
+        return build_from_configs(directory / base["path"], base.get("variants") or ["768p"])
+    raise CheckpointError(f"{directory / MANIFEST}: unknown base kind {base['kind']!r}")
+
+
+def load_saved(directory: str | Path, *, device: torch.device | str = "cpu", check_summary: bool = True) -> Pipeline:
+    """The pipeline `save_pipeline` wrote: base rebuilt, passes replayed in plan form, weights loaded
+    strictly, pass-owned state restored, summary checked against the saved one."""
+    from ndopt.passmanager import PassContext
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = read_weights(directory)
+    pipeline = _build_base(directory, manifest, device)
+    passes = [(AppliedPass(p["name"], p["config"], p["modified"], p["metrics"]),
+               _pass_instance(AppliedPass(p["name"], p["config"], p["modified"], p["metrics"])))
+              for p in manifest["provenance"]]
+    with tempfile.TemporaryDirectory(prefix="ndopt-replay-") as scratch:
+        ctx = PassContext(run_dir=Path(scratch), plan=True, device=pipeline.device, seed=int(manifest.get("seed", 0)))
+        _set_target(ctx, manifest)
+        for i, (applied, p) in enumerate(passes, 1):
+            ctx.options["pass_index"] = i
+            ctx.options["replay_metrics"] = dict(applied.metrics)  # what the run did (e.g. which blocks went)
+            try:
+                result = p.plan(pipeline, ctx)
+            except NdoptError as e:
+                raise CheckpointError(f"{directory}: replaying pass {i} {applied.name!r} failed: {e}") from None
+            pipeline = result.pipeline.replace(facts_add=p.provides, facts_remove=p.invalidates)
+        load_weights(pipeline, weights, str(directory))
+        pipeline = _restore_records(pipeline, manifest, weights, directory)
+        ctx.plan = False
+        for i, (applied, p) in enumerate(passes, 1):
+            restore = getattr(p, "restore", None)
+            if applied.modified and callable(restore):
+                ctx.options["pass_index"] = i
+                sub = manifest.get("pass_state", {}).get(applied.name, getattr(p, "state_subdir", applied.name))
+                pipeline = restore(pipeline, ctx, directory / sub)
+    if check_summary:
+        check_same_summary(pipeline.summary(), manifest["summary"], directory)
+    return pipeline
+
+
+def _set_target(ctx: Any, manifest: dict[str, Any]) -> None:
+    """The run's target in the replay context (passes such as aimet_quantization read its data)."""
+    targets = (manifest.get("recipe") or {}).get("targets") or []
+    if not targets or not hasattr(ctx, "target"):
+        return
+    try:
+        from ndopt.passmanager import target_info
+
+        ctx.target = target_info(targets)
+    except (NdoptError, ImportError) as e:
+        log.debug("saved pipeline: target %s unknown here (%s); replaying without it", targets, e)
+
+
+def _restore_records(pipeline: Pipeline, manifest: dict[str, Any], weights: Mapping[str, torch.Tensor],
+                     directory: Path) -> Pipeline:
+    """Schedule, sampler, graph, facts, analyses, provenance and component attrs from the file."""
+    def tensor(key: str) -> torch.Tensor:
+        if key not in weights:
+            raise CheckpointError(f"{directory}: {MANIFEST} refers to tensor {key!r}, which the weights lack")
+        return weights[key].to(pipeline.device) if not pipeline.is_meta else weights[key]
+
+    comps = {}
+    for name, comp in pipeline.components.items():
+        rec = manifest["components"].get(name)
+        if rec is None:
+            continue
+        attrs = dict(comp.attrs)
+        for k, v in rec["attrs"].items():
+            if isinstance(v, dict) and UNSAVED in v:
+                continue
+            try:
+                attrs[k] = decode(v, tensor)
+            except (Unencodable, TypeError, AttributeError, ImportError) as e:
+                log.debug("saved pipeline: attr %s.%s kept from the replay (%s)", name, k, e)
+        comps[name] = comp.with_attrs(**attrs)
+    analyses = dict(pipeline.analyses)
+    for k, v in manifest["analyses"].items():
+        if isinstance(v, dict) and UNSAVED in v:
+            continue
+        try:
+            analyses[k] = decode(v, tensor)
+        except (Unencodable, TypeError, AttributeError, ImportError) as e:
+            log.debug("saved pipeline: analysis %s kept from the replay (%s)", k, e)
+    g = nx.DiGraph()
+    for n, data in manifest["graph"]["nodes"]:
+        g.add_node(n, **decode(data, tensor))
+    for a, b, ports in manifest["graph"]["edges"]:
+        g.add_edge(a, b, ports=decode(ports, tensor))
+    from dataclasses import replace
+
+    out = pipeline.replace(graph=g, schedule=decode(manifest["schedule"], tensor), analyses=analyses, **comps)
+    provenance = tuple(AppliedPass(p["name"], p["config"], p["modified"], p["metrics"]) for p in manifest["provenance"])
+    return replace(out, name=manifest["name"], sampler=decode(manifest["sampler"], tensor),
+                   facts=frozenset(manifest["facts"]), provenance=provenance, inputs=tuple(manifest["inputs"]))
+
+
+def check_same_summary(rebuilt: str, saved: str, directory: Path) -> None:
+    if rebuilt == saved:
+        return
+    a, b = rebuilt.splitlines(), saved.splitlines()
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else "<end>"
+        y = b[i] if i < len(b) else "<end>"
+        if x != y:
+            raise CheckpointError(f"{directory}: the rebuilt pipeline differs from the saved one at summary line "
+                                  f"{i + 1}: rebuilt {x.strip()!r}, saved {y.strip()!r}; a pass's plan form no "
+                                  "longer matches what its run produced (ndopt version change?)")

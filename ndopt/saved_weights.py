@@ -1,0 +1,151 @@
+"""The weights of a saved pipeline: every component's state dict (and its non-persistent buffers) in
+safetensors, written by huggingface_hub (one file, or shards and an index) and loaded back strictly.
+
+Split from ndopt.saved (which holds the manifest and the replay): what is written under which key,
+how a wrapper component's float weights are found, and how a meta-built pipeline takes the tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ndopt.errors import CheckpointError
+from ndopt.ir.pipeline import Pipeline
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+RESERVED = "_ndopt."  # weight keys of records (analyses tables, non-persistent buffers), never a component's
+BUFFERS = RESERVED + "buffers."
+
+
+def float_module(module: nn.Module) -> nn.Module:
+    """The module whose weights are saved: a wrapper (an AIMET sim's `QuantizedComponent`) exposes its
+    float module as `.reference`; the pass that made the wrapper rebuilds it on load (`Pass.restore`)."""
+    ref = getattr(module, "reference", None)
+    return ref if isinstance(ref, nn.Module) and ref is not module else module
+
+
+def component_weights(pipeline: Pipeline) -> dict[str, torch.Tensor]:
+    """`<component>.<state key>` for every component, plus the non-persistent buffers (which state
+    dicts leave out) under `_ndopt.buffers.`; shared or strided tensors are cloned (safetensors)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, comp in pipeline.components.items():
+        module = float_module(comp.module)
+        state = module.state_dict()
+        meta = [k for k, t in state.items() if t.is_meta]
+        if meta:
+            raise CheckpointError(f"cannot save pipeline {pipeline.name!r}: component {name!r} has meta tensors "
+                                  f"({meta[:3]}); a plan-mode pipeline has no weights to save")
+        out.update({f"{name}.{k}": t for k, t in state.items()})
+        for k, b in module.named_buffers():
+            if k not in state:
+                out[f"{BUFFERS}{name}.{k}"] = b
+    seen: set[tuple[str, int]] = set()
+    for k, t in out.items():
+        t = t.detach()
+        sid = (str(t.device), t.untyped_storage().data_ptr())
+        if sid in seen or not t.is_contiguous() or t.device.type != "cpu":
+            t = t.to("cpu").clone(memory_format=torch.contiguous_format)
+        seen.add(sid)
+        out[k] = t
+    return out
+
+
+@contextlib.contextmanager
+def quiet_hub() -> Iterator[None]:
+    """No tqdm bar from huggingface_hub's writer (library code does not print; STYLE rule 7)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            enable_progress_bars()
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a saved pipeline: `model.safetensors`, or the shards its index names."""
+    from safetensors.torch import load_file
+
+    index = directory / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (directory / WEIGHTS).is_file():
+        weight_map, files = None, [WEIGHTS]
+    else:
+        raise CheckpointError(f"{directory}: no {WEIGHTS} or {WEIGHTS_INDEX}; the weights are missing")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not (directory / f).is_file():
+            raise CheckpointError(f"{directory}: the index names {f}, which is missing; copy the whole directory")
+        out.update(load_file(str(directory / f)))
+    if weight_map is not None and set(weight_map) != set(out):
+        raise CheckpointError(f"{directory}: the shards do not hold what {WEIGHTS_INDEX} lists")
+    return out
+
+
+def load_weights(pipeline: Pipeline, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Every component's state dict from `weights`, strictly: all problems listed in one CheckpointError."""
+    missing, unexpected, mismatched = [], [], []
+    per: dict[str, dict[str, torch.Tensor]] = {n: {} for n in pipeline.components}
+    buffers: dict[str, dict[str, torch.Tensor]] = {n: {} for n in pipeline.components}
+    for k, t in weights.items():
+        if k.startswith(BUFFERS):
+            name, _, rest = k[len(BUFFERS):].partition(".")
+            if name in buffers:
+                buffers[name][rest] = t
+            continue
+        if k.startswith(RESERVED):
+            continue
+        name, _, rest = k.partition(".")
+        if name in per:
+            per[name][rest] = t
+        else:
+            unexpected.append(k)
+    for name, comp in pipeline.components.items():
+        expected = float_module(comp.module).state_dict()
+        got = per[name]
+        missing += [f"{name}.{k}" for k in expected if k not in got]
+        unexpected += [f"{name}.{k}" for k in got if k not in expected]
+        mismatched += [f"{name}.{k}: saved {tuple(t.shape)} vs rebuilt {tuple(expected[k].shape)}"
+                       for k, t in got.items() if k in expected and t.shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{len(v)} {what} ({', '.join(v[:8])}{', ...' if len(v) > 8 else ''})"
+                 for what, v in (("missing keys", missing), ("unexpected keys", unexpected),
+                                 ("shape mismatches", mismatched)) if v]
+        raise CheckpointError(f"{source}: the saved weights do not fit the pipeline rebuilt from its provenance: "
+                              f"{'; '.join(parts)}. Was the directory written by another ndopt version, or its "
+                              "files mixed with another run's?")
+    for name, comp in pipeline.components.items():
+        module = float_module(comp.module)
+        meta = any(t.is_meta for t in module.state_dict().values())
+        tied = _tied_groups(module) if meta else []
+        module.load_state_dict(per[name], strict=True, assign=meta)
+        for group in tied:  # assign replaced each name's tensor on its own: tie them again
+            first = module.get_parameter(group[0])
+            for k in group[1:]:
+                owner, _, attr = k.rpartition(".")
+                module.get_submodule(owner)._parameters[attr] = first
+        for k, b in buffers[name].items():
+            owner, _, attr = k.rpartition(".")
+            sub = module.get_submodule(owner)
+            have = sub._buffers.get(attr)
+            if have is not None:  # the module's device; a meta-built module's: where the weights were read
+                sub._buffers[attr] = b if have.is_meta else b.to(have.device, have.dtype)
+
+
+def _tied_groups(module: nn.Module) -> list[list[str]]:
+    """Parameter names that are one tensor in the module (tied embeddings, e.g. T5's shared)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]

@@ -1,0 +1,129 @@
+"""Quantized graphs in Qualcomm's formats, through `ndopt.run` of a quantization-only recipe for the
+X Elite: the pass takes the target's HTP config (htp_v73), every graph of a quantized component
+ships as QDQ ONNX (checked against the sim) and as a float graph with AIMET encodings, precisions
+are per component (the float text encoder is fp16), and another HTP version's encodings are refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ndopt.errors import LoweringError
+from targets import registry
+from targets.quantized import ENCODING_VERSION, encodings_from_qdq
+
+
+@pytest.mark.slow
+def test_run_quantizes_with_the_targets_htp_config(quantized_run):
+    step = next(s for s in quantized_run["report"]["steps"] if s["name"] == "aimet_quantization")
+    assert step["metrics"]["aimet_config"] == "htp_v73"
+    assert step["metrics"]["aimet_config_source"] == "target snapdragon-x-elite"
+    assert "precision: w8a16 (htp_v73)" in quantized_run["report"]["final_summary"]
+
+
+@pytest.mark.slow
+def test_every_quantized_graph_ships_qdq_and_encodings(quantized_run):
+    bundle, man = quantized_run["bundle"], quantized_run["manifest"]
+    quantized = {n: g for n, g in man["graphs"].items() if g["component"] in ("dit", "vae_decoder")}
+    assert len(quantized) == 7  # six DiT layouts and the decoder
+    for name, g in quantized.items():
+        assert g["precision"] == "w8a16" and g["qdq"] == f"{name}.qdq.onnx" and g["encodings"] == f"{name}.encodings"
+        assert g["qdq_numerics"]["ok"] and g["qdq_numerics"]["rel_err"] <= 1e-2, g["qdq_numerics"]
+        qdq = onnx.load(str(bundle / g["qdq"]))
+        ops = {n.op_type for n in qdq.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops and qdq.opset_import[0].version == 21
+        enc = json.loads((bundle / g["encodings"]).read_text())
+        assert enc["version"] == ENCODING_VERSION and enc["activation_encodings"] and enc["param_encodings"]
+        # the encodings key the tensors of the float graph shipped beside them
+        float_graph = onnx.load(str(bundle / g["encodings_graph"]))
+        names = {x for n in float_graph.graph.node for x in (*n.input, *n.output)}
+        names |= {i.name for i in float_graph.graph.initializer} | {i.name for i in float_graph.graph.input}
+        assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in float_graph.graph.node}
+        keys = {e["name"] for e in (*enc["activation_encodings"], *enc["param_encodings"])}
+        assert keys <= names, sorted(keys - names)[:5]
+        assert {e["bw"] for e in enc["param_encodings"]} >= {8, 32} and {e["bw"] for e in enc["activation_encodings"]} == {16}
+    text = man["graphs"]["text_encoder__prompt"]
+    assert text["precision"] == "fp16" and "qdq" not in text and text["encodings"] is None
+
+
+@pytest.mark.slow
+def test_estimates_price_each_component_at_its_precision(quantized_run):
+    man = quantized_run["manifest"]
+    assert man["estimate"]["precision"] == "mixed" and man["target"]["precision"] == "mixed"
+    assert man["estimate"]["precisions"] == {"text_encoder": "fp16", "dit": "w8a16", "vae_decoder": "w8a16"}
+    assert man["weights"]["text_encoder"]["precision"] == "fp16"
+    # the DiT's file holds its float and quantized-value weights; the runtime loads one form, at 8 bits
+    dit = man["weights"]["dit"]
+    assert len(dit["files"]) == 18 and man["memory_plan"]["weights_mb"]["dit"] < 0.3 * dit["bytes"] / 2**20
+    low = quantized_run["report"]["lowering"]["snapdragon-x-elite"]
+    assert low["precision"] == "mixed" and low["estimate"]["components"]["text_encoder"]["precision"] == "fp16"
+
+
+def test_plan_of_neodragon_xelite_quantizes_with_htp_v73():
+    import ndopt
+
+    res = ndopt.plan("neodragon-xelite")
+    step = next(p for p in res["passes"] if p["name"] == "aimet_quantization")
+    assert step["metrics"]["aimet_config"] == "htp_v73"
+    assert step["metrics"]["aimet_config_source"] == "target snapdragon-x-elite"
+    assert "w8a16 (htp_v73)" in res["final_summary"]
+
+
+def test_lowering_refuses_encodings_for_another_htp_version(tiny, tmp_path):
+    """A component quantized for the 8 Elite (htp_v79) cannot lower for the X Elite (htp_v73)."""
+    pipe = tiny.replace(dit=tiny["dit"].with_attrs(precision="w8a16", aimet_config="htp_v79",
+                                                   aimet_config_source="recipe"))
+    with pytest.raises(LoweringError, match=r"component 'dit' was quantized with htp_v79 \(from recipe\) but this "
+                                            r"target runs htp_v73.*rerun aimet_quantization"):
+        registry()["snapdragon-x-elite"].lower(pipe, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def _qdq_model() -> onnx.ModelProto:
+    """y = DQ(Q(x)) @ DQ(Q(W)) + DQ(b_int32): an activation (uint16), a per-channel int8 weight, an int32 bias."""
+    w = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    inits = [numpy_helper.from_array(w, "W"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(32768, np.uint16), "x_zp"),
+             numpy_helper.from_array(np.array([0.01, 0.02, 0.03, 0.04], np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "w_zp"),
+             numpy_helper.from_array(np.array([1, 2, 3, 4], np.int32), "b_q"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "b_scale"),
+             numpy_helper.from_array(np.array(0, np.int32), "b_zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"]),
+             helper.make_node("QuantizeLinear", ["W", "w_scale", "w_zp"], ["W_q"], axis=1),
+             helper.make_node("DequantizeLinear", ["W_q", "w_scale", "w_zp"], ["W_dq"], axis=1),
+             helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zp"], ["b"]),
+             helper.make_node("MatMul", ["x_dq", "W_dq"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_encodings_from_a_qdq_graph():
+    import onnxruntime as ort
+
+    model = _qdq_model()
+    stripped, enc = encodings_from_qdq(model)
+    onnx.checker.check_model(stripped, full_check=True)
+    assert [n.op_type for n in stripped.graph.node] == ["MatMul", "Add"]
+    assert list(stripped.graph.node[0].input) == ["x", "W"]
+    acts = {e["name"]: e for e in enc["activation_encodings"]}
+    params = {e["name"]: e for e in enc["param_encodings"]}
+    assert set(acts) == {"x"} and set(params) == {"W", "b"}
+    assert acts["x"] | {} == {"name": "x", "dtype": "INT", "bw": 16, "is_sym": True, "scale": [pytest.approx(0.01)],
+                              "offset": [-32768], "enc_type": "PER_TENSOR"}
+    assert params["W"]["bw"] == 8 and params["W"]["enc_type"] == "PER_CHANNEL" and params["W"]["offset"] == [-128] * 4
+    assert params["W"]["is_sym"] and params["b"]["bw"] == 32
+    b = numpy_helper.to_array(next(i for i in stripped.graph.initializer if i.name == "b"))
+    assert b.tolist() == [0.5, 1.0, 1.5, 2.0]  # the int32 bias, dequantized
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+    got = ort.InferenceSession(stripped.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    w = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    np.testing.assert_allclose(got, x @ w + b, rtol=1e-5, atol=1e-5)  # the float model, no quantization

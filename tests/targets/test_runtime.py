@@ -1,0 +1,195 @@
+"""The bundle runs: `targets.runtime` on a lowered tiny bundle gives the torch sampler's video.
+
+Both program forms are lowered once (module fixture): CFG with two DiT calls per step, and
+cfg_folding + schedule_folding (one batched call, the timestep table). The runtime and ndopt's
+sampler draw noise from `numpy.random.default_rng(seed)`, so their latents agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ndopt.errors import LoweringError
+from ndopt.passmanager import PassContext
+from ndopt.target import get_target
+from targets import runtime
+from targets.lowering import plan_graphs
+
+PROMPT = "a red ball bouncing on grass"
+FORMS = ("cfg", "folded")
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)  # peak-to-peak 2 ([-1, 1])
+
+
+@pytest.fixture(scope="module")
+def lowered(tiny, tmp_path_factory, offline):
+    """{form: (pipeline, bundle dir)} at a 2-2-2 / 1-1-1 schedule (both program forms)."""
+    from passes.cfg_folding import CfgFolding
+    from passes.dead_component_elimination import DeadComponentElimination
+    from passes.schedule_folding import ScheduleFolding
+
+    root = tmp_path_factory.mktemp("runtime")
+    ctx = PassContext(root / "ctx")
+    small = tiny.replace(schedule=tiny.schedule.with_steps((2, 2, 2), (1, 1, 1)))
+    base = DeadComponentElimination().run(small, ctx).pipeline
+    pipelines = {"cfg": base, "folded": ScheduleFolding().run(CfgFolding().run(base, ctx).pipeline, ctx).pipeline}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only contend on a shared 2-core machine
+    try:
+        out = {}
+        for form, p in pipelines.items():
+            get_target("snapdragon-8-elite").lower(p, root / form, ctx)
+            out[form] = (p, root / form)
+        yield out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _torch_video(pipeline, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        lat = pipeline.sampler.sample(pipeline, [PROMPT], generator=np.random.default_rng(seed))
+        return lat.numpy(), pipeline.sampler.decode(pipeline, lat).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", FORMS)
+def test_bundle_gives_the_torch_samplers_video(lowered, form):
+    pipeline, bundle = lowered[form]
+    res = runtime.generate(bundle, PROMPT, seed=3, threads=1)
+    lat, video = _torch_video(pipeline, 3)
+    assert res.provider == "CPUExecutionProvider"  # no onnxruntime-qnn here
+    assert res.latents.shape == lat.shape and res.video.shape == video.shape
+    rel = np.linalg.norm(res.latents - lat) / np.linalg.norm(lat)
+    assert rel <= 1e-4, rel
+    assert _psnr(res.video, video) >= 45.0
+    from ndopt.frontends.pyramid_flow.sampler import video_frames
+
+    ref_frames = video_frames(torch.from_numpy(video))
+    assert len(res.frames) == len(ref_frames) and res.frames[0].dtype == np.uint8
+    assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(res.frames, ref_frames)) <= 1
+    # the noise is the seed's: another seed is another video
+    other = runtime.generate(bundle, PROMPT, seed=4, threads=1)
+    assert np.linalg.norm(other.latents - lat) / np.linalg.norm(lat) > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", FORMS)
+def test_runtime_calls_each_graph_as_often_as_the_call_plan(lowered, form, monkeypatch):
+    pipeline, bundle = lowered[form]
+    counts: dict[str, int] = {}
+    run = runtime.State.run
+
+    def counting(self, graph, feeds):
+        counts[graph] = counts.get(graph, 0) + 1
+        return run(self, graph, feeds)
+
+    monkeypatch.setattr(runtime.State, "run", counting)
+    runtime.generate(bundle, PROMPT, seed=0, threads=1)
+    assert counts == {p.name: p.calls_per_video for p in plan_graphs(pipeline)}
+
+
+@pytest.mark.slow
+def test_written_manifests_follow_the_schema(lowered):
+    import jsonschema
+
+    schema = json.loads((Path(runtime.__file__).parent / "manifest.schema.json").read_text())
+    for _, bundle in lowered.values():
+        man = json.loads((bundle / "manifest.json").read_text())
+        jsonschema.Draft202012Validator(schema).validate(man)
+        assert man["version"] == 2 and man["format"] == "ndopt-bundle/2"
+        tokenize = next(op for op in man["program"] if op["op"] == "tokenize")
+        for enc in tokenize["encoders"]:  # the tokenizer files ship, recorded with their digest
+            assert (bundle / enc["tokenizer"]).is_file() and enc["tokenizer"] in man["assets"]
+
+
+@pytest.mark.slow
+def test_runtime_does_not_import_torch(lowered):
+    _, bundle = lowered["folded"]
+    code = ("import sys; from pathlib import Path; from targets.runtime import generate; "
+            f"r = generate(Path({str(bundle)!r}), 'a cat', seed=1, threads=1); "
+            "assert r.video is not None and r.video.shape[1] == 3; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok', r.provider)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0 and "ok CPUExecutionProvider" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.fixture
+def copy_of(lowered, tmp_path):
+    def make(form: str = "folded") -> Path:
+        return Path(shutil.copytree(lowered[form][1], tmp_path / form))
+    return make
+
+
+def _edit_manifest(bundle: Path, edit) -> None:
+    man = json.loads((bundle / "manifest.json").read_text())
+    edit(man)
+    (bundle / "manifest.json").write_text(json.dumps(man))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["graph", "tokenizer"])
+def test_a_tampered_file_is_refused_by_sha256(copy_of, which):
+    bundle = copy_of()
+    man = json.loads((bundle / "manifest.json").read_text())
+    name = (next(g["file"] for g in man["graphs"].values() if g["role"] == "dit") if which == "graph"
+            else next(iter(man["assets"])))
+    data = bytearray((bundle / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle / name).write_bytes(bytes(data))
+    with pytest.raises(LoweringError, match=rf"{name}.*sha256"):
+        runtime.generate(bundle, PROMPT, threads=1)
+
+
+@pytest.mark.slow
+def test_the_quantized_form_is_preferred(copy_of):
+    bundle = copy_of()
+
+    def add_qdq(man):
+        g = next(g for g in man["graphs"].values() if g["role"] == "dit")
+        g["qdq"] = "dit.qdq.onnx"  # not written: only the runtime's choice is tested here
+
+    _edit_manifest(bundle, add_qdq)
+    with pytest.raises(LoweringError, match=r"dit\.qdq\.onnx is missing"):
+        runtime.generate(bundle, PROMPT, threads=1)
+    assert runtime.generate(bundle, PROMPT, threads=1, prefer_quantized=False).video is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["program"].insert(1, {"op": "sharpen"}), r"program\[1\] has op 'sharpen'"),
+    (lambda m: m.update(version=1), r"manifest version 1"),
+])
+def test_a_manifest_the_runtime_cannot_follow_is_refused(copy_of, edit, match):
+    bundle = copy_of()
+    _edit_manifest(bundle, edit)
+    with pytest.raises(LoweringError, match=match):
+        runtime.generate(bundle, PROMPT, threads=1)
+
+
+def test_resize_follows_torch_interpolate():
+    import torch.nn.functional as F
+
+    x = np.random.default_rng(0).standard_normal((1, 2, 3, 8, 12), dtype=np.float32)
+    flat = torch.from_numpy(x).permute(0, 2, 1, 3, 4).reshape(3, 2, 8, 12)
+    for size, interp in [((4, 6), runtime_bilinear()), ((5, 7), runtime_bilinear()), ((16, 24), {"mode": "nearest"}),
+                         ((11, 13), {"mode": "nearest"})]:
+        ref = (F.interpolate(flat, size=size, mode="nearest") if interp["mode"] == "nearest" else
+               F.interpolate(flat, size=size, mode="bilinear", align_corners=False))
+        ref = ref.reshape(1, 3, 2, *size).permute(0, 2, 1, 3, 4).numpy()
+        np.testing.assert_allclose(runtime.resize(x, list(size), interp), ref, atol=1e-6)
+
+
+def runtime_bilinear() -> dict:
+    return {"mode": "bilinear", "align_corners": False, "antialias": False}

@@ -1,0 +1,77 @@
+"""One weights file per component: every graph of a component points into `<component>.weights.bin`
+(ONNX external data), each unique tensor once at an aligned offset, small tensors inline; every
+graph still loads and runs in onnxruntime from the bundle directory with unchanged numerics."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from targets.lowering import example_inputs, plan_graphs
+from targets.numerics import ATOL, RTOL, compare, onnxruntime_outputs, torch_reference
+from targets.shared_weights import ALIGN, INLINE_BYTES, save_graph, shared_external_data
+
+
+def _graph(names: tuple[str, str], bias: float) -> onnx.ModelProto:
+    """y = x @ W + b with a 64x64 weight (16 KB) and a small bias (256 B); names chosen by the caller."""
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", names[0]], ["h"]), helper.make_node("Add", ["h", names[1]], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(w, names[0]), numpy_helper.from_array(np.full(64, bias, np.float32), names[1])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_dedupes_by_content_keeps_small_tensors_inline(tmp_path):
+    a, b = _graph(("W", "b"), 1.0), _graph(("renamed_weight", "b"), 2.0)  # same W under another name
+    with shared_external_data("comp", [("ga", a), ("gb", b)], tmp_path) as sw:
+        for name, m in (("ga", a), ("gb", b)):
+            save_graph(m, tmp_path / f"{name}.onnx")
+    assert sw.file == "comp.weights.bin" and sw.tensors == 1 and sw.references == 2
+    assert (tmp_path / sw.file).stat().st_size == sw.bytes == 64 * 64 * 4
+    assert sw.to_json()["bytes_without_sharing"] == 2 * 64 * 64 * 4
+    on_disk = onnx.load(str(tmp_path / "gb.onnx"), load_external_data=False)
+    w = next(t for t in on_disk.graph.initializer if t.name == "renamed_weight")
+    fields = {e.key: e.value for e in w.external_data}
+    assert w.data_location == TensorProto.EXTERNAL and fields["location"] == "comp.weights.bin"
+    assert int(fields["offset"]) % ALIGN == 0 and int(fields["length"]) == 64 * 64 * 4
+    small = next(t for t in on_disk.graph.initializer if t.name == "b")
+    assert small.data_location != TensorProto.EXTERNAL and len(small.raw_data) < INLINE_BYTES
+    # the in-memory models are restored (the lowering cache keeps them)
+    assert all(t.data_location != TensorProto.EXTERNAL for t in a.graph.initializer)
+    x = np.ones((2, 64), np.float32)
+    for name, bias in (("ga", 1.0), ("gb", 2.0)):
+        got = onnxruntime_outputs(tmp_path / f"{name}.onnx", {"x": x})[0]
+        want = x @ (np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096) + bias
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_bundle_graphs_share_one_file_per_component(lowered_runs, tiny):
+    """The tiny bundle: six DiT graphs point into dit.weights.bin, written once; each graph runs in
+    onnxruntime from the bundle directory and matches torch as the manifest says."""
+    run = lowered_runs["snapdragon-8-elite"]
+    bundle, man = run["bundle"], run["manifest"]
+    for g in man["graphs"].values():
+        assert g["external_data"] == f"{g['component']}.weights.bin" and (bundle / g["external_data"]).is_file()
+    assert not list(bundle.glob("*.onnx.data"))
+    dit = man["weights"]["dit"]
+    assert len(dit["files"]) == 6 and dit["bytes"] == (bundle / "dit.weights.bin").stat().st_size
+    assert dit["sha256"] == hashlib.sha256((bundle / "dit.weights.bin").read_bytes()).hexdigest()
+    assert dit["bytes_without_sharing"] > 5 * dit["bytes"]  # six graphs, one copy
+    assert dit["bytes"] >= sum(p.numel() * 4 for p in tiny["dit"].module.parameters()) * 0.9
+    # the memory plan loads each component's weights once
+    assert man["memory_plan"]["weights_mb"]["dit"] < 1.1 * dit["bytes"] / 2**20
+    for p in plan_graphs(tiny):
+        example = example_inputs(p, seed=3)
+        feeds = {io.name: example[io.name].numpy().astype(np.int32 if io.dtype == "int32" else np.float32)
+                 for io in p.inputs}
+        got = onnxruntime_outputs(bundle / f"{p.name}.onnx", feeds)
+        rep = compare(p.name, [o.name for o in tiny[p.component].outputs],
+                      torch_reference(tiny[p.component], p, example), got, ATOL, RTOL)
+        assert rep.ok, rep.to_json()

@@ -1,0 +1,123 @@
+"""A run's two products, end to end: `RUN/model` (reloaded with ndopt.load_model / `generate --model`)
+and `RUN/bundles/<target>` (run by the bundle runtime / `generate --bundle`), checked against each other.
+
+One recipe per precision on the tiny model, cheap enough for the suite: the shipped 1-1-1 student,
+then the exact passes (and, for the quantized case, W8A16 AIMET quantization with a small calibration).
+Float: the bundle's latents equal the saved model's within 1e-4 relative and its frames are >= 45 dB;
+quantized: the bundle's QDQ graphs give frames >= 35 dB against the AIMET sim.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from ndopt.cli import main
+
+PROMPT = "a red circle moving left on a dark background"
+SEED = 3
+TARGET = "snapdragon-8-elite"
+
+pytestmark = pytest.mark.slow
+
+
+def _recipe(tmp: Path, quantize: bool) -> Path:
+    passes: list = [{"step_distillation": {"steps": [1, 1, 1], "student_weights": "pyramid-flow-tiny-student-1-1-1",
+                                           "evaluate": False}},
+                    "dead_component_elimination", "cfg_folding", "schedule_folding"]
+    if quantize:
+        passes.append({"aimet_quantization": {"precision": "w8a16", "evaluate": False, "export": "none",
+                                              "calibration": {"prompts": [PROMPT, "a blue square moving up on a "
+                                                                          "light background"]}}})
+    r = {"name": "outputs-w8a16" if quantize else "outputs-float", "model": "pyramid-flow-tiny", "passes": passes,
+         "target": TARGET, "probe": {"enabled": False}, "fidelity": {"policy": "warn"}, "seed": 0}
+    path = tmp / f"{r['name']}.yaml"
+    path.write_text(yaml.safe_dump(r, sort_keys=False))
+    return path
+
+
+def _run(tmp_path_factory, quantize: bool) -> dict:
+    import ndopt
+
+    tmp = tmp_path_factory.mktemp("q" if quantize else "f")
+    report = ndopt.run(_recipe(tmp, quantize), out=tmp / "run")
+    return {"report": report, "run": tmp / "run", "model": Path(report["model"]["path"]),
+            "bundle": Path(report["lowering"][TARGET]["bundle"])}
+
+
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory):
+    return _run(tmp_path_factory, quantize=False)
+
+
+@pytest.fixture(scope="module")
+def quantized_run(tmp_path_factory):
+    return _run(tmp_path_factory, quantize=True)
+
+
+def _torch_sample(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import ndopt
+
+    pipe = ndopt.load_model(str(model_dir))
+    with torch.no_grad():
+        lat = pipe.sampler.sample(pipe, [PROMPT], generator=np.random.default_rng(SEED))
+        video = pipe.sampler.decode(pipe, lat)
+    return lat.float(), video.float()
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)  # videos in [-1, 1]: peak-to-peak 2
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
+
+
+def test_float_run_products_agree(float_run):
+    from targets.runtime import generate
+
+    assert (float_run["model"] / "pipeline.json").is_file()
+    lat, video = _torch_sample(float_run["model"])
+    out = generate(float_run["bundle"], PROMPT, seed=SEED, provider="cpu")
+    assert out.provider == "CPUExecutionProvider"
+    assert out.latents.shape == tuple(lat.shape)
+    assert _rel(out.latents, lat.numpy()) <= 1e-4
+    assert _psnr(out.video, video.numpy()) >= 45.0
+
+
+def test_quantized_run_products_agree(quantized_run):
+    from targets.runtime import generate
+
+    man = json.loads((quantized_run["bundle"] / "manifest.json").read_text())
+    dits = [g for g in man["graphs"].values() if g["role"] == "dit"]
+    assert dits and all(g.get("qdq") and g.get("encodings") for g in dits)  # Qualcomm's formats, per graph
+    lat, video = _torch_sample(quantized_run["model"])  # the reloaded AIMET sims
+    out = generate(quantized_run["bundle"], PROMPT, seed=SEED, provider="cpu")
+    assert out.latents.shape == tuple(lat.shape)
+    assert _psnr(out.video, video.numpy()) >= 35.0
+
+
+def test_generate_model_and_bundle_from_the_cli(float_run, tmp_path):
+    """`ndopt generate --model RUN/model` and `--bundle RUN/bundles/<target>`: one video each, same prompt
+    and seed, the same video within the float budget."""
+    import imageio.v3 as iio
+
+    a, b = tmp_path / "model.png", tmp_path / "bundle.png"
+    r1 = CliRunner().invoke(main, ["generate", "--model", str(float_run["model"]), "--prompt", PROMPT,
+                                   "--seed", str(SEED), "--out", str(a)])
+    assert r1.exit_code == 0, r1.output
+    r2 = CliRunner().invoke(main, ["generate", "--bundle", str(float_run["bundle"]), "--prompt", PROMPT,
+                                   "--seed", str(SEED), "--out", str(b)])
+    assert r2.exit_code == 0, r2.output
+    assert "provider CPUExecutionProvider" in r2.output
+    fa, fb = iio.imread(a).astype(np.float64), iio.imread(b).astype(np.float64)
+    assert fa.shape == fb.shape
+    mse = np.mean((fa - fb) ** 2)
+    assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= 40.0  # uint8 rounding on both sides

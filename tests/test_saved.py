@@ -1,0 +1,399 @@
+"""ndopt.saved: a run's optimized pipeline saved to RUN/model and reloaded.
+
+Round trips on the tiny preset after exact passes, after a structural lossy chain in a cheap form,
+and after aimet_quantization: the reloaded pipeline samples the same latents as the one in memory
+(seeded, one latent frame, 64x64, 1-1-1 steps). Error paths (missing and extra keys, format version,
+summary mismatch), sharding, the upstream DiT layout, the bundled students, `generate --model`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from ndopt.errors import CheckpointError, NdoptError
+from ndopt.frontends import load_model, preset_names
+from ndopt.ir.pipeline import Pipeline
+from ndopt.passmanager import PassContext, PassManager, get_pass
+from ndopt.saved import MANIFEST, WEIGHTS, is_saved_pipeline, load_saved, save_pipeline
+
+PROMPT = "a red circle moving left on a blue background"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small(p: Pipeline) -> Pipeline:
+    """One latent frame at 1-1-1 steps: what the round trips sample (the passes see the same schedule)."""
+    return p.replace(schedule=p.schedule.with_frames(1).with_steps((1, 1, 1)))
+
+
+def run(p: Pipeline, tmp_path, *passes: tuple[str, dict]) -> Pipeline:
+    final, _ = PassManager([get_pass(n)(c) for n, c in passes]).run(p, PassContext(run_dir=tmp_path / "run"))
+    return final
+
+
+def latents(p: Pipeline, seed: int = 3) -> torch.Tensor:
+    with torch.no_grad():
+        return p.sampler.sample(p, [PROMPT], generator=np.random.default_rng(seed))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def round_trip(p: Pipeline, path, tol: float) -> Pipeline:
+    save_pipeline(p, path)
+    q = load_saved(path)
+    assert q.summary() == p.summary()
+    assert rel_err(latents(p), latents(q)) <= tol
+    return q
+
+
+@pytest.fixture(scope="module")
+def exact(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("exact")
+    final = run(small(tiny), d, ("dead_component_elimination", {}), ("cfg_folding", {}), ("schedule_folding", {}))
+    save_pipeline(final, d / "model")
+    return final, d / "model"
+
+
+# ---- round trips ---------------------------------------------------------------------------------
+def test_exact_passes_round_trip(exact):
+    final, path = exact
+    assert is_saved_pipeline(path) and (path / WEIGHTS).is_file()
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert [p["name"] for p in manifest["provenance"]] == ["dead_component_elimination", "cfg_folding",
+                                                           "schedule_folding"]
+    assert manifest["base"] == {"kind": "preset", "name": "pyramid-flow-tiny"}
+    assert manifest["schedule"]["fields"]["folded"] is True
+    assert not manifest["upstream"]["written"] and "time_text_embed" in manifest["upstream"]["reason"]
+    q = load_model(str(path))  # ndopt.load_model dispatches a saved directory to load_saved
+    assert q.summary() == final.summary() == manifest["summary"]
+    assert torch.equal(q.analyses["schedule_folding"].table, final.analyses["schedule_folding"].table)
+    assert rel_err(latents(final), latents(q)) <= 1e-6
+
+
+def test_save_pretrained_from_pretrained(exact, tmp_path):
+    final, _ = exact
+    final.save_pretrained(tmp_path / "m")
+    q = Pipeline.from_pretrained(tmp_path / "m")
+    assert q.summary() == final.summary()
+
+
+def test_lossy_structural_chain_round_trip(tiny, tmp_path):
+    """block_importance + block_pruning (placeholder replay), encoder_substitution and decoder_swap with
+    a training step each (weights differ from a fresh init: they must come from the file)."""
+    final = run(small(tiny), tmp_path,
+                ("decoder_swap", {"steps": 1, "batch_size": 1, "frames": 1, "height": 32, "width": 32,
+                                  "eval_videos": 1}),
+                ("dead_component_elimination", {}),
+                ("block_importance", {"prompts": [PROMPT], "steps": [1, 1, 1]}),
+                ("block_pruning", {"keep": 16, "evaluate": False}),
+                ("encoder_substitution", {"dt5_steps": 1, "adapter_steps": 1, "batch_size": 2, "probe": False,
+                                          "eval_prompts": 2}),
+                ("cfg_folding", {}))
+    assert len(final["dit"].module.transformer_blocks) == 4
+    q = round_trip(final, tmp_path / "model", 1e-6)
+    assert type(q["text_encoder"].module) is type(final["text_encoder"].module)
+
+
+def test_step_distilled_round_trip(tiny, tmp_path):
+    """step_distillation with the bundled 1-1-1 student's weights, then cfg_folding drops the
+    unconditional branch: replay sets the schedule and the fact, the student DiT comes from the file."""
+    from ndopt.frontends.pyramid_flow.students import student_files
+
+    student = student_files()["pyramid-flow-tiny-student-1-1-1"]
+    final = run(tiny.replace(schedule=tiny.schedule.with_frames(1)), tmp_path,
+                ("step_distillation", {"student_weights": str(student), "evaluate": False}),
+                ("cfg_folding", {}))
+    assert final.schedule.guidance.mode == "none" and "guidance_free" in final.facts
+    q = round_trip(final, tmp_path / "model", 1e-6)
+    assert q.schedule == final.schedule
+    assert load_model("pyramid-flow-tiny-student-1-1-1")["dit"].module.proj_out.weight.equal(
+        q["dit"].module.proj_out.weight)
+
+
+@pytest.mark.slow
+def test_quantized_round_trip(tiny, tmp_path):
+    cfg = {"components": ["dit", "vae_decoder"], "hexagon": "v79", "evaluate": False, "export": "none",
+           "calibration": {"prompts": [PROMPT], "latent_frames": 1, "steps": [1, 1, 1], "video_steps": [1, 1, 1]}}
+    final = run(small(tiny), tmp_path, ("dead_component_elimination", {}), ("aimet_quantization", cfg))
+    save_pipeline(final, tmp_path / "model")
+    assert (tmp_path / "model" / "quantization" / "dit" / "quantizers.safetensors").is_file()
+    q = load_saved(tmp_path / "model")
+    assert type(q["dit"].module).__name__ == "QuantizedComponent"
+    assert q["dit"].attrs["quantizers"] == str(tmp_path / "model" / "quantization" / "dit" / "quantizers.safetensors")
+    assert q.summary() == final.summary()
+    a, b = latents(final), latents(q)
+    assert rel_err(a, b) <= 1e-5
+    with torch.no_grad():
+        assert float((final.sampler.decode(final, a) - q.sampler.decode(q, b)).abs().max()) <= 1e-4
+
+
+def test_sharded_weights_reload(exact, tmp_path):
+    final, _ = exact
+    save_pipeline(final, tmp_path / "m", max_shard_size="2MB")
+    files = sorted(p.name for p in (tmp_path / "m").glob("model-*.safetensors"))
+    assert len(files) > 2 and (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "m" / WEIGHTS).exists()
+    q = load_saved(tmp_path / "m")
+    assert rel_err(latents(final), latents(q)) <= 1e-6
+
+
+def test_checkpoint_dir_base_is_self_contained(tiny, tmp_path):
+    """A model loaded from an upstream checkpoint directory: its configs and tokenizers are copied to
+    base/, so the saved pipeline reloads (meta build, weights assigned) after the checkpoint is gone."""
+    import shutil
+
+    from ndopt.frontends.pyramid_flow.presets import save_checkpoint_dir
+
+    save_checkpoint_dir(tiny, tmp_path / "ckpt")
+    final = run(small(load_model(str(tmp_path / "ckpt"))), tmp_path, ("dead_component_elimination", {}),
+                ("block_pruning", {"remove": [2], "evaluate": False}))
+    save_pipeline(final, tmp_path / "model", base=tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt")
+    assert (tmp_path / "model" / "base" / "tokenizer_3").is_dir()
+    assert not list((tmp_path / "model" / "base").rglob("*.safetensors"))  # configs only, no weights
+    q = load_saved(tmp_path / "model")
+    assert q.summary() == final.summary()
+    assert rel_err(latents(final), latents(q)) <= 1e-6
+
+
+# ---- errors --------------------------------------------------------------------------------------
+def _copy(path, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(path, dst)
+    return dst
+
+
+def test_missing_and_extra_keys_are_listed(exact, tmp_path):
+    path = _copy(exact[1], tmp_path)
+    sd = load_file(str(path / WEIGHTS))
+    del sd["dit.proj_out.weight"]
+    sd["dit.extra_layer.weight"] = torch.zeros(2)
+    save_file(sd, str(path / WEIGHTS), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing keys \(dit.proj_out.weight\).*unexpected keys "
+                                              r"\(dit.extra_layer.weight\)"):
+        load_saved(path)
+
+
+def test_wrong_format_version(exact, tmp_path):
+    path = _copy(exact[1], tmp_path)
+    m = json.loads((path / MANIFEST).read_text())
+    m["format_version"] = 99
+    (path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_saved(path)
+
+
+def test_summary_mismatch_names_the_line(exact, tmp_path):
+    path = _copy(exact[1], tmp_path)
+    m = json.loads((path / MANIFEST).read_text())
+    m["summary"] = m["summary"].replace("blocks=6", "blocks=7")
+    (path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match=r"summary line \d+: rebuilt .*blocks=6.*saved .*blocks=7"):
+        load_saved(path)
+
+
+def test_not_a_saved_pipeline(tmp_path):
+    assert not is_saved_pipeline(tmp_path)
+    with pytest.raises(CheckpointError, match="no pipeline.json"):
+        load_saved(tmp_path)
+
+
+# ---- upstream layout -------------------------------------------------------------------------------
+def test_upstream_layout_of_a_pruned_dit(tiny, tmp_path):
+    from ndopt.frontends.pyramid_flow import checkpoint as ckpt
+    from ndopt.frontends.pyramid_flow.dit import MMDiTConfig, PyramidMMDiT
+
+    final = run(small(tiny), tmp_path, ("block_pruning", {"remove": [1, 2], "evaluate": False}))
+    save_pipeline(final, tmp_path / "model")
+    m = json.loads((tmp_path / "model" / MANIFEST).read_text())
+    assert m["upstream"] == {"written": True, "path": "upstream/diffusion_transformer_768p", "num_layers": 4}
+    d = tmp_path / "model" / "upstream" / "diffusion_transformer_768p"
+    cfg = MMDiTConfig.from_dict(ckpt.read_config(d))
+    assert cfg.num_layers == 4
+    sd = ckpt.load_state_dict(d)
+    with torch.device("meta"):
+        fresh = PyramidMMDiT(cfg)  # upstream's layout for 4 blocks
+    assert sorted(sd) == sorted(fresh.state_dict())
+    dit = PyramidMMDiT(cfg)
+    ckpt.load_into(dit, sd, source=str(d))
+    ours = final["dit"].module
+    g = torch.Generator().manual_seed(0)
+    c = cfg
+    x = dict(sample=[torch.randn(1, c.in_channels, 1, 8, 8, generator=g)],
+             encoder_hidden_states=torch.randn(1, 16, c.joint_attention_dim, generator=g),
+             encoder_attention_mask=torch.ones(1, 16, dtype=torch.int64),
+             pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
+             timestep_ratio=torch.tensor([500.0]))
+    with torch.no_grad():
+        assert torch.equal(dit.eval()(**x), ours(**x))
+
+
+def test_fold_last_context_false_round_trip(tiny, tmp_path):
+    """The last block removed without folding: the new last block keeps its (dead) text stream, and so
+    does the rebuilt one; that layout is not upstream's, so upstream/ is not written."""
+    final = run(small(tiny), tmp_path, ("block_pruning", {"remove": [4, 5], "fold_last_context": False,
+                                                          "evaluate": False}))
+    assert not final["dit"].module.transformer_blocks[-1].context_pre_only
+    q = round_trip(final, tmp_path / "model", 1e-6)
+    assert not q["dit"].module.transformer_blocks[-1].context_pre_only
+    m = json.loads((tmp_path / "model" / MANIFEST).read_text())
+    assert not m["upstream"]["written"] and "keys differ" in m["upstream"]["reason"]
+    assert not (tmp_path / "model" / "upstream").exists()
+
+
+def test_importance_pruned_last_block_unfolded_round_trip(tiny, tmp_path):
+    """Blocks chosen by importance, the original last block among them, not folded: the replay removes the
+    blocks the run removed (its metrics), not the plan's placeholder, so the unfolded last block matches."""
+    from passes.block_importance import ANALYSIS_KEY, BlockImportance, BlockImportanceScores
+
+    scores = BlockImportanceScores("cosine", 6, (0.9, 0.8, 0.7, 0.6, 0.5, 0.01))  # block 5 matters least
+    p = small(tiny).replace(analyses={ANALYSIS_KEY: scores}, facts_add=BlockImportance.provides)
+    final = run(p, tmp_path, ("block_pruning", {"keep": 20, "fold_last_context": False, "evaluate": False}))
+    prov = final.provenance[-1].metrics
+    assert prov["removed_blocks"] == [5] and prov["selection"].startswith("lowest")
+    q = round_trip(final, tmp_path / "model", 1e-6)
+    assert not q["dit"].module.transformer_blocks[-1].context_pre_only
+
+
+# ---- students and generate -------------------------------------------------------------------------
+def test_bundled_students(tiny):
+    assert {"pyramid-flow-tiny-student-1-1-1", "pyramid-flow-tiny-student-4-4-4"} <= set(preset_names())
+    s = load_model("pyramid-flow-tiny-student-1-1-1")
+    assert [st.steps for st in s.schedule.stages] == [1, 1, 1]
+    assert (s.schedule.guidance.scale, s.schedule.guidance.video_scale) == (1.0, 1.0)
+    assert "guidance_free" in s.facts
+    assert s["text_encoder"].module is not tiny["text_encoder"].module
+    assert not torch.equal(s["dit"].module.proj_out.weight, tiny["dit"].module.proj_out.weight)
+    from ndopt.runner import generation_pipeline
+
+    with pytest.raises(NdoptError, match="step-distilled student: its steps are fixed at 1-1-1"):
+        generation_pipeline("pyramid-flow-tiny-student-1-1-1", steps="4")
+
+
+def test_generate_refuses_steps_on_a_folded_schedule(exact):
+    from ndopt.runner import generation_pipeline
+
+    with pytest.raises(NdoptError, match="folded schedule"):
+        generation_pipeline(str(exact[1]), frames=1, steps="2,2,2")
+    assert generation_pipeline(str(exact[1]), frames=1, steps="1").schedule.folded
+
+
+def test_generate_from_a_saved_model_cli(exact, tmp_path):
+    from ndopt.cli import main
+
+    out = tmp_path / "v.png"
+    res = CliRunner().invoke(main, ["generate", "--model", str(exact[1]), "--prompt", PROMPT, "--frames", "1",
+                                    "--seed", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and "wrote" in res.output
+    res = CliRunner().invoke(main, ["generate", "--model", str(exact[1]), "--bundle", str(tmp_path), "--prompt", "x",
+                                    "--out", str(out)])
+    assert res.exit_code != 0 and "exclude each other" in res.output
+
+
+def test_steps_parse():
+    from ndopt.runner import parse_steps
+
+    assert parse_steps("4", 3) == (4, 4, 4)
+    assert parse_steps("1,2,3", 3) == (1, 2, 3)
+    with pytest.raises(NdoptError, match="3 pyramid stages"):
+        parse_steps("1,2", 3)
+
+
+def test_runner_writes_run_model(tmp_path):
+    """`ndopt run` saves RUN/model and reports it; the reloaded model matches the report's summary."""
+    from ndopt.recipe import load_recipe
+    from ndopt.runner import run as run_recipe
+
+    yaml = tmp_path / "r.yaml"
+    yaml.write_text("name: saved\nmodel: pyramid-flow-tiny\n"
+                    "probe: {enabled: false}\n"
+                    "passes:\n  - dead_component_elimination: {}\n  - cfg_folding: {}\n")
+    r = load_recipe(yaml)
+    report = run_recipe(r, out=tmp_path / "run")
+    model = report["model"]
+    assert model["path"] == str(tmp_path / "run" / "model") and model["bytes"] > 0
+    q = load_model(model["path"])
+    assert q.summary() == report["final_summary"]
+
+
+def test_generate_bundle_calls_the_runtime(tmp_path, monkeypatch):
+    """--bundle goes to targets.runtime.generate with the seed; its video is written, its provider printed."""
+    import sys
+    import types
+
+    from ndopt.cli import main
+
+    calls = {}
+
+    def fake_generate(bundle_dir, prompt, *, seed, provider=None, progress=None):
+        calls.update(bundle=bundle_dir, prompt=prompt, seed=seed, provider=provider)
+        video = np.linspace(-1, 1, 1 * 3 * 1 * 16 * 16, dtype=np.float32).reshape(1, 3, 1, 16, 16)
+        return types.SimpleNamespace(latents=np.zeros((1, 16, 1, 2, 2), np.float32), video=video,
+                                     provider="CPUExecutionProvider")
+
+    fake = types.ModuleType("targets.runtime")
+    fake.generate = fake_generate
+    monkeypatch.setitem(sys.modules, "targets.runtime", fake)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "manifest.json").write_text("{}")
+    out = tmp_path / "v.png"
+    res = CliRunner().invoke(main, ["generate", "--bundle", str(tmp_path / "b"), "--prompt", PROMPT, "--seed", "5",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert calls["seed"] == 5 and calls["prompt"] == PROMPT and calls["bundle"] == tmp_path / "b"
+    assert out.is_file() and "CPUExecutionProvider" in res.output
+    res = CliRunner().invoke(main, ["generate", "--bundle", str(tmp_path / "b"), "--steps", "4", "--prompt", "x",
+                                    "--out", str(out)])
+    assert res.exit_code != 0 and "fixed when it is lowered" in res.output
+
+
+@pytest.mark.slow
+def test_run_model_and_bundle_give_the_same_video(tmp_path, monkeypatch):
+    """One `ndopt run` (the bundled 1-1-1 student, lowered for the 8 Elite): `generate --model RUN/model`
+    (torch) and `generate --bundle RUN/bundles/<target>` (onnxruntime) with one seed draw the same numpy
+    noise and write the same frames (measured: at most 1 level of 255 apart, mean 4e-5)."""
+    import imageio.v3 as iio
+
+    from ndopt.cli import main
+    from ndopt.frontends.pyramid_flow.students import student_files
+
+    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(tmp_path / "no-ai-hub.ini"))  # offline, whatever the machine has
+    student = student_files()["pyramid-flow-tiny-student-1-1-1"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: same-video\nmodel: pyramid-flow-tiny\npasses:\n"
+                      f"  - step_distillation: {{student_weights: {student}, evaluate: false}}\n"
+                      "  - dead_component_elimination\n  - cfg_folding\n"
+                      "target: snapdragon-8-elite\nprobe: {enabled: false}\nseed: 0\n")
+    res = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    videos = []
+    for flag, value in (("--model", tmp_path / "run" / "model"),
+                        ("--bundle", tmp_path / "run" / "bundles" / "snapdragon-8-elite")):
+        out = tmp_path / f"{flag.strip('-')}.png"
+        res = CliRunner().invoke(main, ["generate", flag, str(value), "--prompt", PROMPT, "--seed", "3",
+                                        "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        videos.append(iio.imread(out).astype(int))
+    assert videos[0].shape == videos[1].shape
+    assert np.abs(videos[0] - videos[1]).max() <= 2
+    other = tmp_path / "other.png"
+    CliRunner().invoke(main, ["generate", "--model", str(tmp_path / "run" / "model"), "--prompt", PROMPT,
+                              "--seed", "4", "--out", str(other)])
+    assert np.abs(iio.imread(other).astype(int) - videos[0]).max() > 10  # the seed matters
