@@ -7,7 +7,7 @@ each pass. `plan` does the same on the meta device with each pass's structural e
 
 from __future__ import annotations
 
-import importlib
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -160,9 +160,11 @@ def save_model(final: Pipeline, run_dir: Path, r: Recipe, report: dict[str, Any]
     try:
         path = save_pipeline(final, run_dir / "model", recipe={**report["recipe"], "targets": r.targets},
                              fidelity=fidelity, base=r.spec.model, seed=r.spec.seed)
-    except NdoptError as e:  # the passes' work stays usable: the report says why there is no RUN/model
-        log.error("the optimized pipeline was not saved: %s", e)
-        return {"path": None, "error": str(e)}
+    except Exception as e:  # the passes' work stays usable: the report says why there is no RUN/model
+        # (not only NdoptError: a full disk or a module safetensors cannot take must not fail the run)
+        msg = str(e) if isinstance(e, NdoptError) else f"{type(e).__name__}: {e}"
+        log.error("the optimized pipeline was not saved: %s", msg)
+        return {"path": None, "error": msg}
     return {"path": str(path), "bytes": directory_bytes(path)}
 
 
@@ -289,19 +291,6 @@ def generation_pipeline(model: str, *, frames: int = 9, height: int | None = Non
     return with_steps(pipeline, counts) if counts is not None else pipeline
 
 
-def _numpy_noise() -> bool:
-    """Whether the sampler draws noise from a numpy Generator (the bundle runtime's noise)."""
-    import numpy as np
-
-    from ndopt.frontends.pyramid_flow.sampler import randn
-
-    try:
-        randn((1, 1), np.random.default_rng(0))
-    except (TypeError, AttributeError, NdoptError):
-        return False
-    return True
-
-
 def generate(model: str, prompt: str, out: str | Path, *, frames: int = 9, height: int | None = None,
              width: int | None = None, seed: int = 0, fmt: str | None = None, steps: str | tuple[int, ...] | None = None,
              progress: Any = None) -> Path:
@@ -315,31 +304,36 @@ def generate(model: str, prompt: str, out: str | Path, *, frames: int = 9, heigh
     from ndopt.media import write_video
 
     pipeline = generation_pipeline(model, frames=frames, height=height, width=width, steps=steps, seed=seed)
-    if _numpy_noise():
-        g: Any = np.random.default_rng(seed)
-    else:  # until the sampler takes a numpy Generator: torch noise (differs from the bundle's)
-        log.warning("the sampler does not take a numpy Generator yet: torch noise, unlike the bundle runtime")
-        g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        latents = pipeline.sampler.sample(pipeline, [prompt], generator=g, progress=progress)
+        latents = pipeline.sampler.sample(pipeline, [prompt], generator=np.random.default_rng(seed), progress=progress)
         video = pipeline.sampler.decode(pipeline, latents)
     return write_video(Path(out), video_frames(video), fmt=fmt)
 
 
 def generate_bundle(bundle: str | Path, prompt: str, out: str | Path, *, seed: int = 0, provider: str | None = None,
                     fmt: str | None = None, progress: Any = None) -> tuple[Path, str]:
-    """Text to video with a lowered bundle's runtime (onnxruntime; QNN on the device): (video path, provider)."""
+    """Text to video with a lowered bundle's runtime (onnxruntime; QNN on the device): (video path, provider).
+
+    The runtime is the bundle's target's (`run_bundle`), found through the target registry from the
+    manifest's `target.name` (the core imports no target, STYLE rule 1)."""
     from ndopt.frontends.pyramid_flow.sampler import video_frames
     from ndopt.media import write_video
+    from ndopt.target import get_target
 
     bundle = Path(bundle)
-    if not (bundle / "manifest.json").is_file():
+    path = bundle / "manifest.json"
+    if not path.is_file():
         raise NdoptError(f"--bundle {bundle}: no manifest.json; a bundle is RUN/bundles/<target>/ of `ndopt run`")
-    try:  # the core imports no target package by name (STYLE rule 1): found at run time
-        runtime = importlib.import_module("targets.runtime")
-    except ImportError as e:
-        raise NdoptError(f"--bundle needs the bundle runtime (targets.runtime), which this install lacks: {e}") from None
-    result = runtime.generate(bundle, prompt, seed=seed, provider=provider, progress=progress)
+    try:
+        name = (json.loads(path.read_text()).get("target") or {}).get("name")
+    except (ValueError, AttributeError) as e:
+        raise NdoptError(f"{path}: not a bundle manifest ({e}); lower the pipeline again") from None
+    if not name:
+        raise NdoptError(f"{path}: no target.name, so no runtime to run it; lower the pipeline again with this ndopt")
+    target = get_target(name)
+    if not callable(getattr(target, "run_bundle", None)):
+        raise NdoptError(f"--bundle {bundle}: target {name!r} offers no bundle runtime (no run_bundle)")
+    result = target.run_bundle(bundle, prompt, seed=seed, provider=provider, progress=progress)
     if result.video is None:
         raise NdoptError(f"--bundle {bundle}: the bundle has no VAE decoder graph, so no video (latents only); "
                          "lower a pipeline that keeps its vae_decoder")

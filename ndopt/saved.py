@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -29,11 +28,12 @@ from ndopt.io import atomic_dir, atomic_write_json
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import AppliedPass, Pipeline
 from ndopt.ir.spec import Port
-from ndopt.saved_codec import Unencodable, class_path, decode, encode
+from ndopt.saved_codec import Refused, Unencodable, class_path, decode, encode
 from ndopt.saved_weights import (
     RESERVED,
     WEIGHTS,
     component_weights,
+    inside,
     load_weights,
     quiet_hub,
     read_weights,
@@ -109,37 +109,6 @@ def _set_fields(config_cls: Any, dumped: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def base_reference(pipeline: Pipeline, base: str | Path | None = None) -> dict[str, Any]:
-    """What `load_saved` rebuilds before replaying the passes: a preset, or an upstream checkpoint
-    directory's configs (copied into `base/`)."""
-    from ndopt.frontends import preset_names
-
-    ref = str(base) if base is not None else pipeline.name
-    if ref in preset_names():
-        return {"kind": "preset", "name": ref}
-    path = Path(ref)
-    if is_saved_pipeline(path):
-        return json.loads((path / MANIFEST).read_text())["base"]
-    if path.is_dir():
-        return {"kind": "checkpoint", "source": str(path.resolve()), "path": "base",
-                "variants": sorted(p.name.removeprefix("diffusion_transformer_")
-                                   for p in path.glob("diffusion_transformer_*"))}
-    raise CheckpointError(f"save_pipeline: cannot tell the base model of pipeline {pipeline.name!r} (not a preset); "
-                          "pass base=<preset name or upstream checkpoint directory>")
-
-
-def _copy_base_configs(source: Path, dest: Path) -> None:
-    """config.json files and tokenizer folders of an upstream checkpoint: the structure, no weights."""
-    for sub in sorted(p for p in source.iterdir() if p.is_dir()):
-        if sub.name.startswith("tokenizer"):
-            shutil.copytree(sub, dest / sub.name)
-        elif (sub / "config.json").is_file():
-            (dest / sub.name).mkdir(parents=True)
-            shutil.copy2(sub / "config.json", dest / sub.name / "config.json")
-    for extra in source.glob("*.json"):
-        shutil.copy2(extra, dest / extra.name)
-
-
 def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[str, Any] | None = None,
                   fidelity: Mapping[str, Any] | None = None, base: str | Path | None = None,
                   max_shard_size: int | str = "2GB", upstream: bool = True, seed: int = 0) -> Path:
@@ -150,6 +119,7 @@ def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[
     from huggingface_hub import save_torch_state_dict
 
     from ndopt.io import jsonable
+    from ndopt.saved_upstream import base_reference, copy_base_configs
 
     directory = Path(directory)
     t0 = time.perf_counter()
@@ -184,7 +154,7 @@ def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[
     weights.update(records)
     with atomic_dir(directory) as tmp:
         if base_ref["kind"] == "checkpoint":
-            _copy_base_configs(Path(base_ref["source"]), tmp / base_ref["path"])
+            copy_base_configs(Path(base_ref["source"]), tmp / base_ref["path"])
         with quiet_hub():
             save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         states = {}
@@ -192,8 +162,9 @@ def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[
             p = _pass_instance(applied)
             if applied.modified and callable(getattr(p, "save_state", None)):
                 sub = getattr(p, "state_subdir", applied.name)
-                p.save_state(pipeline, tmp / sub)
+                paths = p.save_state(pipeline, tmp / sub) or {}
                 states[applied.name] = sub
+                _record_paths(manifest["components"], sub, paths)
         manifest["pass_state"] = states
         for name, q in manifest["quantization"].items():
             for sub in states.values():
@@ -212,6 +183,17 @@ def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[
     log.info("saved pipeline %s to %s (%.1f MB, %.2f s)", pipeline.name, directory,
              manifest["weights"]["bytes"] / 1e6, time.perf_counter() - t0)
     return directory
+
+
+def _record_paths(components: dict[str, Any], sub: str, paths: Mapping[str, Mapping[str, str]]) -> None:
+    """Attrs a pass's `save_state` points at its saved files (`{component: {attr: path under sub}}`, e.g.
+    aimet_quantization's `quantizers`): stored relative to the saved directory, which may move;
+    `load_saved` resolves them (`path_attrs` lists them)."""
+    for comp, attrs in paths.items():
+        rec = components[comp]
+        for attr, rel in attrs.items():
+            rec["attrs"][attr] = f"{sub}/{rel}"
+            rec["path_attrs"] = sorted({*rec.get("path_attrs", ()), attr})
 
 
 def _plain(x: Any) -> Any:
@@ -261,27 +243,31 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def _build_base(directory: Path, manifest: dict[str, Any], device: torch.device | str) -> Pipeline:
+    """The base model: a preset built on `device`, or a checkpoint base built on the meta device (its
+    weights come from the file, read onto `device` and assigned)."""
     base = manifest["base"]
     if base["kind"] == "preset":
         from ndopt.frontends import load_model
 
         return load_model(base["name"], device=device, seed=int(manifest.get("seed", 0)))
     if base["kind"] == "checkpoint":
-        from ndopt.saved_upstream import build_from_configs
+        from ndopt.saved_upstream import base_dir, build_from_configs
 
-        return build_from_configs(directory / base["path"], base.get("variants") or ["768p"])
+        return build_from_configs(base_dir(directory, base), base.get("variants") or ["768p"])
     raise CheckpointError(f"{directory / MANIFEST}: unknown base kind {base['kind']!r}")
 
 
 def load_saved(directory: str | Path, *, device: torch.device | str = "cpu", check_summary: bool = True) -> Pipeline:
-    """The pipeline `save_pipeline` wrote: base rebuilt, passes replayed in plan form, weights loaded
-    strictly, pass-owned state restored, summary checked against the saved one."""
+    """The pipeline `save_pipeline` wrote, on `device`: base rebuilt, passes replayed in plan form, weights
+    loaded strictly, pass-owned state restored, summary checked against the saved one. Every path the
+    files name (base configs, shards, pass state, path attrs) must stay inside `directory`."""
     from ndopt.passmanager import PassContext
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    weights = read_weights(directory)
     pipeline = _build_base(directory, manifest, device)
+    # a meta build takes the tensors as they are read (assign): read them where the pipeline should live
+    weights = read_weights(directory, device if pipeline.is_meta else "cpu")
     passes = [(AppliedPass(p["name"], p["config"], p["modified"], p["metrics"]),
                _pass_instance(AppliedPass(p["name"], p["config"], p["modified"], p["metrics"])))
               for p in manifest["provenance"]]
@@ -298,29 +284,38 @@ def load_saved(directory: str | Path, *, device: torch.device | str = "cpu", che
             pipeline = result.pipeline.replace(facts_add=p.provides, facts_remove=p.invalidates)
         load_weights(pipeline, weights, str(directory))
         pipeline = _restore_records(pipeline, manifest, weights, directory)
-        ctx.plan = False
+        ctx.plan, ctx.device = False, pipeline.device
         for i, (applied, p) in enumerate(passes, 1):
             restore = getattr(p, "restore", None)
             if applied.modified and callable(restore):
                 ctx.options["pass_index"] = i
                 sub = manifest.get("pass_state", {}).get(applied.name, getattr(p, "state_subdir", applied.name))
-                pipeline = restore(pipeline, ctx, directory / sub)
+                pipeline = restore(pipeline, ctx, inside(directory, sub, f"{MANIFEST} pass_state.{applied.name}"))
     if check_summary:
         check_same_summary(pipeline.summary(), manifest["summary"], directory)
     return pipeline
 
 
 def _set_target(ctx: Any, manifest: dict[str, Any]) -> None:
-    """The run's target in the replay context (passes such as aimet_quantization read its data)."""
-    targets = (manifest.get("recipe") or {}).get("targets") or []
-    if not targets or not hasattr(ctx, "target"):
-        return
-    try:
-        from ndopt.passmanager import target_info
+    """The run's target in the replay context (passes such as aimet_quantization read its data). Without
+    the recipe's target (a pipeline saved by `save_pretrained`, or a target this install lacks): one
+    standing for the AIMET config the quantized components recorded, so the replay builds what the run
+    built, without a pass warning that it had to guess."""
+    from ndopt.passmanager import TargetInfo, target_info
 
-        ctx.target = target_info(targets)
-    except (NdoptError, ImportError) as e:
-        log.debug("saved pipeline: target %s unknown here (%s); replaying without it", targets, e)
+    if not hasattr(ctx, "target"):
+        return
+    targets = (manifest.get("recipe") or {}).get("targets") or []
+    if targets:
+        try:
+            ctx.target = target_info(targets)
+            return
+        except (NdoptError, ImportError) as e:
+            log.debug("saved pipeline: target %s unknown here (%s); replaying with the recorded configs", targets, e)
+    configs = sorted({q["aimet_config"] for q in (manifest.get("quantization") or {}).values()
+                      if q.get("aimet_config")})
+    if len(configs) == 1:
+        ctx.target = TargetInfo(f"{MANIFEST} quantization", aimet_config=configs[0])
 
 
 def _restore_records(pipeline: Pipeline, manifest: dict[str, Any], weights: Mapping[str, torch.Tensor],
@@ -330,6 +325,13 @@ def _restore_records(pipeline: Pipeline, manifest: dict[str, Any], weights: Mapp
         if key not in weights:
             raise CheckpointError(f"{directory}: {MANIFEST} refers to tensor {key!r}, which the weights lack")
         return weights[key].to(pipeline.device) if not pipeline.is_meta else weights[key]
+
+    def checked(value: Any, field: str) -> Any:
+        try:
+            return decode(value, tensor)
+        except Refused as e:  # a tag encode never writes: the file was crafted or edited
+            raise CheckpointError(f"{directory / MANIFEST}: {field}: {e}; the file was edited or not written "
+                                  "by ndopt: not loaded") from None
 
     comps = {}
     for name, comp in pipeline.components.items():
@@ -341,28 +343,30 @@ def _restore_records(pipeline: Pipeline, manifest: dict[str, Any], weights: Mapp
             if isinstance(v, dict) and UNSAVED in v:
                 continue
             try:
-                attrs[k] = decode(v, tensor)
+                attrs[k] = checked(v, f"components.{name}.attrs.{k}")
             except (Unencodable, TypeError, AttributeError, ImportError) as e:
                 log.debug("saved pipeline: attr %s.%s kept from the replay (%s)", name, k, e)
+        for k in rec.get("path_attrs", ()):
+            attrs[k] = str(inside(directory, rec["attrs"][k], f"{MANIFEST} components.{name}.attrs.{k}"))
         comps[name] = comp.with_attrs(**attrs)
     analyses = dict(pipeline.analyses)
     for k, v in manifest["analyses"].items():
         if isinstance(v, dict) and UNSAVED in v:
             continue
         try:
-            analyses[k] = decode(v, tensor)
+            analyses[k] = checked(v, f"analyses.{k}")
         except (Unencodable, TypeError, AttributeError, ImportError) as e:
             log.debug("saved pipeline: analysis %s kept from the replay (%s)", k, e)
     g = nx.DiGraph()
     for n, data in manifest["graph"]["nodes"]:
-        g.add_node(n, **decode(data, tensor))
+        g.add_node(n, **checked(data, f"graph.nodes.{n}"))
     for a, b, ports in manifest["graph"]["edges"]:
-        g.add_edge(a, b, ports=decode(ports, tensor))
+        g.add_edge(a, b, ports=checked(ports, f"graph.edges.{a}->{b}"))
     from dataclasses import replace
 
-    out = pipeline.replace(graph=g, schedule=decode(manifest["schedule"], tensor), analyses=analyses, **comps)
+    out = pipeline.replace(graph=g, schedule=checked(manifest["schedule"], "schedule"), analyses=analyses, **comps)
     provenance = tuple(AppliedPass(p["name"], p["config"], p["modified"], p["metrics"]) for p in manifest["provenance"])
-    return replace(out, name=manifest["name"], sampler=decode(manifest["sampler"], tensor),
+    return replace(out, name=manifest["name"], sampler=checked(manifest["sampler"], "sampler"),
                    facts=frozenset(manifest["facts"]), provenance=provenance, inputs=tuple(manifest["inputs"]))
 
 

@@ -4,8 +4,12 @@ Frozen dataclasses, tuples, dicts with non-string keys and tensors do not surviv
 `Schedule` comes back as nested dicts and lists, a `FoldedSchedule`'s rows lose their tuple keys.
 `encode` tags them (`__dataclass__` with its import path, `__tuple__`, `__items__`, `__tensor__`
 with a key into a side table of tensors that the caller stores in the weights) and `decode`
-rebuilds them. Only dataclasses from ndopt's own packages are rebuilt (a saved file names the
-classes it holds; importing arbitrary modules from a file would be a hole).
+rebuilds them. Only dataclasses and enums defined in ndopt's own packages are rebuilt, and only
+`torch.dtype`s come back from `__dtype__` (a saved file names the classes it holds: calling arbitrary
+classes with arguments from a file would be a hole). A class outside those packages is `Unencodable`
+(a third-party dataclass ndopt wrote: the value is kept from the replay); a tag that `encode` never
+writes (a class that is not a dataclass or enum, a dtype that is not a dtype) is `Refused`: the file
+was crafted or edited.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -20,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TRUSTED_PACKAGES", "Unencodable", "class_path", "decode", "encode"]
+__all__ = ["TRUSTED_PACKAGES", "Refused", "Unencodable", "class_path", "decode", "encode"]
 
 TRUSTED_PACKAGES = ("ndopt", "passes", "targets")
 
@@ -29,20 +34,42 @@ class Unencodable(TypeError):
     """A value has no typed-JSON form (a module, a function, an open file)."""
 
 
+class Refused(ValueError):
+    """A tagged value `encode` cannot have written: not rebuilt (the loader refuses the file)."""
+
+
 def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _import_class(path: str) -> type:
-    module, _, qual = path.partition(":")
-    if module.split(".")[0] not in TRUSTED_PACKAGES:
+def _trusted(module: str) -> bool:
+    return module.split(".")[0] in TRUSTED_PACKAGES
+
+
+def _import_class(path: str, kind: Callable[[type], bool], what: str) -> type:
+    """The class at `path` (`module:qualname`) if it is defined in a trusted package and is `what`."""
+    module, _, qual = str(path).partition(":")
+    if not _trusted(module):
         raise Unencodable(f"class {path} is outside {TRUSTED_PACKAGES}: not rebuilt from a file")
     obj: Any = importlib.import_module(module)
     for part in qual.split("."):
         obj = getattr(obj, part)
-    if not isinstance(obj, type):
-        raise Unencodable(f"{path} is not a class")
+    # the qualname may walk through a module the trusted one imports (`ndopt.saved:tempfile.X`)
+    if not isinstance(obj, type) or not _trusted(obj.__module__) or not kind(obj):
+        raise Refused(f"{path} is not {what} defined in {TRUSTED_PACKAGES}: not rebuilt from a file")
     return obj
+
+
+def _dtype(name: Any) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise Refused(f"__dtype__ {name!r} is not a torch dtype")
+    return dtype
+
+
+def _json_key(encoded: Any) -> str:
+    """An order for encoded set members of any kind (tuples encode as dicts, which do not compare)."""
+    return json.dumps(encoded, sort_keys=True)
 
 
 def encode(x: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
@@ -71,7 +98,7 @@ def encode(x: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
     if isinstance(x, list):
         return [encode(v, tensors, f"{key}.{i}") for i, v in enumerate(x)]
     if isinstance(x, (set, frozenset)):
-        return {"__set__": sorted(encode(v, tensors, key) for v in x)}
+        return {"__set__": sorted((encode(v, tensors, key) for v in x), key=_json_key)}
     if isinstance(x, Mapping):
         if all(isinstance(k, str) and not k.startswith("__") for k in x):
             return {k: encode(v, tensors, f"{key}.{k}") for k, v in x.items()}
@@ -91,7 +118,7 @@ def decode(x: Any, tensors: Callable[[str], torch.Tensor]) -> Any:
     if "__tensor__" in x:
         return tensors(x["__tensor__"])
     if "__dtype__" in x:
-        return getattr(torch, x["__dtype__"])
+        return _dtype(x["__dtype__"])
     if "__tuple__" in x:
         return tuple(decode(v, tensors) for v in x["__tuple__"])
     if "__set__" in x:
@@ -99,9 +126,9 @@ def decode(x: Any, tensors: Callable[[str], torch.Tensor]) -> Any:
     if "__items__" in x:
         return {_hashable(decode(k, tensors)): decode(v, tensors) for k, v in x["__items__"]}
     if "__enum__" in x:
-        return _import_class(x["__enum__"])(decode(x["value"], tensors))
+        return _import_class(x["__enum__"], lambda c: issubclass(c, enum.Enum), "an enum")(decode(x["value"], tensors))
     if "__dataclass__" in x:
-        cls = _import_class(x["__dataclass__"])
+        cls = _import_class(x["__dataclass__"], dataclasses.is_dataclass, "a dataclass")
         return cls(**{k: decode(v, tensors) for k, v in x["fields"].items()})
     return {k: decode(v, tensors) for k, v in x.items()}
 

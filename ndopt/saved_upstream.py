@@ -4,13 +4,16 @@
 `config.json` with `num_layers=k`) when the final DiT is still upstream-shaped: a `PyramidMMDiT`,
 possibly pruned, with upstream's timestep MLP and `context_embedder` (schedule_folding and
 encoder_substitution replace those, a quantized DiT is a sim); otherwise it records why not.
-`build_from_configs` rebuilds an upstream checkpoint's pipeline on the meta device from the
-`config.json` files and tokenizers `save_pipeline` copied into `base/` (weights come from the file).
+`base_reference` says what a saved pipeline's base is (a preset, or an upstream checkpoint whose
+`config.json` files and tokenizers `copy_base_configs` copies into `base/`; a saved pipeline's base
+is its own base, copied from its `base/`), and `build_from_configs` rebuilds such a checkpoint's
+pipeline on the meta device from those configs (weights come from the file).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import torch
 
 from ndopt.errors import CheckpointError
 from ndopt.ir.pipeline import Pipeline
+from ndopt.saved_weights import inside
 
 UPSTREAM_VARIANT = "768p"
 
@@ -61,6 +65,46 @@ def write_upstream_dit(pipeline: Pipeline, directory: Path, variant: str = UPSTR
     sub = f"diffusion_transformer_{variant}"
     ckpt.save_component(directory / sub, dit, dit_config_json(dit.config))
     return {"written": True, "path": f"{directory.name}/{sub}", "num_layers": dit.config.num_layers}
+
+
+def base_reference(pipeline: Pipeline, base: str | Path | None = None) -> dict[str, Any]:
+    """What `load_saved` rebuilds before replaying the passes: a preset, or an upstream checkpoint
+    directory's configs (copied into `base/`)."""
+    from ndopt.frontends import preset_names
+    from ndopt.saved import is_saved_pipeline, read_manifest
+
+    ref = str(base) if base is not None else pipeline.name
+    if ref in preset_names():
+        return {"kind": "preset", "name": ref}
+    path = Path(ref)
+    if is_saved_pipeline(path):
+        saved = dict(read_manifest(path)["base"])
+        if saved["kind"] == "checkpoint":  # the configs the saved pipeline copied: its upstream folder may be gone
+            saved["source"] = str(base_dir(path, saved))
+        return saved
+    if path.is_dir():
+        return {"kind": "checkpoint", "source": str(path.resolve()), "path": "base",
+                "variants": sorted(p.name.removeprefix("diffusion_transformer_")
+                                   for p in path.glob("diffusion_transformer_*"))}
+    raise CheckpointError(f"save_pipeline: cannot tell the base model of pipeline {pipeline.name!r} (not a preset); "
+                          "pass base=<preset name or upstream checkpoint directory>")
+
+
+def copy_base_configs(source: Path, dest: Path) -> None:
+    """config.json files and tokenizer folders of an upstream checkpoint: the structure, no weights."""
+    for sub in sorted(p for p in source.iterdir() if p.is_dir()):
+        if sub.name.startswith("tokenizer"):
+            shutil.copytree(sub, dest / sub.name)
+        elif (sub / "config.json").is_file():
+            (dest / sub.name).mkdir(parents=True)
+            shutil.copy2(sub / "config.json", dest / sub.name / "config.json")
+    for extra in source.glob("*.json"):
+        shutil.copy2(extra, dest / extra.name)
+
+
+def base_dir(directory: Path, base: dict[str, Any]) -> Path:
+    """A saved checkpoint base's copied configs (`base.path`, which must stay inside the saved directory)."""
+    return inside(directory, base.get("path", "base"), "pipeline.json base.path")
 
 
 def build_from_configs(base: Path, variants: list[str]) -> Pipeline:

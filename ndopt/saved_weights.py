@@ -71,8 +71,19 @@ def quiet_hub() -> Iterator[None]:
             enable_progress_bars()
 
 
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a saved pipeline: `model.safetensors`, or the shards its index names."""
+def inside(directory: Path, rel: str, field: str) -> Path:
+    """`directory / rel` resolved, refused unless it stays inside `directory`: a path read from a saved
+    pipeline's files (`field` names where) must not reach outside it (`../`, an absolute path, a link)."""
+    root = Path(directory).resolve()
+    path = (root / str(rel)).resolve()
+    if not path.is_relative_to(root):
+        raise CheckpointError(f"{directory}: {field} is {rel!r}, which resolves to {path}, outside the saved "
+                              "pipeline's directory; the file was edited or not written by ndopt")
+    return path
+
+
+def read_weights(directory: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a saved pipeline, on `device`: `model.safetensors`, or the shards its index names."""
     from safetensors.torch import load_file
 
     index = directory / WEIGHTS_INDEX
@@ -85,9 +96,10 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{directory}: no {WEIGHTS} or {WEIGHTS_INDEX}; the weights are missing")
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        if not (directory / f).is_file():
+        path = inside(directory, f, f"{WEIGHTS_INDEX} weight_map file")
+        if not path.is_file():
             raise CheckpointError(f"{directory}: the index names {f}, which is missing; copy the whole directory")
-        out.update(load_file(str(directory / f)))
+        out.update(load_file(str(path), device=str(torch.device(device))))
     if weight_map is not None and set(weight_map) != set(out):
         raise CheckpointError(f"{directory}: the shards do not hold what {WEIGHTS_INDEX} lists")
     return out

@@ -50,6 +50,7 @@ from ndopt.io import atomic_dir, atomic_write_json
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
 from ndopt.passmanager import Lossy, Pass, PassConfig, PassContext, PassResult, register
+from passes import aimet_state
 from passes import aimet_support as aq
 from passes.aimet_sim import (
     BLOCKWISE_WEIGHTS,
@@ -517,101 +518,13 @@ class AimetQuantization(Pass):
                 artifacts[f"{name}_{key}_onnx"] = d / e["file"]
         return artifacts
 
-    # ---- a saved pipeline (ndopt.saved: RUN/model/quantization/<component>/) ---------------------
+    # ---- a saved pipeline (ndopt.saved: RUN/model/quantization/<component>/; passes.aimet_state) ----
     state_subdir = "quantization"
 
-    def save_state(self, pipeline: Pipeline, directory: Path) -> None:
-        """Per quantized component: its quantizer state (every encoding, before the weights were folded)
-        and one example call's inputs, from which `restore` rebuilds and traces the same sim."""
-        from safetensors.torch import save_file
-
-        for c in self._selected(pipeline):
-            qc = c.module
-            if not isinstance(qc, QuantizedComponent):
-                continue
-            d = directory / c.name
-            d.mkdir(parents=True, exist_ok=True)
-            save_file(dict(qc.quantizer_state), str(d / "quantizers.safetensors"))
-            save_example_inputs(example_inputs(pipeline, c), d)
+    def save_state(self, pipeline: Pipeline, directory: Path) -> dict[str, dict[str, str]]:
+        """Per quantized component its quantizer state and one example call (`aimet_state`)."""
+        return aimet_state.save_quantizer_state(self, pipeline, directory)
 
     def restore(self, pipeline: Pipeline, ctx: PassContext, state: Path) -> Pipeline:
-        """The sims `save_state` described, over the float components the replay loaded: built as `run`
-        builds them (`_build`), the saved encodings loaded, the weight quantizers folded."""
-        from safetensors.torch import load_file
-
-        from ndopt.errors import CheckpointError
-
-        new: dict[str, Component] = {}
-        with aq.quiet_aimet():
-            for c in self._selected(pipeline):
-                if isinstance(c.module, QuantizedComponent) or c.attrs.get("precision") is None:
-                    continue
-                d = state / c.name
-                if not (d / "quantizers.safetensors").is_file():
-                    raise CheckpointError(f"{d}: no quantizers.safetensors for the quantized component {c.name!r}; "
-                                          "the saved pipeline is incomplete")
-                example = load_example_inputs(d, c.device)
-                config = str(c.attrs.get("aimet_config") or self.aimet_config(ctx)[0])
-                b = self._build(c, [example], config)
-                qstate = load_file(str(d / "quantizers.safetensors"))
-                _, unexpected = b.sim.model.load_state_dict(nested_quantizer_state(qstate), strict=False)
-                if unexpected:
-                    raise CheckpointError(f"{d}: {len(unexpected)} saved encodings fit no quantizer of the rebuilt "
-                                          f"sim ({unexpected[:4]}); the pass's config or version changed")
-                b.sim.fold_param_quantizers()
-                qc = QuantizedComponent(c.module, b.sim, c.entry, self.config.precision, config, qstate)
-                qc.__dict__["example_inputs"] = example
-                new[c.name] = c.with_module(qc, quantizers=str(d / "quantizers.safetensors"))
-        return pipeline.replace(**new)
-
-
-def nested_quantizer_state(flat: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """`flat_tensors`'s dotted `_extra_state` keys back into the dicts AIMET's quantizers load."""
-    out: dict[str, Any] = {}
-    for k, v in flat.items():
-        head, sep, tail = k.partition("._extra_state.")
-        if sep:
-            out.setdefault(f"{head}._extra_state", {})[tail] = v
-        else:
-            out[k] = v
-    return out
-
-
-def example_inputs(pipeline: Pipeline, comp: Component) -> dict[str, Any]:
-    """One call's inputs of a component: the first calibration call where the sim kept it, else
-    tensors of its first call signature (a sim's structure depends on the call's shapes, not values)."""
-    kept = comp.module.__dict__.get("example_inputs") if isinstance(comp.module, QuantizedComponent) else None
-    if kept is not None:
-        return kept
-    for sig in pipeline.call_plan():
-        if sig.component == comp.name:
-            g = torch.Generator().manual_seed(0)
-            return {name: (list(v) if isinstance(v, list) else v)
-                    for name, v in sig.make_inputs(comp.device, g).items() if name not in sig.static_dict}
-    raise PassError(f"aimet_quantization: the sampler never calls {comp.name!r}; no example call to save")
-
-
-def save_example_inputs(inputs: Mapping[str, Any], d: Path) -> None:
-    """Tensors (and lists of tensors, as `<name>.<i>`) in safetensors, their order and layout in JSON."""
-    from safetensors.torch import save_file
-
-    tensors, layout = {}, []
-    for name, v in inputs.items():
-        if isinstance(v, torch.Tensor):
-            tensors[name] = v.detach().cpu().contiguous()
-            layout.append([name, None])
-        elif isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v):
-            tensors.update({f"{name}.{i}": t.detach().cpu().contiguous() for i, t in enumerate(v)})
-            layout.append([name, len(v)])
-        else:
-            raise PassError(f"aimet_quantization: example input {name!r} is a {type(v).__name__}, not tensors")
-    save_file(tensors, str(d / "example_inputs.safetensors"))
-    (d / "example_inputs.json").write_text(json.dumps({"layout": layout}) + "\n")
-
-
-def load_example_inputs(d: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(d / "example_inputs.safetensors"), device=str(device))
-    layout = json.loads((d / "example_inputs.json").read_text())["layout"]
-    return {name: tensors[name] if n is None else [tensors[f"{name}.{i}"] for i in range(n)] for name, n in layout}
+        """The sims `save_state` described, rebuilt over the replayed float components (`aimet_state`)."""
+        return aimet_state.restore_sims(self, pipeline, ctx, state)

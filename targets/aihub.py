@@ -117,12 +117,32 @@ def profile_bundle(jobs: list[GraphJob], device_name: str, options: str,
             if peak is not None:
                 row["measured_peak_memory_mb"] = float(max(peak) if isinstance(peak, (list, tuple)) else peak) / 2**20
             log.info("AI Hub: %s on %s: %.3f ms", job.graph, device_name, row["measured_latency_ms"])
-        links = link_components(hub, jobs, device, options, say) if link else {}
     except Exception as e:  # the client's own errors (auth, network, quota) end the session, not the run
-        reason = f"AI Hub: {type(e).__name__}: {redact(str(e)).splitlines()[0] if str(e) else ''}; continuing offline"
+        reason = f"AI Hub: {_one_line(e)}; continuing offline"
         log.warning("%s", reason)
         return {"status": "failed", "reason": reason, "device": device_name, "graphs": results}
-    return {"status": "ok", "device": device_name, "graphs": results} | ({"links": links} if link else {})
+    out = {"status": "ok", "device": device_name, "graphs": results}
+    if link:
+        # linking comes after the measurements: its failure must not discard them
+        out["links"] = _link_or_failed(hub, jobs, device, options, say)
+    return out
+
+
+def _one_line(e: Exception) -> str:
+    """The exception's type and the first line of its redacted message."""
+    first = next(iter(redact(str(e)).splitlines()), "")
+    return f"{type(e).__name__}: {first}"
+
+
+def _link_or_failed(hub: Any, jobs: list[GraphJob], device: Any, options: str,
+                    say: Callable[[str], None]) -> dict[str, Any]:
+    """`link_components`, or {"status": "failed", "reason"} when the client raises (auth, network, quota)."""
+    try:
+        return link_components(hub, jobs, device, options, say)
+    except Exception as e:
+        reason = f"AI Hub link: {_one_line(e)}; graphs stay profiled but unlinked"
+        log.warning("%s", reason)
+        return {"status": "failed", "reason": reason}
 
 
 def dlc_options(options: str) -> str:

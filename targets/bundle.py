@@ -17,11 +17,13 @@ import json
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ndopt.errors import LoweringError
-from ndopt.ir.pipeline import Pipeline
-from targets.lowering import GraphPlan, boundary_dtype, graph_name
+
+if TYPE_CHECKING:  # torch-free at import: the reference runtime validates manifests through this module
+    from ndopt.ir.pipeline import Pipeline
+    from targets.lowering import GraphPlan
 
 VERSION = 2
 FORMAT = f"ndopt-bundle/{VERSION}"
@@ -86,6 +88,8 @@ def program(pipeline: Pipeline, plans: list[GraphPlan]) -> list[dict[str, Any]]:
 
 
 def _tokenize_op(pipeline: Pipeline, guided: bool) -> dict[str, Any]:
+    from targets.lowering import boundary_dtype
+
     te = pipeline.by_role("text_encoder")[0]
     smp, cfg = pipeline.sampler, te.module.config
     toks = getattr(te.module, "tokenizers", None)
@@ -285,18 +289,21 @@ def schema() -> dict[str, Any]:
     return json.loads((resources.files(__package__) / SCHEMA).read_text())
 
 
-def validate_manifest(m: dict[str, Any]) -> None:
-    """Raise LoweringError naming the JSON path of the first place `m` breaks the schema."""
+def validate_manifest(m: dict[str, Any], path: Path | None = None) -> None:
+    """Raise LoweringError naming the JSON path of the first place `m` breaks the schema; `path`: the
+    manifest.json it was read from (the runtime's check of a written bundle), None while lowering."""
     import jsonschema
 
     doc = json.loads(json.dumps(m, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
     validator = jsonschema.Draft202012Validator(schema())
     err = jsonschema.exceptions.best_match(validator.iter_errors(doc))
     if err is not None:
-        raise LoweringError(f"manifest at {err.json_path}: {err.message} (targets/{SCHEMA}, rule "
-                            f"{'/'.join(map(str, err.absolute_schema_path))}); the program generator "
-                            "(targets/bundle.py) and the schema disagree: fix the one that is wrong")
+        where = "manifest" if path is None else str(path)
+        fix = ("the program generator (targets/bundle.py) and the schema disagree: fix the one that is wrong"
+               if path is None else "lower the pipeline again rather than editing manifest.json")
+        raise LoweringError(f"{where} at {err.json_path}: {err.message} (targets/{SCHEMA}, rule "
+                            f"{'/'.join(map(str, err.absolute_schema_path))}); {fix}")
 
 
 __all__ = ["FORMAT", "HOST_OPS", "TIMESTEP_TABLE", "VERSION", "constants", "graph_calls", "graph_index",
-           "graph_name", "manifest", "program", "schema", "validate_manifest", "write_assets"]
+           "manifest", "program", "schema", "validate_manifest", "write_assets"]

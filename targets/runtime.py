@@ -1,9 +1,11 @@
 """The reference bundle runtime: runs a lowered bundle's `manifest.json` program end to end.
 
-Written for an app developer porting the on-device loop: numpy, onnxruntime and tokenizers only (no
-torch), one small function per host op (`HOST_OPS` in targets/bundle.py documents each), and one
-loop over the program. It verifies every graph's and tokenizer's sha256 before loading it, prefers
-a graph's quantized (`qdq`) form, and uses onnxruntime's QNN execution provider (HTP backend) when
+Written for an app developer porting the on-device loop: numpy, onnxruntime and tokenizers only (and
+jsonschema for the manifest; no torch), one small function per host op (`HOST_OPS` in
+targets/bundle.py documents each), and one loop over the program. It validates the manifest against
+its schema, refuses any file it names outside the bundle directory, and verifies every graph's,
+weights file's, tokenizer's and constant table's recorded sha256 before loading it. It prefers a
+graph's quantized (`qdq`) form, and uses onnxruntime's QNN execution provider (HTP backend) when
 `onnxruntime-qnn` is installed, else the CPU. Noise is drawn from `numpy.random.default_rng(seed)`
 in program order, the stream ndopt's sampler draws when given the same numpy generator, so a
 bundle and the pipeline that made it give the same video for the same prompt and seed.
@@ -58,18 +60,36 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verified(bundle: Path, name: str, expected: str | None, what: str) -> Path:
-    """The bundle file `name` after checking it exists and (when recorded) has the manifest's sha256."""
-    path = bundle / name
+def inside(bundle: Path, name: str, field: str) -> Path:
+    """The bundle file a manifest field names, resolved; refused when it lies outside the bundle.
+
+    A manifest is input like any other: an absolute name, a `..` segment or a symlink pointing out
+    would make the runtime read (and hand onnxruntime or tokenizers) a file the bundle does not hold."""
+    root = bundle.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise LoweringError(f"bundle {bundle}: manifest field {field} names {name!r}, which resolves to {path}, "
+                            "outside the bundle; a bundle's files live in its directory: lower the pipeline again")
+    return path
+
+
+def verified(bundle: Path, name: str, expected: str | None, what: str, field: str) -> Path:
+    """The bundle file `name` (from manifest field `field`) after checking it lies inside the bundle,
+    exists and (when recorded) has the manifest's sha256."""
+    path = inside(bundle, name, field)
     if not path.is_file():
-        raise LoweringError(f"bundle {bundle}: {what} {name} is missing; lower the pipeline again")
+        raise LoweringError(f"bundle {bundle}: {what} {name} ({field}) is missing; lower the pipeline again")
     if expected is not None and sha256(path) != expected:
-        raise LoweringError(f"bundle {bundle}: {what} {name} does not match the manifest's sha256 (changed or "
-                            "corrupted after lowering); lower the pipeline again rather than editing bundle files")
+        raise LoweringError(f"bundle {bundle}: {what} {name} ({field}) does not match the manifest's sha256 (changed "
+                            "or corrupted after lowering); lower the pipeline again rather than editing bundle files")
     return path
 
 
 def load_manifest(bundle: Path) -> dict[str, Any]:
+    """`manifest.json`, checked against the schema before anything in it runs (a hand-edited manifest
+    is input: its file names and program are validated like the lowering validates them)."""
+    from targets.bundle import validate_manifest
+
     path = bundle / "manifest.json"
     try:
         man = json.loads(path.read_text())
@@ -80,6 +100,7 @@ def load_manifest(bundle: Path) -> dict[str, Any]:
     if man.get("version") != VERSION:
         raise LoweringError(f"{path}: manifest version {man.get('version')!r} ({man.get('format')}); this runtime "
                             f"reads version {VERSION}: lower the pipeline again with this ndopt")
+    validate_manifest(man, path)
     return man
 
 
@@ -114,6 +135,7 @@ class State:
     sessions: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, np.ndarray] = field(default_factory=dict)
     checked: set[str] = field(default_factory=set)
+    at: int = 0  # the program index being run (what errors name)
 
     def session(self, graph: str) -> Any:
         """The onnxruntime session of a graph (its quantized form when there is one), opened once."""
@@ -124,14 +146,11 @@ class State:
             if entry is None:
                 raise LoweringError(f"bundle {self.bundle}: the program calls graph {graph!r}, which the manifest "
                                     f"does not list ({', '.join(self.manifest['graphs'])})")
-            quantized = self.prefer_quantized and entry.get("qdq")
-            name, digest = (entry["qdq"], entry.get("qdq_sha256")) if quantized else (entry["file"], entry["sha256"])
-            path = verified(self.bundle, name, digest, f"graph {graph}")
-            data = None if quantized else entry.get("external_data")
-            if data and data not in self.checked:  # a component's weights file, shared by its graphs
-                record = self.manifest.get("weights", {}).get(entry["component"], {})
-                verified(self.bundle, data, record.get("sha256"), f"weights of {entry['component']}")
-                self.checked.add(data)
+            quantized = bool(self.prefer_quantized and entry.get("qdq"))
+            key = "qdq" if quantized else "file"
+            digest = entry.get("qdq_sha256") if quantized else entry["sha256"]
+            path = verified(self.bundle, entry[key], digest, f"graph {graph}", f"graphs.{graph}.{key}")
+            self.check_weights(entry["component"], entry.get("external_data"), f"graphs.{graph}.external_data")
             opts = ort.SessionOptions()
             if self.threads:
                 opts.intra_op_num_threads = self.threads
@@ -143,6 +162,19 @@ class State:
             self.sessions[graph] = ort.InferenceSession(str(path), opts, providers=providers)
         return self.sessions[graph]
 
+    def check_weights(self, component: str, data: str | None, field: str) -> None:
+        """Verify a component's shared weights file once, whichever form (float or QDQ) of its graphs
+        runs: both read the same `<component>.weights.bin` (targets/shared_weights.py)."""
+        record = self.manifest.get("weights", {}).get(component) or {}
+        names = {data: field} if data else {}
+        if record.get("file"):
+            names[record["file"]] = f"weights.{component}.file"
+        for name, where in names.items():
+            if name not in self.checked:
+                digest = record.get("sha256") if record.get("file") in (None, name) else None
+                verified(self.bundle, name, digest, f"weights of {component}", where)
+                self.checked.add(name)
+
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         """One graph call; feeds are cast to the dtypes the graph declares (int32 ids and masks)."""
         sess = self.session(graph)
@@ -151,8 +183,16 @@ class State:
         return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, cast)))
 
     def table(self, name: str) -> np.ndarray:
+        """A constant table (`manifest["constants"][name]`), checked against its sha256 when recorded;
+        never unpickled (np.load's allow_pickle stays False)."""
         if name not in self.tables:
-            self.tables[name] = np.load(verified(self.bundle, name, None, "constant"))
+            record = self.manifest["constants"].get(name)
+            if record is None:  # unlisted, it would escape the digest check below
+                raise LoweringError(f"bundle {self.bundle}: program[{self.at}] reads table {name!r}, which the "
+                                    f"manifest's constants do not list ({', '.join(self.manifest['constants'])}); "
+                                    "lower the pipeline again")
+            path = verified(self.bundle, name, record.get("sha256"), "constant", f"constants.{name}")
+            self.tables[name] = np.load(path, allow_pickle=False)
         return self.tables[name]
 
 
@@ -195,10 +235,10 @@ def resize(x: np.ndarray, size: list[int], interpolation: dict[str, Any]) -> np.
 def tokenize(s: State, op: dict[str, Any]) -> None:
     from tokenizers import Tokenizer
 
-    for enc in op["encoders"]:
-        tok = Tokenizer.from_file(str(verified(s.bundle, enc["tokenizer"],
-                                               s.manifest["assets"].get(enc["tokenizer"], {}).get("sha256"),
-                                               "tokenizer")))
+    for i, enc in enumerate(op["encoders"]):
+        digest = s.manifest["assets"].get(enc["tokenizer"], {}).get("sha256")
+        tok = Tokenizer.from_file(str(verified(s.bundle, enc["tokenizer"], digest, "tokenizer",
+                                               f"program[{s.at}].encoders[{i}].tokenizer")))
         if enc["truncation"]:
             tok.enable_truncation(enc["max_length"], direction=enc["truncation_side"])
         tok.enable_padding(direction=enc["padding_side"], pad_id=enc["pad_id"], pad_token=enc["pad_token"],
@@ -348,6 +388,7 @@ def generate(bundle_dir: Path, prompt: str, *, seed: int = 0, provider: str | No
         if handler is None:
             raise LoweringError(f"bundle {bundle}: program[{i}] has op {op.get('op')!r}, not one of "
                                 f"{', '.join(HANDLERS)}; lower the pipeline again with this ndopt")
+        s.at = i
         handler(s, op)
         if progress is not None and op["op"] == "denoise_step":
             progress(f"step {op['index'] + 1}/{steps} (frame {op['unit'] + 1}, stage {op['stage'] + 1})")

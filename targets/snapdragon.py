@@ -7,20 +7,20 @@
 - `estimate(pipeline)`: latency and peak memory per component and per video from the pipeline's
   cost analysis (meta pipelines too: `ndopt plan`).
 - `estimate_onnx(path, precision)`: one ONNX graph (`ndopt estimate`).
+
+Beside it: `targets.lowered` (lowered graphs and their in-process cache), `targets.bundle_files`
+(the files written into the bundle and their sha256 records), `targets.hub_jobs` (the bundle staged
+for AI Hub).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
@@ -29,9 +29,11 @@ from ndopt.io import atomic_dir, atomic_write_json
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
 from ndopt.progress import progress
-from targets import TargetSpec, aihub, bundle
+from targets import TargetSpec, aihub, bundle, hub_jobs
+from targets.bundle_files import copy_encodings, graph_io, sha256_file, write_component, write_constants
 from targets.estimator import Estimate, estimate_graph, memory_plan
-from targets.legality import LegalityReport, legalize
+from targets.legality import legalize
+from targets.lowered import CACHE, LoweredGraph
 from targets.lowering import (
     EXTERNAL_DATA_BYTES,
     GraphPlan,
@@ -45,65 +47,11 @@ from targets.lowering import (
 from targets.numerics import NumericsReport, check_model, check_numerics
 from targets.onnx_costs import onnx_graph_cost
 from targets.quantized import QuantizedGraph, is_quantized, lower_quantized
-from targets.shared_weights import SharedWeights, save_graph, shared_external_data
+from targets.shared_weights import SharedWeights
 from targets.torch_costs import torch_graph_cost
 
 log = logging.getLogger("ndopt")
 FLOAT_PRECISION = "fp16"  # an unquantized component on the NPU: its float path
-
-
-@dataclass(frozen=True)
-class LoweredGraph:
-    plan: GraphPlan
-    model: onnx.ModelProto
-    legality: LegalityReport
-    numerics: NumericsReport
-    simplify: str
-    seconds: float
-
-
-class _LoweredCache:
-    """Lowered graphs of small components, reused within a process: a second target whose rules
-    agree, or a second load of the same model, lowers nothing again. The key is the content: the
-    module tree (types, scalar attributes), every weight's bytes, the call signature, the opset and
-    the legality rules. Components past `max_bytes` are never cached (hashing them costs seconds)."""
-
-    def __init__(self, size: int = 64, max_bytes: int = 256 * 2**20) -> None:
-        self.size, self.max_bytes = size, max_bytes
-        self.items: OrderedDict[Any, LoweredGraph] = OrderedDict()
-
-    def key(self, component: Component, plan: GraphPlan, spec: TargetSpec) -> Any:
-        m = component.module
-        if weight_bytes(m) > self.max_bytes:
-            return None
-        h = hashlib.sha256()
-        for name, t in (*m.named_parameters(), *m.named_buffers()):
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        tree = tuple((n, f"{type(s).__module__}.{type(s).__qualname__}",
-                      tuple(sorted((k, v) for k, v in vars(s).items() if isinstance(v, (bool, int, float, str)))))
-                     for n, s in m.named_modules())
-        try:
-            return hash((h.hexdigest(), tree, component.entry, plan.signature.args, repr(plan.signature.static),
-                         spec.opset, spec.legality.model_dump_json())), h.hexdigest()
-        except TypeError:  # an unhashable static argument: no caching
-            return None
-
-    def get(self, key: Any) -> LoweredGraph | None:
-        if key is None or key not in self.items:
-            return None
-        self.items.move_to_end(key)
-        return self.items[key]
-
-    def put(self, key: Any, value: LoweredGraph) -> None:
-        if key is None:
-            return
-        self.items[key] = value
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-
-
-_CACHE = _LoweredCache()
 
 
 class SnapdragonTarget:
@@ -229,12 +177,8 @@ class SnapdragonTarget:
                 models = [(f"{lg.plan.name}.onnx", lg.model) for lg in lgs]
                 for q in (quantized[lg.plan.name] for lg in lgs if lg.plan.name in quantized):
                     models += [(q.qdq, q.qdq_model), (q.encodings_graph, q.encodings_model)]
-                with shared_external_data(name, models, tmp, priced={f"{lg.plan.name}.onnx" for lg in lgs}) as sw:
-                    for file, model in models:
-                        save_graph(model, tmp / file)
-                shared[name] = sw
-                weights[name] = {**sw.to_json(), "precision": precisions[name],
-                                 "sha256": _sha256(tmp / sw.file) if sw.file else None}
+                priced = {f"{lg.plan.name}.onnx" for lg in lgs}  # the float graphs: what the estimator prices
+                shared[name], weights[name] = write_component(name, models, tmp, priced, precisions[name])
             for lg in lowered:
                 comp = pipeline[lg.plan.component]
                 prec = precisions[comp.name]
@@ -243,20 +187,18 @@ class SnapdragonTarget:
                 file = f"{lg.plan.name}.onnx"
                 graphs[lg.plan.name] = {
                     "file": file, "external_data": shared[comp.name].file,
-                    "sha256": _sha256(tmp / file), "component": lg.plan.component, "role": lg.plan.role,
+                    "sha256": sha256_file(tmp / file), "component": lg.plan.component, "role": lg.plan.role,
                     "call_signatures": list(lg.plan.keys), "calls_per_video": lg.plan.calls_per_video,
-                    "inputs": [io.to_json() for io in _graph_io(lg.model.graph.input, lg.model)],
-                    "outputs": [io.to_json() for io in _graph_io(lg.model.graph.output, lg.model)],
-                    "precision": prec, "encodings": _encodings(comp, tmp, lg.plan),
+                    "inputs": [io.to_json() for io in graph_io(lg.model.graph.input)],
+                    "outputs": [io.to_json() for io in graph_io(lg.model.graph.output)],
+                    "precision": prec, "encodings": copy_encodings(comp, tmp, lg.plan),
                     "simplify": lg.simplify, "legality": lg.legality.to_json(), "numerics": lg.numerics.to_json(),
                     "estimate": estimates[lg.plan.name]}
                 q = quantized.get(lg.plan.name)
                 if q is not None:
-                    graphs[lg.plan.name].update(q.to_json(), encodings=q.encodings, qdq_sha256=_sha256(tmp / q.qdq))
+                    graphs[lg.plan.name].update(q.to_json(), encodings=q.encodings, qdq_sha256=sha256_file(tmp / q.qdq))
             prog = bundle.program(pipeline, plans)
-            consts = bundle.constants(pipeline)
-            for fname, c in consts.items():
-                np.save(tmp / fname, c["array"])
+            consts = write_constants(bundle.constants(pipeline), tmp)  # with their sha256, for the runtime
             calls = bundle.graph_calls(prog)
             expected = {p.name: p.calls_per_video for p in plans}
             if calls != expected:
@@ -264,14 +206,12 @@ class SnapdragonTarget:
                                     f"plan says {expected}; the program generator and the sampler disagree (a bug)")
             video = self._video_estimate(pipeline, lowered, estimates, precisions, shared)
             man = bundle.manifest(target=self._target_json(precision), pipeline=pipeline, graphs=graphs, prog=prog,
-                                  memory=video.pop("memory_plan"), estimate=video,
-                                  constants={f: {"shape": list(c["array"].shape), "dtype": "float32",
-                                                 "timesteps": c["timesteps"]} for f, c in consts.items()})
+                                  memory=video.pop("memory_plan"), estimate=video, constants=consts)
             man["weights"] = weights  # per component: the shared external-data file, its bytes and graphs
             man["assets"] = bundle.write_assets(pipeline, tmp)  # tokenizer files the program's tokenize op reads
             bundle.validate_manifest(man)
             atomic_write_json(tmp / "manifest.json", man)
-        hub = self._profile_on_hub(out_dir, lowered, graphs)
+        hub = hub_jobs.profile_on_hub(self.spec, out_dir, lowered, graphs)
         if hub.get("status") == "ok":
             man["estimate"]["graphs"] = aihub.merge_measured(estimates, hub)
             man["aihub"] = hub
@@ -306,8 +246,8 @@ class SnapdragonTarget:
                     "leave `hexagon` unset so the pass takes the target's config")
 
     def _lower_graph(self, component: Component, plan: GraphPlan) -> LoweredGraph:
-        key = _CACHE.key(component, plan, self.spec)
-        hit = _CACHE.get(key)
+        key = CACHE.key(component, plan, self.spec)
+        hit = CACHE.get(key)
         if hit is not None:
             log.debug("%s: %s reused from this process's lowering cache", self.name, plan.name)
             return LoweredGraph(plan, hit.model, hit.legality, hit.numerics, hit.simplify, 0.0)
@@ -328,7 +268,7 @@ class SnapdragonTarget:
             else:
                 numerics = NumericsReport(plan.name)
         lg = LoweredGraph(plan, model, report, numerics, simplified, round(time.perf_counter() - t0, 3))
-        _CACHE.put(key, lg)
+        CACHE.put(key, lg)
         return lg
 
     def _video_estimate(self, pipeline: Pipeline, lowered: list[LoweredGraph], estimates: dict[str, dict[str, Any]],
@@ -363,30 +303,20 @@ class SnapdragonTarget:
                                for n, r in comps.items()},
                 "graphs": estimates, "memory_plan": plan}
 
-    def _profile_on_hub(self, out_dir: Path, lowered: list[LoweredGraph],
-                        graphs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Compile and profile every graph in the form that carries its precision (the QDQ graph of a
-        quantized component, else the float graph with its component's weights file), then link each
-        component's graphs into one weight-sharing context binary."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="ndopt-aihub-") as staging:
-            jobs = []
-            for lg in lowered:
-                g = graphs[lg.plan.name]
-                model = _hub_model(out_dir, g.get("qdq") or g["file"], g.get("external_data"), Path(staging))
-                jobs.append(aihub.GraphJob(lg.plan.name, model, {io.name: (tuple(io.shape), io.dtype)
-                                                                for io in _graph_io(lg.model.graph.input, lg.model)},
-                                           component=lg.plan.component))
-            with progress(f"AI Hub {self.spec.ai_hub_devices[0]}", total=3 * len(jobs)) as advance:
-                return aihub.profile_bundle(jobs, self.spec.ai_hub_devices[0], self.spec.aihub_options, advance,
-                                            link=True)
-
     def _target_json(self, precision: str) -> dict[str, Any]:
         s = self.spec
         return {"name": s.name, "hexagon_arch": s.hexagon_arch, "ai_hub_devices": s.ai_hub_devices,
                 "aimet_config": s.aimet_config, "precision": precision, "default_precision": s.default_precision,
                 "opset": s.opset, "aihub_options": s.aihub_options}
+
+    # ---- running a bundle ----------------------------------------------------------------------
+    def run_bundle(self, bundle: Path, prompt: str, *, seed: int = 0, provider: str | None = None,
+                   progress: Any = None) -> Any:
+        """Run a bundle this target lowered with the reference runtime (`targets.runtime.generate`:
+        onnxruntime, QNN's HTP when installed); `ndopt generate --bundle` finds it through the registry."""
+        from targets.runtime import generate
+
+        return generate(Path(bundle), prompt, seed=seed, provider=provider, progress=progress)
 
 
 def _raise_on_failures(target: str, lowered: list[LoweredGraph]) -> None:
@@ -419,60 +349,6 @@ def _threads_for(component: Component) -> Any:
             torch.set_num_threads(before)
 
     return single() if weight_bytes(component.module) < 64 * 2**20 else contextlib.nullcontext()
-
-
-def _graph_io(values: Any, model: onnx.ModelProto) -> list[Any]:
-    from targets.lowering import TensorIO
-
-    names = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT32: "int32",
-             onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        out.append(TensorIO(v.name, tuple(d.dim_value for d in t.shape.dim), names.get(t.elem_type, str(t.elem_type))))
-    return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _encodings(component: Component, tmp: Path, plan: GraphPlan) -> str | None:
-    """An encodings file a component brings itself (`attrs["encodings"]`, AIMET JSON for its own export),
-    copied beside the graph. The quantization pass's sims get theirs from `targets.quantized` instead."""
-    if not component.attrs.get("encodings") or is_quantized(component):
-        return None
-    src = Path(str(component.attrs["encodings"]))
-    if not src.is_file():
-        raise LoweringError(f"component {component.name!r}: its encodings file {src} does not exist; rerun the "
-                            "quantization pass or remove the `encodings` attr")
-    dst = tmp / f"{plan.name}.encodings"
-    dst.write_bytes(src.read_bytes())
-    return dst.name
-
-
-def _hub_model(out_dir: Path, file: str, data_file: str | None, staging: Path) -> Path:
-    """The graph as AI Hub takes it: the .onnx file, or, with external data (its component's shared
-    weights file), a directory named like the file holding both (hard links into a staging folder)."""
-    import os
-    import shutil
-
-    onnx_path = out_dir / file
-    data = out_dir / data_file if data_file else None
-    if data is None or not data.exists():
-        return onnx_path
-    d = staging / file
-    d.mkdir()
-    for f in (onnx_path, data):
-        try:
-            os.link(f, d / f.name)
-        except OSError:
-            shutil.copy2(f, d / f.name)
-    return d
 
 
 def precision_label(precisions: Iterable[str]) -> str:

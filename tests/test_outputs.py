@@ -4,7 +4,8 @@ and `RUN/bundles/<target>` (run by the bundle runtime / `generate --bundle`), ch
 One recipe per precision on the tiny model, cheap enough for the suite: the shipped 1-1-1 student,
 then the exact passes (and, for the quantized case, W8A16 AIMET quantization with a small calibration).
 Float: the bundle's latents equal the saved model's within 1e-4 relative and its frames are >= 45 dB;
-quantized: the bundle's QDQ graphs give frames >= 35 dB against the AIMET sim.
+quantized: the bundle's QDQ graphs give latents within 3% relative and frames >= 35 dB against the
+AIMET sim.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def test_quantized_run_products_agree(quantized_run):
     lat, video = _torch_sample(quantized_run["model"])  # the reloaded AIMET sims
     out = generate(quantized_run["bundle"], PROMPT, seed=SEED, provider="cpu")
     assert out.latents.shape == tuple(lat.shape)
+    # the QDQ graphs in onnxruntime vs the AIMET sims in torch, same noise: measured 0.0146 (CPU, 2026-12)
+    assert _rel(out.latents, lat.numpy()) <= 0.03
     assert _psnr(out.video, video.numpy()) >= 35.0
 
 

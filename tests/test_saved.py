@@ -3,7 +3,8 @@
 Round trips on the tiny preset after exact passes, after a structural lossy chain in a cheap form,
 and after aimet_quantization: the reloaded pipeline samples the same latents as the one in memory
 (seeded, one latent frame, 64x64, 1-1-1 steps). Error paths (missing and extra keys, format version,
-summary mismatch), sharding, the upstream DiT layout, the bundled students, `generate --model`.
+summary mismatch, paths leaving the directory, crafted records, lost encodings), sharding, the
+upstream DiT layout, the bundled students, `generate --model` and `--bundle`.
 """
 
 from __future__ import annotations
@@ -124,16 +125,34 @@ def test_step_distilled_round_trip(tiny, tmp_path):
         q["dit"].module.proj_out.weight)
 
 
-@pytest.mark.slow
-def test_quantized_round_trip(tiny, tmp_path):
-    cfg = {"components": ["dit", "vae_decoder"], "hexagon": "v79", "evaluate": False, "export": "none",
+@pytest.fixture(scope="module")
+def quantized(tiny, tmp_path_factory):
+    """DiT and decoder quantized without a target or `hexagon` (the default HTP config, as a pass run
+    by hand gets), saved with `save_pretrained`: no recipe in the file."""
+    d = tmp_path_factory.mktemp("quantized")
+    cfg = {"components": ["dit", "vae_decoder"], "evaluate": False, "export": "none",
            "calibration": {"prompts": [PROMPT], "latent_frames": 1, "steps": [1, 1, 1], "video_steps": [1, 1, 1]}}
-    final = run(small(tiny), tmp_path, ("dead_component_elimination", {}), ("aimet_quantization", cfg))
-    save_pipeline(final, tmp_path / "model")
-    assert (tmp_path / "model" / "quantization" / "dit" / "quantizers.safetensors").is_file()
-    q = load_saved(tmp_path / "model")
+    final = run(small(tiny), d, ("dead_component_elimination", {}), ("aimet_quantization", cfg))
+    final.save_pretrained(d / "model")
+    return final, d / "model"
+
+
+@pytest.mark.slow
+def test_quantized_round_trip(quantized, tmp_path, caplog):
+    final, path = quantized
+    assert (path / "quantization" / "dit" / "quantizers.safetensors").is_file()
+    m = json.loads((path / MANIFEST).read_text())
+    assert m["recipe"] is None and m["quantization"]["dit"]["aimet_config"] == "htp_v79"
+    # relative to the saved directory (which may move), resolved on load
+    assert m["components"]["dit"]["attrs"]["quantizers"] == "quantization/dit/quantizers.safetensors"
+    assert m["components"]["dit"]["path_attrs"] == ["quantizers"]
+    with caplog.at_level("WARNING", logger="ndopt"):
+        q = load_saved(path)
+    # no recipe target: the replay takes the recorded HTP config instead of warning that it guessed one
+    assert not [r for r in caplog.records if "no target" in r.getMessage()]
     assert type(q["dit"].module).__name__ == "QuantizedComponent"
-    assert q["dit"].attrs["quantizers"] == str(tmp_path / "model" / "quantization" / "dit" / "quantizers.safetensors")
+    assert q["dit"].attrs["quantizers"] == str((path / "quantization" / "dit" / "quantizers.safetensors").resolve())
+    assert q["dit"].attrs["aimet_config"] == "htp_v79"
     assert q.summary() == final.summary()
     a, b = latents(final), latents(q)
     assert rel_err(a, b) <= 1e-5
@@ -168,6 +187,46 @@ def test_checkpoint_dir_base_is_self_contained(tiny, tmp_path):
     q = load_saved(tmp_path / "model")
     assert q.summary() == final.summary()
     assert rel_err(latents(final), latents(q)) <= 1e-6
+    # saved again with the saved pipeline as its base: the configs come from model/base (ckpt is gone)
+    save_pipeline(q, tmp_path / "again", base=tmp_path / "model")
+    m = json.loads((tmp_path / "again" / MANIFEST).read_text())
+    assert m["base"]["source"] == str((tmp_path / "model" / "base").resolve())
+    assert (tmp_path / "again" / "base" / "tokenizer_3").is_dir()
+    assert load_saved(tmp_path / "again").summary() == final.summary()
+
+
+def test_checkpoint_dir_base_loads_on_the_device(tiny, tmp_path, monkeypatch):
+    """A checkpoint base is built on the meta device and takes the tensors as read: they are read on the
+    requested device (spied here: the spy reads on the CPU; on a GPU the next test loads onto it)."""
+    import ndopt.saved
+    from ndopt.frontends.pyramid_flow.presets import save_checkpoint_dir
+
+    save_checkpoint_dir(tiny, tmp_path / "ckpt")
+    final = small(load_model(str(tmp_path / "ckpt")))
+    save_pipeline(final, tmp_path / "model", base=tmp_path / "ckpt")
+    devices = []
+    real = ndopt.saved.read_weights
+
+    def spy(directory, device="cpu"):
+        devices.append(str(device))
+        return real(directory)
+
+    monkeypatch.setattr(ndopt.saved, "read_weights", spy)
+    assert load_saved(tmp_path / "model", device="cuda:1").summary() == final.summary()
+    assert devices == ["cuda:1"]
+    load_saved(tmp_path / "model")
+    assert devices == ["cuda:1", "cpu"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_checkpoint_dir_base_on_cuda(tiny, tmp_path):
+    from ndopt.frontends.pyramid_flow.presets import save_checkpoint_dir
+
+    save_checkpoint_dir(tiny, tmp_path / "ckpt")
+    save_pipeline(small(load_model(str(tmp_path / "ckpt"))), tmp_path / "model", base=tmp_path / "ckpt")
+    q = load_saved(tmp_path / "model", device="cuda")
+    assert {t.device.type for c in q.components.values() for t in c.module.state_dict().values()} == {"cuda"}
+    assert {b.device.type for c in q.components.values() for b in c.module.buffers()} == {"cuda"}
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -205,6 +264,71 @@ def test_summary_mismatch_names_the_line(exact, tmp_path):
     m["summary"] = m["summary"].replace("blocks=6", "blocks=7")
     (path / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match=r"summary line \d+: rebuilt .*blocks=6.*saved .*blocks=7"):
+        load_saved(path)
+
+
+def test_paths_outside_the_directory_are_refused(exact, tmp_path):
+    """base.path and shard names from the files are resolved and must stay inside the saved directory."""
+    path = _copy(exact[1], tmp_path)
+    m = json.loads((path / MANIFEST).read_text())
+    (path / MANIFEST).write_text(json.dumps({**m, "base": {"kind": "checkpoint", "path": "../ckpt", "variants": ["768p"]}}))
+    with pytest.raises(CheckpointError, match=r"base.path is '../ckpt', which resolves to .*outside"):
+        load_saved(path)
+    (path / MANIFEST).write_text(json.dumps(m))
+    keys = list(load_file(str(path / WEIGHTS)))
+    (path / WEIGHTS).rename(tmp_path / WEIGHTS)  # beside the saved directory, where a crafted index points
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f"../{WEIGHTS}" for k in keys}}))
+    with pytest.raises(CheckpointError, match=r"weight_map file is '../model.safetensors'.*outside"):
+        load_saved(path)
+
+
+def test_crafted_records_are_refused(exact, tmp_path):
+    """A record naming a class that is not a dataclass (here reached through a module ndopt.saved
+    imports), or a __dtype__ that is not a dtype, is refused before anything is called."""
+    path = _copy(exact[1], tmp_path)
+    m = json.loads((path / MANIFEST).read_text())
+    attrs = m["components"]["dit"]["attrs"]
+    for crafted, what in (({"__dataclass__": "ndopt.saved:tempfile.TemporaryDirectory",
+                            "fields": {"dir": str(tmp_path), "prefix": "crafted-"}}, "not a dataclass"),
+                          ({"__dataclass__": "ndopt.saved_codec:Refused", "fields": {}}, "not a dataclass"),
+                          ({"__enum__": "ndopt.saved:Path", "value": str(tmp_path)}, "not an enum"),
+                          ({"__dtype__": "load"}, "not a torch dtype")):
+        attrs["crafted"] = crafted
+        (path / MANIFEST).write_text(json.dumps(m))
+        with pytest.raises(CheckpointError, match=f"components.dit.attrs.crafted: .*{what}"):
+            load_saved(path)
+    assert not list(tmp_path.glob("crafted-*"))
+
+
+def test_sets_of_tuples_encode():
+    from ndopt.saved_codec import decode, encode
+
+    x = {"pairs": frozenset({(2, "b"), (1, "a"), (1, "b")}), "mixed": {3, "x", (0,)}}
+    tensors: dict = {}
+    enc = encode(x, tensors, "k")
+    assert json.loads(json.dumps(enc)) == enc
+    assert decode(enc, tensors.__getitem__) == {k: frozenset(v) for k, v in x.items()}
+
+
+@pytest.mark.slow
+def test_missing_encoding_is_refused(quantized, tmp_path):
+    path = _copy(quantized[1], tmp_path)
+    f = path / "quantization" / "dit" / "quantizers.safetensors"
+    state = load_file(str(f))
+    lost = sorted(k for k in state if k.endswith(".max"))[0]
+    del state[lost]
+    save_file(state, str(f))
+    with pytest.raises(CheckpointError, match=r"1 quantizer encodings of the rebuilt sim are missing .*" + lost):
+        load_saved(path)
+
+
+@pytest.mark.slow
+def test_pass_state_outside_the_directory_is_refused(quantized, tmp_path):
+    path = _copy(quantized[1], tmp_path)
+    m = json.loads((path / MANIFEST).read_text())
+    m["pass_state"]["aimet_quantization"] = "../elsewhere"
+    (path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match=r"pass_state.aimet_quantization is '../elsewhere'.*outside"):
         load_saved(path)
 
 
@@ -333,11 +457,28 @@ def test_runner_writes_run_model(tmp_path):
     assert q.summary() == report["final_summary"]
 
 
+def test_save_model_records_any_failure(exact, tmp_path, monkeypatch):
+    """A failure that is not an NdoptError (a full disk) is the report's error, not the run's end."""
+    import ndopt.saved
+    from ndopt.recipe import load_recipe
+    from ndopt.runner import save_model
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ndopt.saved, "save_pipeline", full_disk)
+    yaml = tmp_path / "r.yaml"
+    yaml.write_text("name: saved\nmodel: pyramid-flow-tiny\npasses: []\n")
+    out = save_model(exact[0], tmp_path / "run", load_recipe(yaml), {"recipe": {}, "steps": []})
+    assert out == {"path": None, "error": "OSError: [Errno 28] No space left on device"}
+
+
 def test_generate_bundle_calls_the_runtime(tmp_path, monkeypatch):
-    """--bundle goes to targets.runtime.generate with the seed; its video is written, its provider printed."""
-    import sys
+    """--bundle goes to the runtime of the manifest's target (found in the registry: snapdragon's
+    `run_bundle`, targets.runtime.generate) with the seed; its video is written, its provider printed."""
     import types
 
+    import targets.runtime
     from ndopt.cli import main
 
     calls = {}
@@ -348,11 +489,9 @@ def test_generate_bundle_calls_the_runtime(tmp_path, monkeypatch):
         return types.SimpleNamespace(latents=np.zeros((1, 16, 1, 2, 2), np.float32), video=video,
                                      provider="CPUExecutionProvider")
 
-    fake = types.ModuleType("targets.runtime")
-    fake.generate = fake_generate
-    monkeypatch.setitem(sys.modules, "targets.runtime", fake)
+    monkeypatch.setattr(targets.runtime, "generate", fake_generate)
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "manifest.json").write_text("{}")
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({"target": {"name": "snapdragon-8-elite"}}))
     out = tmp_path / "v.png"
     res = CliRunner().invoke(main, ["generate", "--bundle", str(tmp_path / "b"), "--prompt", PROMPT, "--seed", "5",
                                     "--out", str(out)])
@@ -362,6 +501,17 @@ def test_generate_bundle_calls_the_runtime(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["generate", "--bundle", str(tmp_path / "b"), "--steps", "4", "--prompt", "x",
                                     "--out", str(out)])
     assert res.exit_code != 0 and "fixed when it is lowered" in res.output
+
+
+def test_generate_bundle_needs_a_known_target(tmp_path):
+    from ndopt.runner import generate_bundle
+
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(NdoptError, match="no target.name"):
+        generate_bundle(tmp_path, PROMPT, tmp_path / "v.png")
+    (tmp_path / "manifest.json").write_text(json.dumps({"target": {"name": "no-such-chip"}}))
+    with pytest.raises(NdoptError, match="unknown target 'no-such-chip'"):
+        generate_bundle(tmp_path, PROMPT, tmp_path / "v.png")
 
 
 @pytest.mark.slow

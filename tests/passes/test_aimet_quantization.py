@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +268,22 @@ def test_the_htp_config_comes_from_the_target(tmp_path, caplog):
     assert field is None and "htp_v79" in why and "htp_v73" in why
     [(field, why)] = AimetQuantization({"hexagon": "v79"}).check_targets([xe])
     assert field == "hexagon" and "snapdragon-x-elite (htp_v73)" in why
+
+
+def test_saved_state_lists_lost_encodings(w8):
+    """passes.aimet_state: the quantizer state of a sim round-trips through its flat (safetensors) form,
+    and a file lacking an encoding of the rebuilt sim is refused naming it (float weights, which the
+    file never holds, are not asked for)."""
+    from ndopt.errors import CheckpointError
+    from passes.aimet_sim import flat_tensors
+    from passes.aimet_state import check_complete, nested_quantizer_state
+
+    qc = w8[0]["dit"].module
+    state = dict(qc.quantizer_state)
+    back = flat_tensors(nested_quantizer_state(state))
+    assert sorted(back) == sorted(state) and all(torch.equal(back[k], state[k]) for k in state)
+    assert not any(k.endswith("proj_out.weight") for k in state)  # encodings only
+    check_complete(Path("q.safetensors"), state, state)
+    lost = sorted(k for k in state if "._extra_state." in k)[0]
+    with pytest.raises(CheckpointError, match=r"1 quantizer encodings .* missing .*" + lost.replace(".", r"\.")):
+        check_complete(Path("q.safetensors"), state, {k: v for k, v in state.items() if k != lost})

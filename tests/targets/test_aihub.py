@@ -186,24 +186,46 @@ def test_link_job_per_component_from_its_dlc_graphs(monkeypatch, credentials, tm
     assert aihub.dlc_options("--target_runtime qnn_context_binary --quantize_io") == "--target_runtime qnn_dlc --quantize_io"
 
 
+class RaisingLinkHub(LinkingHub):
+    """A client whose link job raises (network, quota) after every graph was profiled."""
+
+    def submit_link_job(self, models, device=None, name=None, options=""):
+        raise ConnectionError(f"link service unavailable (api_token={TOKEN})\nTraceback line two")
+
+
+def test_a_raising_link_job_keeps_the_measurements(monkeypatch, credentials, tmp_path, caplog):
+    monkeypatch.setitem(sys.modules, "qai_hub", RaisingLinkHub())
+    jobs = [aihub.GraphJob(j.graph, j.model, j.input_specs, component="dit") for j in small_graphs(tmp_path, 2)]
+    res = aihub.profile_bundle(jobs, "Snapdragon X Elite CRD", "--target_runtime qnn_context_binary", link=True)
+    assert res["status"] == "ok" and {r["status"] for r in res["graphs"].values()} == {"ok"}
+    assert all(r["measured_latency_ms"] > 0 for r in res["graphs"].values())
+    assert set(res["links"]) == {"status", "reason"} and res["links"]["status"] == "failed"
+    reason = res["links"]["reason"]
+    assert "ConnectionError" in reason and "<redacted>" in reason and "\n" not in reason
+    merged = aihub.merge_measured({"graph0": {"latency_ms": 2.0}, "graph1": {"latency_ms": 1.0}}, res)
+    assert all("measured_latency_ms" in row for row in merged.values())
+    assert TOKEN not in caplog.text and TOKEN not in json.dumps(res)
+
+
 @pytest.mark.slow
 def test_lower_submits_the_qdq_graph_of_quantized_components(monkeypatch, credentials, quantized_run, tmp_path):
     """A quantized component goes to AI Hub as its QDQ ONNX (compiled to a quantized QNN model), a float
     one as its graph directory with the shared weights file; each component is linked."""
+    from targets.hub_jobs import profile_on_hub
     from targets.snapdragon import SnapdragonTarget
 
     hub = LinkingHub()
     monkeypatch.setitem(sys.modules, "qai_hub", hub)
     bundle, man = quantized_run["bundle"], quantized_run["manifest"]
 
-    class Lowered:  # what _profile_on_hub reads of a lowered graph
+    class Lowered:  # what profile_on_hub reads of a lowered graph
         def __init__(self, name, g):
             self.plan = types.SimpleNamespace(name=name, component=g["component"])
             self.model = onnx.load(str(bundle / g["file"]), load_external_data=False)
 
     target = registry()["snapdragon-x-elite"]
     assert isinstance(target, SnapdragonTarget)
-    res = target._profile_on_hub(bundle, [Lowered(n, g) for n, g in man["graphs"].items()], man["graphs"])
+    res = profile_on_hub(target.spec, bundle, [Lowered(n, g) for n, g in man["graphs"].items()], man["graphs"])
     assert res["status"] == "ok"
     first = {c["name"]: c for c in hub.compiles if not c["name"].endswith(":dlc")}
     assert Path(first["ndopt:dit__unit0_stage0"]["model"]).name == "dit__unit0_stage0.qdq.onnx"

@@ -72,12 +72,42 @@ def _first(man: dict, op: str) -> int:
      r"\$\.program\[0\]\.encoders\[0\]: 'pad_id' is a required"),
     (lambda m: next(iter(m["graphs"].values())).update(sha256="abc"), r"\$\.graphs\.\S+\.sha256: 'abc' does not match"),
     (lambda m: m.update(format="ndopt-bundle/1"), r"\$\.format: 'ndopt-bundle/2' was expected"),
+    # file names are relative to the bundle, without '..' segments (the runtime also resolves them)
+    (lambda m: next(iter(m["graphs"].values())).update(file="../x.onnx"), r"\$\.graphs\.\S+\.file: '\.\./x\.onnx' does"),
+    (lambda m: next(iter(m["graphs"].values())).update(file="/tmp/x.onnx"), r"\$\.graphs\.\S+\.file: '/tmp/x\.onnx' does"),
+    (lambda m: next(iter(m["graphs"].values())).update(qdq="a/../../x.onnx"), r"\$\.graphs\.\S+\.qdq: 'a/\.\./\.\./x"),
+    (lambda m: next(iter(m["graphs"].values())).update(external_data="C:\\w.bin"), r"\$\.graphs\.\S+\.external_data"),
+    (lambda m: m["program"][0]["encoders"][0].update(tokenizer="/etc/passwd"),
+     r"\$\.program\[0\]\.encoders\[0\]\.tokenizer: '/etc/passwd' does not match"),
+    (lambda m: m.update(weights={"dit": {"file": "../dit.weights.bin", "sha256": None}}), r"\$\.weights\.dit\.file"),
+    (lambda m: m["assets"].update({"../tokenizer.json": {"kind": "tokenizer", "sha256": "0" * 64}}), r"\$\.assets"),
 ])
 def test_a_broken_manifest_is_refused_with_its_json_path(forms, break_it, path):
     man = copy.deepcopy(forms["cfg"])
     break_it(man)
     with pytest.raises(LoweringError, match=path):
         bundle.validate_manifest(man)
+
+
+def test_constant_tables_may_carry_their_sha256(forms):
+    """The lowering records each table's digest (the runtime verifies it); a malformed one is refused."""
+    man = copy.deepcopy(forms["folded"])
+    (record,) = man["constants"].values()
+    record["sha256"] = "0" * 64
+    bundle.validate_manifest(man)
+    record["sha256"] = "abc"
+    with pytest.raises(LoweringError, match=r"\$\.constants\['timestep_embedding\.npy'\]\.sha256: 'abc' does not"):
+        bundle.validate_manifest(man)
+    man["constants"] = {"../t.npy": {"shape": [1], "dtype": "float32"}}
+    with pytest.raises(LoweringError, match=r"\$\.constants: '\.\./t\.npy' does not match"):
+        bundle.validate_manifest(man)
+
+
+def test_a_manifest_read_from_disk_names_its_file_and_the_fix(forms, tmp_path):
+    man = copy.deepcopy(forms["cfg"])
+    man.pop("version")
+    with pytest.raises(LoweringError, match=rf"{tmp_path}/manifest.json at \$: .*lower the pipeline again rather"):
+        bundle.validate_manifest(man, tmp_path / "manifest.json")
 
 
 def test_the_schema_is_package_data_and_a_valid_2020_12_schema():

@@ -8,6 +8,7 @@ sampler draw noise from `numpy.random.default_rng(seed)`, so their latents agree
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -152,24 +153,124 @@ def test_a_tampered_file_is_refused_by_sha256(copy_of, which):
         runtime.generate(bundle, PROMPT, threads=1)
 
 
+def _opened(monkeypatch) -> list[str]:
+    """The manifest fields of the files the runtime verifies and opens, in order."""
+    fields: list[str] = []
+    verified = runtime.verified
+
+    def recording(bundle, name, expected, what, field):
+        fields.append(field)
+        return verified(bundle, name, expected, what, field)
+
+    monkeypatch.setattr(runtime, "verified", recording)
+    return fields
+
+
 @pytest.mark.slow
-def test_the_quantized_form_is_preferred(copy_of):
-    bundle = copy_of()
+def test_the_quantized_form_is_preferred(quantized_run, monkeypatch):
+    """A quantized bundle (DiT and VAE decoder at W8A16): its QDQ graphs run unless prefer_quantized is
+    False; the float text encoder has none, so its float graph runs either way."""
+    bundle, man = quantized_run["bundle"], quantized_run["manifest"]
+    qdq = {g for g, e in man["graphs"].items() if e.get("qdq")}
+    assert qdq and {man["graphs"][g]["role"] for g in qdq} == {"dit", "vae_decoder"}
+    runs = {}
+    for prefer in (True, False):
+        fields = _opened(monkeypatch)
+        runs[prefer] = runtime.generate(bundle, PROMPT, seed=0, provider="cpu", threads=1, prefer_quantized=prefer)
+        graphs = {f for f in fields if f.startswith("graphs.") and not f.endswith(".external_data")}
+        assert graphs == {f"graphs.{g}.{'qdq' if prefer and g in qdq else 'file'}" for g in man["graphs"]}
+        assert {f"weights.{c}.file" for c in man["weights"]} <= set(fields)  # shared weights, either form
+    # the QDQ graphs' numbers are W8A16's, not the float graphs': the same noise gives other latents
+    rel = np.linalg.norm(runs[True].latents - runs[False].latents) / np.linalg.norm(runs[False].latents)
+    assert rel > 1e-3, rel
 
-    def add_qdq(man):
-        g = next(g for g in man["graphs"].values() if g["role"] == "dit")
-        g["qdq"] = "dit.qdq.onnx"  # not written: only the runtime's choice is tested here
 
-    _edit_manifest(bundle, add_qdq)
-    with pytest.raises(LoweringError, match=r"dit\.qdq\.onnx is missing"):
+@pytest.mark.slow
+def test_a_tampered_weights_file_is_refused_when_the_qdq_graphs_run(quantized_run, tmp_path):
+    """QDQ graphs read the component's shared `<component>.weights.bin` too: it is verified whichever
+    form runs."""
+    bundle = Path(shutil.copytree(quantized_run["bundle"], tmp_path / "q"))
+    record = quantized_run["manifest"]["weights"]["dit"]
+    assert record["sha256"] and any(f.endswith(".qdq.onnx") for f in record["files"])
+    path = bundle / record["file"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(LoweringError, match=rf"weights of dit {record['file']} \(weights\.dit\.file\).*sha256"):
+        runtime.generate(bundle, PROMPT, provider="cpu", threads=1, prefer_quantized=True)
+
+
+@pytest.mark.slow
+def test_a_tampered_constant_table_is_refused_by_sha256(copy_of):
+    from targets.bundle import TIMESTEP_TABLE
+
+    bundle = copy_of("folded")
+    table = bundle / TIMESTEP_TABLE
+
+    def record_digest(man):  # what the lowering writes (targets/snapdragon.py); written here if it does not yet
+        man["constants"][TIMESTEP_TABLE].setdefault("sha256", runtime.sha256(table))
+
+    _edit_manifest(bundle, record_digest)
+    data = bytearray(table.read_bytes())
+    data[-3] ^= 0x01  # a table value, past the .npy header: np.load would still read it
+    table.write_bytes(bytes(data))
+    with pytest.raises(LoweringError, match=rf"constant {TIMESTEP_TABLE} \(constants\.{TIMESTEP_TABLE}\).*sha256"):
         runtime.generate(bundle, PROMPT, threads=1)
-    assert runtime.generate(bundle, PROMPT, threads=1, prefer_quantized=False).video is not None
+    _edit_manifest(bundle, lambda man: man["constants"].clear())  # unlisted: no digest to check against
+    with pytest.raises(LoweringError, match=rf"reads table '{TIMESTEP_TABLE}', which the manifest's constants do not"):
+        runtime.generate(bundle, PROMPT, threads=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_a_graph_outside_the_bundle_is_refused(copy_of, tmp_path, where):
+    """A manifest naming a graph outside the bundle (`../x.onnx`, an absolute path) is refused before
+    anything runs, even when the file there is a working graph with the recorded sha256."""
+    bundle = copy_of()
+    man = json.loads((bundle / "manifest.json").read_text())
+    graph, entry = next((g, e) for g, e in man["graphs"].items() if e["role"] == "text_encoder")
+    for f in (entry["file"], entry["external_data"]):  # a working copy beside the bundle
+        shutil.copy(bundle / f, tmp_path / f)
+    name = f"../{entry['file']}" if where == "parent" else str(tmp_path / entry["file"])
+    _edit_manifest(bundle, lambda m: m["graphs"][graph].update(file=name))
+    with pytest.raises(LoweringError, match=rf"\$\.graphs\.{graph}\.file: '{re.escape(name)}' does not match"):
+        runtime.generate(bundle, PROMPT, threads=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["graph", "tokenizer"])
+def test_a_symlink_out_of_the_bundle_is_refused(copy_of, tmp_path, which):
+    """A name the schema accepts whose file is a symlink leading out of the bundle: refused when resolved."""
+    bundle = copy_of()
+    man = json.loads((bundle / "manifest.json").read_text())
+    name = (next(g["file"] for g in man["graphs"].values() if g["role"] == "text_encoder") if which == "graph"
+            else next(iter(man["assets"])))
+    outside = tmp_path / "outside" / Path(name).name
+    outside.parent.mkdir()
+    shutil.move(bundle / name, outside)
+    (bundle / name).symlink_to(outside)
+    field = r"graphs\.\S+\.file" if which == "graph" else r"program\[0\]\.encoders\[\d\]\.tokenizer"
+    with pytest.raises(LoweringError, match=rf"field {field} names '{re.escape(name)}', which resolves to "
+                                            rf"{re.escape(str(outside.resolve()))}, outside the bundle"):
+        runtime.generate(bundle, PROMPT, threads=1)
+
+
+@pytest.mark.parametrize("name", ["../x.onnx", "a/../../x.onnx", "/etc/hostname"])
+def test_names_resolving_outside_the_bundle_are_refused(tmp_path, name):
+    """The runtime's own check, below the schema's pattern (a manifest the schema never saw)."""
+    (tmp_path / "b" / "a").mkdir(parents=True)
+    assert runtime.inside(tmp_path / "b", "a/../y.onnx", "graphs.g.file") == (tmp_path / "b" / "y.onnx").resolve()
+    with pytest.raises(LoweringError, match=rf"field graphs\.g\.file names '{re.escape(name)}'.*outside the bundle"):
+        runtime.inside(tmp_path / "b", name, "graphs.g.file")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("edit, match", [
-    (lambda m: m["program"].insert(1, {"op": "sharpen"}), r"program\[1\] has op 'sharpen'"),
+    (lambda m: m["program"].insert(1, {"op": "sharpen"}), r"manifest.json at \$\.program\[1\]\.op: 'sharpen' is not"),
     (lambda m: m.update(version=1), r"manifest version 1"),
+    # checked against the schema before anything runs (not a KeyError halfway through the program)
+    (lambda m: next(op for op in m["program"] if op["op"] == "denoise_step").pop("dt"),
+     r"manifest.json at \$\.program\[\d+\]: 'dt' is a required property.*lower the pipeline again"),
 ])
 def test_a_manifest_the_runtime_cannot_follow_is_refused(copy_of, edit, match):
     bundle = copy_of()

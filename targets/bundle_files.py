@@ -1,0 +1,82 @@
+"""The files `SnapdragonTarget.lower` writes into a bundle being built, and the manifest's records of
+them: each component's graphs over its one shared weights file (`targets.shared_weights`), the
+encodings file a component brings itself, the program's constant tables (`targets.bundle.constants`),
+each with the sha256 the runtime checks before it loads the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ndopt.errors import LoweringError
+from ndopt.ir.component import Component
+from targets.lowering import GraphPlan, TensorIO
+from targets.quantized import is_quantized
+from targets.shared_weights import SharedWeights, save_graph, shared_external_data
+
+_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT32: "int32",
+           onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def graph_io(values: Iterable[onnx.ValueInfoProto]) -> list[TensorIO]:
+    """A graph's inputs or outputs as the manifest records them (name, static shape, dtype name)."""
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        out.append(TensorIO(v.name, tuple(d.dim_value for d in t.shape.dim), _DTYPES.get(t.elem_type, str(t.elem_type))))
+    return out
+
+
+def write_component(component: str, models: Sequence[tuple[str, onnx.ModelProto]], out_dir: Path,
+                    priced: set[str], precision: str) -> tuple[SharedWeights, dict[str, Any]]:
+    """Write every graph file of one component (float graphs, and a quantized component's QDQ and
+    encodings graphs) pointing into one `<component>.weights.bin`; returns what was written and the
+    manifest's `weights` record. `priced`: the files the estimator prices (the float graphs)."""
+    with shared_external_data(component, models, out_dir, priced=priced) as sw:
+        for file, model in models:
+            save_graph(model, out_dir / file)
+    return sw, {**sw.to_json(), "precision": precision, "sha256": sha256_file(out_dir / sw.file) if sw.file else None}
+
+
+def copy_encodings(component: Component, out_dir: Path, plan: GraphPlan) -> str | None:
+    """An encodings file a component brings itself (`attrs["encodings"]`, AIMET JSON for its own export),
+    copied beside the graph. The quantization pass's sims get theirs from `targets.quantized` instead."""
+    if not component.attrs.get("encodings") or is_quantized(component):
+        return None
+    src = Path(str(component.attrs["encodings"]))
+    if not src.is_file():
+        raise LoweringError(f"component {component.name!r}: its encodings file {src} does not exist; rerun the "
+                            "quantization pass or remove the `encodings` attr")
+    dst = out_dir / f"{plan.name}.encodings"
+    dst.write_bytes(src.read_bytes())
+    return dst.name
+
+
+def write_constants(consts: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Save each table of `targets.bundle.constants` as .npy under its file name; returns the manifest's
+    `constants` record: shape, dtype, the timesteps of its rows and the file's sha256."""
+    out: dict[str, dict[str, Any]] = {}
+    for fname, c in consts.items():
+        array = np.asarray(c["array"], dtype=np.float32)
+        with open(out_dir / fname, "wb") as f:  # a file object: np.save appends no second ".npy"
+            np.save(f, array)
+        out[fname] = {"shape": list(array.shape), "dtype": "float32", "timesteps": c["timesteps"],
+                      "sha256": sha256_file(out_dir / fname)}
+    return out
+
+
+__all__ = ["copy_encodings", "graph_io", "sha256_file", "write_component", "write_constants"]
