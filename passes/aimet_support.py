@@ -46,6 +46,10 @@ QUANTIZER_LISTS = ("input_quantizers", "output_quantizers")
 @contextlib.contextmanager
 def quiet_aimet() -> Iterator[None]:
     """AIMET's loggers at ERROR and tracing / deprecation warnings off, restored afterwards."""
+    # importing AIMET's quantsim (re)configures its loggers (levels back to INFO): import it first, so
+    # the levels set here are the ones in force while the sims are built
+    import aimet_torch.quantsim  # noqa: F401
+
     loggers = [logging.getLogger(n) for n in _AIMET_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

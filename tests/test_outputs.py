@@ -124,3 +124,8 @@ def test_generate_model_and_bundle_from_the_cli(float_run, tmp_path):
     assert fa.shape == fb.shape
     mse = np.mean((fa - fb) ** 2)
     assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= 40.0  # uint8 rounding on both sides
+    c = tmp_path / "other-seed.png"
+    r3 = CliRunner().invoke(main, ["generate", "--bundle", str(float_run["bundle"]), "--prompt", PROMPT,
+                                   "--seed", str(SEED + 1), "--out", str(c)])
+    assert r3.exit_code == 0, r3.output
+    assert np.abs(iio.imread(c).astype(np.float64) - fb).max() > 10  # the seed matters

@@ -512,38 +512,3 @@ def test_generate_bundle_needs_a_known_target(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"target": {"name": "no-such-chip"}}))
     with pytest.raises(NdoptError, match="unknown target 'no-such-chip'"):
         generate_bundle(tmp_path, PROMPT, tmp_path / "v.png")
-
-
-@pytest.mark.slow
-def test_run_model_and_bundle_give_the_same_video(tmp_path, monkeypatch):
-    """One `ndopt run` (the bundled 1-1-1 student, lowered for the 8 Elite): `generate --model RUN/model`
-    (torch) and `generate --bundle RUN/bundles/<target>` (onnxruntime) with one seed draw the same numpy
-    noise and write the same frames (measured: at most 1 level of 255 apart, mean 4e-5)."""
-    import imageio.v3 as iio
-
-    from ndopt.cli import main
-    from ndopt.frontends.pyramid_flow.students import student_files
-
-    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(tmp_path / "no-ai-hub.ini"))  # offline, whatever the machine has
-    student = student_files()["pyramid-flow-tiny-student-1-1-1"]
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: same-video\nmodel: pyramid-flow-tiny\npasses:\n"
-                      f"  - step_distillation: {{student_weights: {student}, evaluate: false}}\n"
-                      "  - dead_component_elimination\n  - cfg_folding\n"
-                      "target: snapdragon-8-elite\nprobe: {enabled: false}\nseed: 0\n")
-    res = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "run")])
-    assert res.exit_code == 0, res.output
-    videos = []
-    for flag, value in (("--model", tmp_path / "run" / "model"),
-                        ("--bundle", tmp_path / "run" / "bundles" / "snapdragon-8-elite")):
-        out = tmp_path / f"{flag.strip('-')}.png"
-        res = CliRunner().invoke(main, ["generate", flag, str(value), "--prompt", PROMPT, "--seed", "3",
-                                        "--out", str(out)])
-        assert res.exit_code == 0, res.output
-        videos.append(iio.imread(out).astype(int))
-    assert videos[0].shape == videos[1].shape
-    assert np.abs(videos[0] - videos[1]).max() <= 2
-    other = tmp_path / "other.png"
-    CliRunner().invoke(main, ["generate", "--model", str(tmp_path / "run" / "model"), "--prompt", PROMPT,
-                              "--seed", "4", "--out", str(other)])
-    assert np.abs(iio.imread(other).astype(int) - videos[0]).max() > 10  # the seed matters

@@ -6,6 +6,8 @@ are per component (the float text encoder is fp16), and another HTP version's en
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ndopt.errors import LoweringError
-from targets import registry
+from targets import registry, runtime
 from targets.quantized import ENCODING_VERSION, encodings_from_qdq
 
 
@@ -127,3 +129,54 @@ def test_encodings_from_a_qdq_graph():
     got = ort.InferenceSession(stripped.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     w = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
     np.testing.assert_allclose(got, x @ w + b, rtol=1e-5, atol=1e-5)  # the float model, no quantization
+
+
+# ---- the bundle runtime on a quantized bundle (here, beside the session's quantized lowering) --------
+PROMPT = "a red ball bouncing on grass"
+
+
+def _opened(monkeypatch) -> list[str]:
+    """The manifest fields of the files the runtime verifies and opens, in order."""
+    fields: list[str] = []
+    verified = runtime.verified
+
+    def recording(bundle, name, expected, what, field):
+        fields.append(field)
+        return verified(bundle, name, expected, what, field)
+
+    monkeypatch.setattr(runtime, "verified", recording)
+    return fields
+
+
+@pytest.mark.slow
+def test_the_quantized_form_is_preferred(quantized_run, monkeypatch):
+    """A quantized bundle (DiT and VAE decoder at W8A16): its QDQ graphs run unless prefer_quantized is
+    False; the float text encoder has none, so its float graph runs either way."""
+    bundle, man = quantized_run["bundle"], quantized_run["manifest"]
+    qdq = {g for g, e in man["graphs"].items() if e.get("qdq")}
+    assert qdq and {man["graphs"][g]["role"] for g in qdq} == {"dit", "vae_decoder"}
+    runs = {}
+    for prefer in (True, False):
+        fields = _opened(monkeypatch)
+        runs[prefer] = runtime.generate(bundle, PROMPT, seed=0, provider="cpu", threads=1, prefer_quantized=prefer)
+        graphs = {f for f in fields if f.startswith("graphs.") and not f.endswith(".external_data")}
+        assert graphs == {f"graphs.{g}.{'qdq' if prefer and g in qdq else 'file'}" for g in man["graphs"]}
+        assert {f"weights.{c}.file" for c in man["weights"]} <= set(fields)  # shared weights, either form
+    # the QDQ graphs' numbers are W8A16's, not the float graphs': the same noise gives other latents
+    rel = np.linalg.norm(runs[True].latents - runs[False].latents) / np.linalg.norm(runs[False].latents)
+    assert rel > 1e-3, rel
+
+
+@pytest.mark.slow
+def test_a_tampered_weights_file_is_refused_when_the_qdq_graphs_run(quantized_run, tmp_path):
+    """QDQ graphs read the component's shared `<component>.weights.bin` too: it is verified whichever
+    form runs."""
+    bundle = Path(shutil.copytree(quantized_run["bundle"], tmp_path / "q"))
+    record = quantized_run["manifest"]["weights"]["dit"]
+    assert record["sha256"] and any(f.endswith(".qdq.onnx") for f in record["files"])
+    path = bundle / record["file"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(LoweringError, match=rf"weights of dit {record['file']} \(weights\.dit\.file\).*sha256"):
+        runtime.generate(bundle, PROMPT, provider="cpu", threads=1, prefer_quantized=True)

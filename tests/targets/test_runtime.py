@@ -153,53 +153,6 @@ def test_a_tampered_file_is_refused_by_sha256(copy_of, which):
         runtime.generate(bundle, PROMPT, threads=1)
 
 
-def _opened(monkeypatch) -> list[str]:
-    """The manifest fields of the files the runtime verifies and opens, in order."""
-    fields: list[str] = []
-    verified = runtime.verified
-
-    def recording(bundle, name, expected, what, field):
-        fields.append(field)
-        return verified(bundle, name, expected, what, field)
-
-    monkeypatch.setattr(runtime, "verified", recording)
-    return fields
-
-
-@pytest.mark.slow
-def test_the_quantized_form_is_preferred(quantized_run, monkeypatch):
-    """A quantized bundle (DiT and VAE decoder at W8A16): its QDQ graphs run unless prefer_quantized is
-    False; the float text encoder has none, so its float graph runs either way."""
-    bundle, man = quantized_run["bundle"], quantized_run["manifest"]
-    qdq = {g for g, e in man["graphs"].items() if e.get("qdq")}
-    assert qdq and {man["graphs"][g]["role"] for g in qdq} == {"dit", "vae_decoder"}
-    runs = {}
-    for prefer in (True, False):
-        fields = _opened(monkeypatch)
-        runs[prefer] = runtime.generate(bundle, PROMPT, seed=0, provider="cpu", threads=1, prefer_quantized=prefer)
-        graphs = {f for f in fields if f.startswith("graphs.") and not f.endswith(".external_data")}
-        assert graphs == {f"graphs.{g}.{'qdq' if prefer and g in qdq else 'file'}" for g in man["graphs"]}
-        assert {f"weights.{c}.file" for c in man["weights"]} <= set(fields)  # shared weights, either form
-    # the QDQ graphs' numbers are W8A16's, not the float graphs': the same noise gives other latents
-    rel = np.linalg.norm(runs[True].latents - runs[False].latents) / np.linalg.norm(runs[False].latents)
-    assert rel > 1e-3, rel
-
-
-@pytest.mark.slow
-def test_a_tampered_weights_file_is_refused_when_the_qdq_graphs_run(quantized_run, tmp_path):
-    """QDQ graphs read the component's shared `<component>.weights.bin` too: it is verified whichever
-    form runs."""
-    bundle = Path(shutil.copytree(quantized_run["bundle"], tmp_path / "q"))
-    record = quantized_run["manifest"]["weights"]["dit"]
-    assert record["sha256"] and any(f.endswith(".qdq.onnx") for f in record["files"])
-    path = bundle / record["file"]
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(LoweringError, match=rf"weights of dit {record['file']} \(weights\.dit\.file\).*sha256"):
-        runtime.generate(bundle, PROMPT, provider="cpu", threads=1, prefer_quantized=True)
-
-
 @pytest.mark.slow
 def test_a_tampered_constant_table_is_refused_by_sha256(copy_of):
     from targets.bundle import TIMESTEP_TABLE
