@@ -10,7 +10,6 @@ AIMET sim.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,38 +27,25 @@ TARGET = "snapdragon-8-elite"
 pytestmark = pytest.mark.slow
 
 
-def _recipe(tmp: Path, quantize: bool) -> Path:
+def _recipe(tmp: Path) -> Path:
     passes: list = [{"step_distillation": {"steps": [1, 1, 1], "student_weights": "pyramid-flow-tiny-student-1-1-1",
                                            "evaluate": False}},
                     "dead_component_elimination", "cfg_folding", "schedule_folding"]
-    if quantize:
-        passes.append({"aimet_quantization": {"precision": "w8a16", "evaluate": False, "export": "none",
-                                              "calibration": {"prompts": [PROMPT, "a blue square moving up on a "
-                                                                          "light background"]}}})
-    r = {"name": "outputs-w8a16" if quantize else "outputs-float", "model": "pyramid-flow-tiny", "passes": passes,
+    r = {"name": "outputs-float", "model": "pyramid-flow-tiny", "passes": passes,
          "target": TARGET, "probe": {"enabled": False}, "fidelity": {"policy": "warn"}, "seed": 0}
     path = tmp / f"{r['name']}.yaml"
     path.write_text(yaml.safe_dump(r, sort_keys=False))
     return path
 
 
-def _run(tmp_path_factory, quantize: bool) -> dict:
-    import ndopt
-
-    tmp = tmp_path_factory.mktemp("q" if quantize else "f")
-    report = ndopt.run(_recipe(tmp, quantize), out=tmp / "run")
-    return {"report": report, "run": tmp / "run", "model": Path(report["model"]["path"]),
-            "bundle": Path(report["lowering"][TARGET]["bundle"])}
-
-
 @pytest.fixture(scope="module")
 def float_run(tmp_path_factory):
-    return _run(tmp_path_factory, quantize=False)
+    import ndopt
 
-
-@pytest.fixture(scope="module")
-def quantized_run(tmp_path_factory):
-    return _run(tmp_path_factory, quantize=True)
+    tmp = tmp_path_factory.mktemp("f")
+    report = ndopt.run(_recipe(tmp), out=tmp / "run")
+    return {"report": report, "run": tmp / "run", "model": Path(report["model"]["path"]),
+            "bundle": Path(report["lowering"][TARGET]["bundle"])}
 
 
 def _torch_sample(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,20 +77,6 @@ def test_float_run_products_agree(float_run):
     assert out.latents.shape == tuple(lat.shape)
     assert _rel(out.latents, lat.numpy()) <= 1e-4
     assert _psnr(out.video, video.numpy()) >= 45.0
-
-
-def test_quantized_run_products_agree(quantized_run):
-    from targets.runtime import generate
-
-    man = json.loads((quantized_run["bundle"] / "manifest.json").read_text())
-    dits = [g for g in man["graphs"].values() if g["role"] == "dit"]
-    assert dits and all(g.get("qdq") and g.get("encodings") for g in dits)  # Qualcomm's formats, per graph
-    lat, video = _torch_sample(quantized_run["model"])  # the reloaded AIMET sims
-    out = generate(quantized_run["bundle"], PROMPT, seed=SEED, provider="cpu")
-    assert out.latents.shape == tuple(lat.shape)
-    # the QDQ graphs in onnxruntime vs the AIMET sims in torch, same noise: measured 0.0146 (CPU, 2026-12)
-    assert _rel(out.latents, lat.numpy()) <= 0.03
-    assert _psnr(out.video, video.numpy()) >= 35.0
 
 
 def test_generate_model_and_bundle_from_the_cli(float_run, tmp_path):

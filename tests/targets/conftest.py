@@ -51,12 +51,15 @@ def bundle_files(bundle: Path) -> list[Path]:
 QUANT_RECIPE = """name: quantize-x-elite
 model: pyramid-flow-tiny
 passes:
+  - step_distillation: {steps: [1, 1, 1], student_weights: pyramid-flow-tiny-student-1-1-1, evaluate: false}
   - dead_component_elimination
+  - cfg_folding
+  - schedule_folding
   - aimet_quantization:
       components: [dit, vae_decoder]
       evaluate: false
       export: none
-      calibration: {prompts: [a white square on a dark background], latent_frames: 1, steps: [1, 1, 1]}
+      calibration: {prompts: [a red circle moving left on a dark background, a blue square moving up on a light background]}
 target: snapdragon-x-elite
 probe: {enabled: false}
 seed: 0
@@ -65,8 +68,10 @@ seed: 0
 
 @pytest.fixture(scope="session")
 def quantized_run(tmp_path_factory, offline) -> dict:
-    """`ndopt.run` of a cheap quantization-only recipe for the X Elite (DiT and VAE decoder at W8A16,
-    one calibration prompt at 1-1-1 steps, no evaluation): the text encoder stays float."""
+    """`ndopt.run` of a cheap quantizing recipe for the X Elite: the shipped 1-1-1 student, folded, its DiT
+    and VAE decoder at W8A16 (two calibration prompts, no evaluation); the text encoder stays float.
+    One lowering shared by every test that needs a quantized run (they live in test_quantized.py, so
+    one xdist worker builds it once)."""
     import torch
 
     import ndopt
@@ -81,4 +86,5 @@ def quantized_run(tmp_path_factory, offline) -> dict:
     finally:
         torch.set_num_threads(n)
     bundle = root / "run" / "bundles" / "snapdragon-x-elite"
-    return {"report": report, "bundle": bundle, "manifest": json.loads((bundle / "manifest.json").read_text())}
+    return {"report": report, "bundle": bundle, "model": Path(report["model"]["path"]),
+            "manifest": json.loads((bundle / "manifest.json").read_text())}

@@ -205,31 +205,3 @@ def test_a_raising_link_job_keeps_the_measurements(monkeypatch, credentials, tmp
     merged = aihub.merge_measured({"graph0": {"latency_ms": 2.0}, "graph1": {"latency_ms": 1.0}}, res)
     assert all("measured_latency_ms" in row for row in merged.values())
     assert TOKEN not in caplog.text and TOKEN not in json.dumps(res)
-
-
-@pytest.mark.slow
-def test_lower_submits_the_qdq_graph_of_quantized_components(monkeypatch, credentials, quantized_run, tmp_path):
-    """A quantized component goes to AI Hub as its QDQ ONNX (compiled to a quantized QNN model), a float
-    one as its graph directory with the shared weights file; each component is linked."""
-    from targets.hub_jobs import profile_on_hub
-    from targets.snapdragon import SnapdragonTarget
-
-    hub = LinkingHub()
-    monkeypatch.setitem(sys.modules, "qai_hub", hub)
-    bundle, man = quantized_run["bundle"], quantized_run["manifest"]
-
-    class Lowered:  # what profile_on_hub reads of a lowered graph
-        def __init__(self, name, g):
-            self.plan = types.SimpleNamespace(name=name, component=g["component"])
-            self.model = onnx.load(str(bundle / g["file"]), load_external_data=False)
-
-    target = registry()["snapdragon-x-elite"]
-    assert isinstance(target, SnapdragonTarget)
-    res = profile_on_hub(target.spec, bundle, [Lowered(n, g) for n, g in man["graphs"].items()], man["graphs"])
-    assert res["status"] == "ok"
-    first = {c["name"]: c for c in hub.compiles if not c["name"].endswith(":dlc")}
-    assert Path(first["ndopt:dit__unit0_stage0"]["model"]).name == "dit__unit0_stage0.qdq.onnx"
-    text = Path(first["ndopt:text_encoder__prompt"]["model"])
-    assert text.name == "text_encoder__prompt.onnx"
-    assert {lk["name"] for lk in hub.links} == {"ndopt:text_encoder", "ndopt:dit", "ndopt:vae_decoder"}
-    assert len(next(lk for lk in hub.links if lk["name"] == "ndopt:dit")["models"]) == 6
