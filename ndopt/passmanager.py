@@ -156,9 +156,10 @@ class Pass:
 
         A saved pipeline (ndopt.saved) is rebuilt by replaying every applied pass's `plan` on the base
         model, then loading the saved weights. Two optional hooks serve passes whose result is more than
-        structure plus weights (an AIMET sim): `save_state(self, pipeline, directory: Path) -> None`
-        writes the pass's own state under `RUN/model/<state_subdir>/` (class attribute; default: the
-        pass name) when the pipeline is saved, and `restore(self, pipeline, ctx, state: Path) -> Pipeline`
+        structure plus weights (an AIMET sim): `save_state(self, pipeline, directory: Path)` writes the
+        pass's own state under `RUN/model/<state_subdir>/` (class attribute; default: the pass name)
+        when the pipeline is saved and may return `{component: {attr: path}}`, component attrs that
+        point into that directory (stored relative to the saved model, resolved again on load); and `restore(self, pipeline, ctx, state: Path) -> Pipeline`
         is called with that directory after the weights are loaded, to rebuild what the pass wraps."""
         return self.run(pipeline, ctx)
 

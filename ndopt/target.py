@@ -31,6 +31,9 @@ class Target(Protocol):
           pipelines: `ndopt plan` calls it); merged into the plan under estimates.<name>.
       estimate_onnx(path: Path, precision: str) -> dict
           {"latency_ms": ..., "peak_memory_mb": ...} for one ONNX graph (`ndopt estimate`).
+      run_bundle(bundle: Path, prompt: str, *, seed: int, provider: str | None, progress) -> result
+          run a bundle this target lowered (`ndopt generate --bundle`, found by the manifest's
+          target name); the result has `.latents`, `.video` ([1, 3, F, H, W] in [-1, 1]) and `.provider`.
     """
 
     name: str
