@@ -16,7 +16,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +318,21 @@ def _set_target(ctx: Any, manifest: dict[str, Any]) -> None:
         ctx.target = TargetInfo(f"{MANIFEST} quantization", aimet_config=configs[0])
 
 
+
+def _saved_values(records: dict[str, Any], field: str, checked: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """The values a saved mapping (component attrs, analyses) restores; a value ndopt could not save, or
+    cannot rebuild here, is left out, so the replay's own value stays (logged at debug). `checked` decodes
+    one value, refusing crafted records."""
+    out: dict[str, Any] = {}
+    for k, v in records.items():
+        if isinstance(v, dict) and UNSAVED in v:
+            continue
+        try:
+            out[k] = checked(v, f"{field}.{k}")
+        except (Unencodable, TypeError, AttributeError, ImportError) as e:
+            log.debug("saved pipeline: %s.%s kept from the replay (%s)", field, k, e)
+    return out
+
 def _restore_records(pipeline: Pipeline, manifest: dict[str, Any], weights: Mapping[str, torch.Tensor],
                      directory: Path) -> Pipeline:
     """Schedule, sampler, graph, facts, analyses, provenance and component attrs from the file."""
@@ -338,25 +353,11 @@ def _restore_records(pipeline: Pipeline, manifest: dict[str, Any], weights: Mapp
         rec = manifest["components"].get(name)
         if rec is None:
             continue
-        attrs = dict(comp.attrs)
-        for k, v in rec["attrs"].items():
-            if isinstance(v, dict) and UNSAVED in v:
-                continue
-            try:
-                attrs[k] = checked(v, f"components.{name}.attrs.{k}")
-            except (Unencodable, TypeError, AttributeError, ImportError) as e:
-                log.debug("saved pipeline: attr %s.%s kept from the replay (%s)", name, k, e)
+        attrs = {**comp.attrs, **_saved_values(rec["attrs"], f"components.{name}.attrs", checked)}
         for k in rec.get("path_attrs", ()):
             attrs[k] = str(inside(directory, rec["attrs"][k], f"{MANIFEST} components.{name}.attrs.{k}"))
         comps[name] = comp.with_attrs(**attrs)
-    analyses = dict(pipeline.analyses)
-    for k, v in manifest["analyses"].items():
-        if isinstance(v, dict) and UNSAVED in v:
-            continue
-        try:
-            analyses[k] = checked(v, f"analyses.{k}")
-        except (Unencodable, TypeError, AttributeError, ImportError) as e:
-            log.debug("saved pipeline: analysis %s kept from the replay (%s)", k, e)
+    analyses = {**pipeline.analyses, **_saved_values(manifest["analyses"], "analyses", checked)}
     g = nx.DiGraph()
     for n, data in manifest["graph"]["nodes"]:
         g.add_node(n, **checked(data, f"graph.nodes.{n}"))

@@ -6,7 +6,6 @@ each with the sha256 the runtime checks before it loads the file.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,11 @@ from ndopt.errors import LoweringError
 from ndopt.ir.component import Component
 from targets.lowering import GraphPlan, TensorIO
 from targets.quantized import is_quantized
+from targets.runtime import sha256 as sha256_file  # one definition: what the runtime verifies with
 from targets.shared_weights import SharedWeights, save_graph, shared_external_data
 
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT32: "int32",
            onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def graph_io(values: Iterable[onnx.ValueInfoProto]) -> list[TensorIO]:

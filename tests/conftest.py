@@ -29,6 +29,18 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests (also under `-n 0`): on 2 shared cores a
+    second thread only spins (measured 2x slower). Modules opt in with `usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The bundled tiny Pyramid-Flow pipeline (shared: passes never mutate their input)."""

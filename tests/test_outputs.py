@@ -19,6 +19,7 @@ import yaml
 from click.testing import CliRunner
 
 from ndopt.cli import main
+from ndopt.eval.metrics import pixel_psnr
 
 PROMPT = "a red circle moving left on a dark background"
 SEED = 3
@@ -58,11 +59,6 @@ def _torch_sample(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return lat.float(), video.float()
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)  # videos in [-1, 1]: peak-to-peak 2
-
-
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
 
@@ -76,7 +72,7 @@ def test_float_run_products_agree(float_run):
     assert out.provider == "CPUExecutionProvider"
     assert out.latents.shape == tuple(lat.shape)
     assert _rel(out.latents, lat.numpy()) <= 1e-4
-    assert _psnr(out.video, video.numpy()) >= 45.0
+    assert pixel_psnr(torch.from_numpy(out.video), video) >= 45.0
 
 
 def test_generate_model_and_bundle_from_the_cli(float_run, tmp_path):

@@ -26,12 +26,7 @@ from ndopt.saved import MANIFEST, WEIGHTS, is_saved_pipeline, load_saved, save_p
 PROMPT = "a red circle moving left on a blue background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small(p: Pipeline) -> Pipeline:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from ndopt.errors import LoweringError
+from ndopt.eval.metrics import pixel_psnr
 from ndopt.passmanager import PassContext
 from ndopt.target import get_target
 from targets import runtime
@@ -26,11 +27,6 @@ from targets.lowering import plan_graphs
 
 PROMPT = "a red ball bouncing on grass"
 FORMS = ("cfg", "folded")
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)  # peak-to-peak 2 ([-1, 1])
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +69,7 @@ def test_bundle_gives_the_torch_samplers_video(lowered, form):
     assert res.latents.shape == lat.shape and res.video.shape == video.shape
     rel = np.linalg.norm(res.latents - lat) / np.linalg.norm(lat)
     assert rel <= 1e-4, rel
-    assert _psnr(res.video, video) >= 45.0
+    assert pixel_psnr(torch.from_numpy(res.video), torch.as_tensor(video)) >= 45.0
     from ndopt.frontends.pyramid_flow.sampler import video_frames
 
     ref_frames = video_frames(torch.from_numpy(video))
