@@ -1,6 +1,8 @@
 """The `ndopt` command: thin click commands over the library (ndopt.run, ndopt.plan, ...).
 
-An NdoptError prints one line and exits 2; `--debug` shows the traceback.
+An expected failure (an NdoptError, or an OSError such as a full disk) prints one line and exits 2;
+anything else prints one line with a hint and exits 1; `--debug` shows the traceback. SIGINT and
+SIGTERM stop a command at the next safe point (ndopt.interrupt) and exit 128 + the signal.
 """
 
 from __future__ import annotations
@@ -17,22 +19,74 @@ import click
 from ndopt.errors import NdoptError
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ndopt.interrupt import handle_signals
+
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
-            return fn(*args, **kwargs)
+            with handle_signals():
+                return fn(*args, **kwargs)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt as e:  # ndopt.interrupt.Interrupted, or Ctrl-C outside its handlers
+            name = getattr(e, "signal_name", "SIGINT")
+            where = getattr(e, "during", None)
+            click.echo(f"ndopt: interrupted by {name}{f' during {where}' if where else ''}; nothing half-written "
+                       "is left behind: rerun the same command to go on (training resumes from its last "
+                       "checkpoint)", err=True)
+            sys.exit(getattr(e, "exit_code", 130))
         except NdoptError as e:
             if debug:
                 raise
-            click.echo(f"ndopt: error: {e}", err=True)
+            click.echo(f"ndopt: error: {_one_line(e)}", err=True)
             sys.exit(2)
+        except OSError as e:  # the machine refused (disk full, permissions): expected, and the user's to fix
+            if debug:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"ndopt: error: {where}{e.strerror or _one_line(e)}", err=True)
+            sys.exit(2)
+        except Exception as e:
+            if debug:
+                raise
+            first = next(iter(str(e).splitlines()), "")
+            click.echo(f"ndopt: internal error: {type(e).__name__}: {first} (rerun with --debug for the "
+                       "traceback)", err=True)
+            sys.exit(1)
 
     return wrapper
 
 
-@click.group()
+class _Ndopt(click.Group):
+    """click's own usage errors (a wrong type, a missing option) in ndopt's one-line form, exit 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            cmd = ctx.command_path if ctx is not None else "ndopt"
+            click.echo(f"ndopt: error: {_one_line(e.format_message())} (see `{cmd} --help`)", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("ndopt: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Ndopt)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def main(debug: bool, quiet: bool) -> None:
@@ -69,7 +123,7 @@ def run(recipe: str, model: str | None, target: str | None, out: str | None) -> 
 @click.argument("recipe", required=False)
 @click.option("--model", help="A preset (e.g. pyramid-flow-sd3-768p); with a recipe, overrides its model.")
 @click.option("--target", help="Override the recipe's target.")
-@click.option("--frames", type=int, help="Latent frames per video (default: the preset's).")
+@click.option("--frames", type=int, help="Video frames: 1 + 8k, as for `ndopt generate` (default: the preset's).")
 @click.option("--height", type=int, help="Video height the DiT generates (Neodragon: 320).")
 @click.option("--width", type=int, help="Video width the DiT generates (Neodragon: 512).")
 @click.option("--first-frame", type=click.Choice(["generate", "external"]),
@@ -84,7 +138,7 @@ def plan(recipe: str | None, model: str | None, target: str | None, frames: int 
 
     if recipe is None and model is None:
         raise click.UsageError("give a RECIPE or --model")
-    result = plan_recipe(recipe, model=model, target=target, latent_frames=frames, height=height, width=width,
+    result = plan_recipe(recipe, model=model, target=target, frames=frames, height=height, width=width,
                          first_frame=first_frame, report_dir=out_dir)
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "final_summary"}, indent=2))
@@ -115,10 +169,12 @@ def plan(recipe: str | None, model: str | None, target: str | None, frames: int 
 @main.command()
 @click.argument("onnx_model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--target", required=True, help="A target name (see `ndopt targets`).")
-@click.option("--precision", default="w8a16", show_default=True)
+@click.option("--precision", default="w8a16", show_default=True, help="One of the target's precisions.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224",
+              help="Static dims for an input with unknown (symbolic) dims; repeat per input.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_errors
-def estimate(onnx_model: str, target: str, precision: str, as_json: bool) -> None:
+def estimate(onnx_model: str, target: str, precision: str, input_shapes: tuple[str, ...], as_json: bool) -> None:
     """Estimate latency and peak memory of ONNX_MODEL on a target (no device needed)."""
     from pathlib import Path
 
@@ -128,11 +184,13 @@ def estimate(onnx_model: str, target: str, precision: str, as_json: bool) -> Non
     t = get_target(target)
     if not hasattr(t, "estimate_onnx"):
         raise TargetError(f"target {target!r} offers no estimator")
-    result = t.estimate_onnx(Path(onnx_model), precision)
+    shapes = {"input_shapes": input_shapes} if input_shapes else {}  # targets without the option still estimate
+    result = t.estimate_onnx(Path(onnx_model), precision, **shapes)
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{target} {precision}: {result['latency_ms']:.2f} ms, peak {result['peak_memory_mb']:.1f} MB")
+        note = f" ({result['note']})" if result.get("note") else ""
+        click.echo(f"{target} {precision}: {result['latency_ms']:.2f} ms, peak {result['peak_memory_mb']:.1f} MB{note}")
 
 
 @main.command()
@@ -168,7 +226,7 @@ def targets() -> None:
 @click.option("--width", type=int)
 @click.option("--steps", help="Steps per pyramid stage, e.g. 4,4,4 (or 4 for every stage); not for folded "
               "schedules or step-distilled students, whose steps are fixed.")
-@click.option("--seed", default=0, show_default=True, help="Noise seed (numpy's default_rng: the same noise "
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Noise seed (numpy's default_rng: the same noise "
               "for --model and --bundle).")
 @click.option("--format", "fmt", type=click.Choice(["mp4", "gif", "png"]), help="Default: from --out's suffix.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
@@ -176,10 +234,13 @@ def targets() -> None:
 def generate(model: str | None, bundle: str | None, provider: str | None, prompt: str, frames: int,
              height: int | None, width: int | None, steps: str | None, seed: int, fmt: str | None, out: str) -> None:
     """Generate a video from a prompt, with a model (torch) or a lowered bundle (its runtime)."""
+    from ndopt import validate as V
     from ndopt.progress import progress
     from ndopt.runner import generate as gen
     from ndopt.runner import generate_bundle, generation_pipeline
 
+    V.check_text(prompt, "--prompt")  # before anything loads: the prompt, and where the video goes
+    fmt = V.check_output_file(out, "--out", fmt)
     if bundle is not None:
         if model is not None:
             raise click.UsageError("--model and --bundle exclude each other: give one")

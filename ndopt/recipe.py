@@ -108,7 +108,25 @@ class Recipe:
             update["target"], update["targets"] = target, None
         if output:
             update["output"] = output
-        return Recipe(self.source, self.spec.model_copy(update=update), self.passes, self.lines)
+        recipe = Recipe(self.source, self.spec.model_copy(update=update), self.passes, self.lines)
+        if target:
+            recipe._check_override_target(target)
+        return recipe
+
+    def _check_override_target(self, target: str) -> None:
+        """`--target`: known, and accepted by every pass that reads its target (before any work)."""
+        from ndopt.passmanager import TargetInfo
+        from ndopt.target import available_targets, get_target
+
+        known = available_targets()
+        if target not in known:
+            raise RecipeError(f"--target {target!r}: unknown target; available: {', '.join(sorted(known)) or '(none)'}")
+        info = [TargetInfo.of(get_target(target))]
+        for i, (spec, p) in enumerate(zip(self.passes, self.instantiate())):
+            check = getattr(p, "check_targets", None)
+            for cfg_field, reason in (check(info) if callable(check) else []):
+                where = f"passes[{i}].{spec.name}" + (f".{cfg_field}" if cfg_field else "")
+                raise RecipeError(f"--target {target!r}: {self.source}:{spec.line}: {where}: {reason}")
 
 
 # ---- YAML with line numbers -----------------------------------------------------------------
@@ -300,7 +318,16 @@ def _check_requirements(recipe: Recipe, b: _Builder) -> None:
 def load_recipe(ref: str | Path) -> Recipe:
     path = resolve_recipe_path(ref)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
         raise RecipeError(f"{path}: cannot read the recipe: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not a text recipe: byte {data[e.start]:#04x} at offset {e.start} is not "
+                          "UTF-8 (a recipe is a YAML text file)") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise RecipeError(f"{path}:{line}: not a text recipe: it contains NUL bytes (a recipe is a YAML text file)")
     return parse_recipe(text, str(path))

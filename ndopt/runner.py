@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ndopt import validate as V
 from ndopt.errors import NdoptError
 from ndopt.eval.probe import FidelityInstrument, FidelityProbe, ProbeSettings
 from ndopt.frontends import load_model
@@ -86,7 +87,9 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
     `progress(label)` is called as each pass finishes (the CLI passes a rich progress bar's)."""
     r = _recipe(recipe).with_overrides(model=model, target=target)
     run_dir = Path(out) if out else Path(r.spec.output) / r.name
+    V.check_writable_dir(run_dir, "--out" if out else f"{r.source}: output/name")
     passes = r.instantiate()
+    preflight(r)
     pipeline = _load_recipe_model(r, model)
     costs = CostModel()  # shared by the verifier and the cost rows: each shape run happens once
     verify(pipeline, costs=costs)
@@ -113,24 +116,78 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
         write_report(run_dir, report)
 
     manager = PassManager(passes, instruments, costs=costs)
+    stage = "passes"
     try:
         final, _ = manager.run(pipeline, ctx, on_pass_done=on_pass_done)
-    except Exception as e:
-        report["status"] = "failed"
-        report["error"] = f"{type(e).__name__}: {e}"
+        stage = "saving the model"
+        report["final_summary"] = final.summary()
+        report["model"] = save_model(final, run_dir, r, report)
+        last = report["steps"][-1]["cost"] if report["steps"] else base
+        report["ratios"] = _ratios(base, last)
+        _frames(run_dir, report, instruments)
+        stage = "lowering"
+        report["lowering"] = lower_targets(final, r.targets, run_dir, ctx)
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        report["status"] = "interrupted" if interrupted else "failed"
+        where = _where(stage, ctx, passes)
+        if interrupted:
+            report["interrupted"] = {"signal": getattr(e, "signal_name", "SIGINT"), "during": where}
+        else:
+            report["error"] = f"{type(e).__name__}: {e}"
+            report["failed_during"] = where
         if report["steps"] or run_dir.exists():
             write_report(run_dir, report)
+        if interrupted and not hasattr(e, "during"):
+            e.during = where  # type: ignore[attr-defined]  # the CLI's one line says where it stopped
         raise
     report["status"] = "ok"
-    report["final_summary"] = final.summary()
-    report["model"] = save_model(final, run_dir, r, report)
-    last = report["steps"][-1]["cost"] if report["steps"] else base
-    report["ratios"] = _ratios(base, last)
-    _frames(run_dir, report, instruments)
-    report["lowering"] = lower_targets(final, r.targets, run_dir, ctx)
     paths = write_report(run_dir, report)
     report["paths"] = {k: str(v) for k, v in paths.items()}
     return report
+
+
+def preflight(r: Recipe) -> None:
+    """Check a recipe against its model's structure before any weight loads: the probe's sizes and
+    memory, and every pass's plan form on the meta-device model (blocks to keep, steps per stage, ...),
+    so an out-of-range value costs a second, not a model load and the passes before it."""
+    import tempfile
+
+    skeleton = _meta_model(r.spec.model, r.spec.seed)
+    if skeleton is None:  # a saved pipeline or a checkpoint directory: checked after loading
+        return
+    p = r.spec.probe
+    if p.enabled:
+        try:
+            V.check_size(skeleton, latent_frames=p.latent_frames, height=p.height, width=p.width,
+                         frames_option="probe.latent_frames")
+        except NdoptError as e:
+            raise r.error("probe", str(e)) from None
+        probed = skeleton.replace(schedule=skeleton.schedule.with_frames(p.latent_frames, p.height, p.width))
+        V.check_memory(probed, f"{r.source}: probe", batch=len(p.prompts))
+    with tempfile.TemporaryDirectory(prefix="ndopt-preflight-") as tmp:
+        ctx = PassContext(run_dir=Path(tmp), plan=True, device=torch.device("meta"), target=target_info(r.targets))
+        manager = PassManager(r.instantiate(), verify_calls=False)
+        manager.instruments = [i for i in manager.instruments if type(i).__name__ == "Timing"]
+        quiet, level = logging.getLogger("ndopt"), logging.getLogger("ndopt").level
+        quiet.setLevel(max(level, logging.WARNING))  # the dry run's pass lines would read as the run's
+        try:
+            manager.run(skeleton, ctx)
+        except NdoptError as e:
+            i = int(ctx.options.get("pass_index", 0) or 0)
+            line = r.passes[i - 1].line if 0 < i <= len(r.passes) else 1
+            raise type(e)(f"{r.source}:{line}: {e} (checked on the model's structure, before loading weights)"
+                          ) from None
+        finally:
+            quiet.setLevel(level)
+
+
+def _where(stage: str, ctx: PassContext, passes: list[Any]) -> str:
+    """Where a run stopped: `pass 5/9 (block_pruning)`, `saving the model` or `lowering`."""
+    if stage != "passes":
+        return stage
+    i = int(ctx.options.get("pass_index", 0) or 0)
+    return f"pass {i}/{len(passes)} ({passes[i - 1].name})" if 0 < i <= len(passes) else "setup"
 
 
 def _frames(run_dir: Path, report: dict[str, Any], instruments: list[Any]) -> None:
@@ -191,8 +248,8 @@ def target_estimates(pipeline: Pipeline, names: list[str]) -> dict[str, Any]:
 
 def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
          target: str | None = None, latent_frames: int | None = None, height: int | None = None,
-         width: int | None = None, first_frame: str | None = None, report_dir: str | Path | None = None
-         ) -> dict[str, Any]:
+         width: int | None = None, first_frame: str | None = None, report_dir: str | Path | None = None,
+         frames: int | None = None) -> dict[str, Any]:
     """A recipe's structural effect on the meta-device model: params, FLOPs, calls per video.
 
     `height`/`width` change the video size the sampler generates (Neodragon runs its DiT at 320x512),
@@ -201,11 +258,23 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
     `report_dir` (default `<recipe output>/<name>-plan`)."""
     if recipe is None and model is None:
         raise ValueError("plan needs a recipe or a model")
+    if frames is not None and latent_frames is not None:
+        raise NdoptError("plan: give frames (video frames) or latent_frames, not both")
     r = _recipe(recipe).with_overrides(model=model, target=target) if recipe is not None else None
+    if target is not None and r is None:
+        from ndopt.target import get_target
+
+        get_target(target)
+    if report_dir is not None:
+        V.check_writable_dir(report_dir, "--out")
     model_ref = r.spec.model if r else model
     pipeline = _load_recipe_model(r, model, meta=True) if r else load_model(model_ref, meta=True)
     sch = pipeline.schedule
-    if latent_frames or height or width:
+    if frames is not None:
+        latent_frames = V.video_frames_to_latent(frames, pipeline)
+    V.check_size(pipeline, latent_frames=latent_frames, height=height, width=width,
+                 frames_option="--frames", max_latent_frames=V.MAX_PLAN_LATENT_FRAMES)
+    if latent_frames is not None or height is not None or width is not None:
         sch = sch.with_frames(latent_frames or sch.latent_frames, height, width)
     if first_frame:
         sch = replace(sch, first_frame=first_frame)
@@ -280,15 +349,40 @@ def with_steps(pipeline: Pipeline, steps: tuple[int, ...]) -> Pipeline:
     return pipeline.replace(schedule=sch.with_steps(steps))
 
 
-def generation_pipeline(model: str, *, frames: int = 9, height: int | None = None, width: int | None = None,
-                        steps: str | tuple[int, ...] | None = None, seed: int = 0, meta: bool = False) -> Pipeline:
-    """The model (preset, student, saved RUN/model or checkpoint) with the video's frames, size and steps."""
-    if (frames - 1) % 8 or frames < 1:
-        raise NdoptError(f"--frames {frames}: the causal VAE makes 1 + 8k frames (1, 9, 17, 25, ..., 49)")
-    pipeline = load_model(model, seed=seed, meta=meta)
-    pipeline = pipeline.replace(schedule=pipeline.schedule.with_frames(1 + (frames - 1) // 8, height, width))
+def _sized(pipeline: Pipeline, frames: Any, height: Any, width: Any, steps: Any) -> Pipeline:
+    """The pipeline with the video's frames, size and steps, each checked against the model's limits."""
+    latent = V.video_frames_to_latent(frames, pipeline)
+    V.check_size(pipeline, latent_frames=latent, height=height, width=width)
+    pipeline = pipeline.replace(schedule=pipeline.schedule.with_frames(latent, height, width))
     counts = parse_steps(steps, len(pipeline.schedule.stages))
     return with_steps(pipeline, counts) if counts is not None else pipeline
+
+
+def _meta_model(model: str, seed: int = 0) -> Pipeline | None:
+    """The model's structure on the meta device (no weights: a second), or None where only loading the
+    weights builds it (saved pipelines and checkpoint directories are checked after loading)."""
+    try:
+        return load_model(model, seed=seed, meta=True)
+    except NdoptError:
+        return None
+
+
+def generation_pipeline(model: str, *, frames: int = 9, height: int | None = None, width: int | None = None,
+                        steps: str | tuple[int, ...] | None = None, seed: int = 0, meta: bool = False) -> Pipeline:
+    """The model (preset, student, saved RUN/model or checkpoint) with the video's frames, size and steps.
+
+    Every value is checked before the weights load (on the meta-device model where there is one), and
+    the video's memory against this machine before anything is sampled."""
+    skeleton = _meta_model(model, seed)
+    if skeleton is not None:
+        skeleton = _sized(skeleton, frames, height, width, steps)
+        if meta:
+            return skeleton
+        V.check_memory(skeleton, "generate")
+    pipeline = _sized(load_model(model, seed=seed, meta=meta), frames, height, width, steps)
+    if not meta and skeleton is None:
+        V.check_memory(pipeline, "generate")
+    return pipeline
 
 
 def generate(model: str, prompt: str, out: str | Path, *, frames: int = 9, height: int | None = None,
@@ -303,6 +397,8 @@ def generate(model: str, prompt: str, out: str | Path, *, frames: int = 9, heigh
     from ndopt.frontends.pyramid_flow.sampler import video_frames
     from ndopt.media import write_video
 
+    V.check_text(prompt, "--prompt")
+    fmt = V.check_output_file(out, "--out", fmt)
     pipeline = generation_pipeline(model, frames=frames, height=height, width=width, steps=steps, seed=seed)
     with torch.no_grad():
         latents = pipeline.sampler.sample(pipeline, [prompt], generator=np.random.default_rng(seed), progress=progress)
@@ -320,6 +416,8 @@ def generate_bundle(bundle: str | Path, prompt: str, out: str | Path, *, seed: i
     from ndopt.media import write_video
     from ndopt.target import get_target
 
+    V.check_text(prompt, "--prompt")
+    fmt = V.check_output_file(out, "--out", fmt)
     bundle = Path(bundle)
     path = bundle / "manifest.json"
     if not path.is_file():

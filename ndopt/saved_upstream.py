@@ -12,7 +12,6 @@ pipeline on the meta device from those configs (weights come from the file).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ UPSTREAM_VARIANT = "768p"
 
 def upstream_dit_reason(pipeline: Pipeline) -> str | None:
     """None when the pipeline's DiT can be written in upstream's layout; otherwise why not."""
-    from ndopt.frontends.pyramid_flow.dit import PyramidMMDiT
+    from ndopt.frontends.pyramid_flow.dit import UPSTREAM_OVERRIDES, PyramidMMDiT
 
     dits = pipeline.by_role("dit")
     if len(dits) != 1:
@@ -36,6 +35,10 @@ def upstream_dit_reason(pipeline: Pipeline) -> str | None:
     module = dits[0].module
     if type(module) is not PyramidMMDiT:
         return f"the DiT is a {type(module).__name__} (quantized or replaced), not upstream's PyramidMMDiT"
+    forced = [f"{k}={getattr(module.config, k)!r}" for k, v in UPSTREAM_OVERRIDES.items()
+              if getattr(module.config, k, v) != v]
+    if forced:
+        return f"the DiT's config has {', '.join(forced)}, which upstream's loader overrides (a different model)"
     with torch.device("meta"):
         fresh = PyramidMMDiT(module.config)
     for name in ("time_text_embed", "context_embedder"):
@@ -113,34 +116,29 @@ def build_from_configs(base: Path, variants: list[str]) -> Pipeline:
     from ndopt.frontends.pyramid_flow import dit as dit_mod
     from ndopt.frontends.pyramid_flow import text as text_mod
     from ndopt.frontends.pyramid_flow import vae as vae_mod
-    from ndopt.frontends.pyramid_flow.presets import SAMPLER_SETTINGS, PresetSpec, assemble
+    from ndopt.frontends.pyramid_flow.presets import (
+        PresetSpec,
+        assemble,
+        check_compatible,
+        read_sampler_settings,
+    )
 
     variant = UPSTREAM_VARIANT if UPSTREAM_VARIANT in variants else variants[0]
     dit_dir = base / f"diffusion_transformer_{variant}"
     if not dit_dir.is_dir():
         raise CheckpointError(f"{base}: no diffusion_transformer_{variant}/config.json; the saved base is incomplete")
-    dcfg = dit_mod.MMDiTConfig.from_dict(ckpt.read_config(dit_dir))
-    vcfg = vae_mod.CausalVAEConfig.from_dict(ckpt.read_config(base / "causal_video_vae"))
-
-    def hf_config(sub: str) -> dict[str, Any]:
-        cfg = ckpt.read_config(base / sub)
-        for key in ("transformers_version", "dtype", "torch_dtype", "_name_or_path", "architectures"):
-            cfg.pop(key, None)
-        return cfg
-
-    tcfg = text_mod.TextEncoderConfig(t5=hf_config("text_encoder_3"), clip_l=hf_config("text_encoder"),
-                                      clip_g=hf_config("text_encoder_2"))
+    vae_dir = base / "causal_video_vae"
+    dcfg = dit_mod.MMDiTConfig.from_dict(ckpt.read_config(dit_dir), source=dit_dir / ckpt.CONFIG_NAME)
+    vcfg = vae_mod.CausalVAEConfig.from_dict(ckpt.read_config(vae_dir), source=vae_dir / ckpt.CONFIG_NAME)
+    tcfg = text_mod.config_from_dir(base, weights=False)  # the copied configs: no weights beside them
+    check_compatible(base, dcfg, vcfg, tcfg, variant)
+    settings = read_sampler_settings(base, variant, dcfg)
     tokenizers = text_mod.Tokenizers.from_pretrained_dir(base)
     with torch.device("meta"):
         text = text_mod.SD3TextEncoder(tcfg, tokenizers)
         dit = dit_mod.PyramidMMDiT(dcfg)
         vae = vae_mod.CausalVideoVAE(vcfg)
-    h, w = (768, 1280) if variant == "768p" else (384, 640)
-    settings: dict[str, Any] = {"height": h, "width": w, "latent_frames": 7}
-    if (base / SAMPLER_SETTINGS).is_file():
-        settings.update(json.loads((base / SAMPLER_SETTINGS).read_text()))
-    spec = PresetSpec(base.parent.name, dcfg, vcfg, tcfg,
-                      **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    spec = PresetSpec(base.parent.name, dcfg, vcfg, tcfg, **settings)
     for m in (text, dit, vae):
         m.eval().requires_grad_(False)
     return assemble(spec.name, text, dit, vae, spec)

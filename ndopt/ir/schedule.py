@@ -97,7 +97,8 @@ class Schedule:
         return replace(self, guidance=replace(self.guidance, mode=mode))
 
     def with_frames(self, latent_frames: int, height: int | None = None, width: int | None = None) -> Schedule:
-        return replace(self, latent_frames=latent_frames, height=height or self.height, width=width or self.width)
+        return replace(self, latent_frames=latent_frames, height=self.height if height is None else height,
+                       width=self.width if width is None else width)
 
     def summary_lines(self) -> list[str]:
         steps = "-".join(str(s.steps) for s in self.stages)

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ndopt import interrupt
 from ndopt.errors import NdoptError
 from ndopt.io import atomic_path, atomic_write_json, atomic_write_text, jsonable
 from ndopt.progress import progress
@@ -317,8 +318,9 @@ class Trainer:
         last_path: Path | None = ckpt
         window: list[dict[str, float]] = []
         step_t0 = time.perf_counter()
+        cooperative = interrupt.safe_points() if env.world == 1 else contextlib.nullcontext()
         with progress(f"{self.name}", cfg.steps - start,
-                      enabled=None if self.show_progress is None else self.show_progress) as advance:
+                      enabled=None if self.show_progress is None else self.show_progress) as advance, cooperative:
             for step in range(start, cfg.steps):
                 factor = cfg.lr_factor(step)
                 for g in optimizer.param_groups:
@@ -366,9 +368,16 @@ class Trainer:
                              ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("step",)))
                     if env.is_main:
                         atomic_write_json(self.run_dir / "metrics.json", {"name": self.name, "history": history})
-                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                saved = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
+                if saved:
                     last_path = self.save_checkpoint(self._state(optimizer, scaler, ema, done, history)) or last_path
                     D.barrier(env)
+                if interrupt.pending():  # a signal: keep this step's work, then stop (a rerun resumes here)
+                    if not saved:
+                        self.save_checkpoint(self._state(optimizer, scaler, ema, done, history))
+                    log.warning("%s: interrupted after step %d of %d; rerun to resume from this checkpoint",
+                                self.name, done, cfg.steps)
+                    interrupt.check()
         for m in self.trainable.values():
             m.eval().requires_grad_(False)
         if ema is not None:

@@ -5,9 +5,10 @@ component: ``diffusion_transformer_768p/``, ``diffusion_transformer_384p/`` and
 ``causal_video_vae/`` in diffusers layout (``config.json`` + ``diffusion_pytorch_model``
 safetensors, single or sharded with a ``.safetensors.index.json``), ``text_encoder{,_2,_3}/`` in
 transformers layout (``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` + index), and
-the tokenizers. This module finds and loads a component's weights, checks them against a module
-before loading (so a wrong variant fails with the keys named, not deep inside torch), and writes
-a component back in the same layout.
+the tokenizers. This module finds and loads a component's weights (every floating tensor must be
+finite), checks them against a module before loading (names, shapes and dtype kinds, so a wrong
+variant or a float weight stored as integers fails with the keys named, not deep inside torch), and
+writes a component back in the same layout.
 
 Pickled ``.bin``/``.pt`` weights are read only with ``torch.load(weights_only=True)``.
 """
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from ndopt.errors import CheckpointError
 from ndopt.io import atomic_dir, atomic_write_json
+from ndopt.saved_weights import check_finite, dtype_mismatches
 
 __all__ = [
     "CONFIG_NAME",
@@ -36,6 +38,7 @@ __all__ = [
     "load_into",
     "load_state_dict",
     "read_config",
+    "read_json_object",
     "save_component",
 ]
 
@@ -77,7 +80,12 @@ def _read_json(path: Path, what: str) -> Any:
             f"{path}: {what} not found; is {path.parent} a Pyramid-Flow component directory "
             "(e.g. <model>/diffusion_transformer_768p)?"
         ) from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise CheckpointError(
+            f"{path}: {what} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "fix the file or download it again"
+        ) from None
+    except OSError as e:
         raise CheckpointError(f"{path}: cannot read {what}: {e}") from e
     try:
         return json.loads(text)
@@ -86,15 +94,24 @@ def _read_json(path: Path, what: str) -> Any:
             f"{path}:{e.lineno}:{e.colno}: malformed JSON in {what}: {e.msg}; "
             "fix the file or download it again"
         ) from e
+    except RecursionError:
+        raise CheckpointError(f"{path}: {what} nests too deeply to be a config; fix the file or download it "
+                              "again") from None
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from a UTF-8 file; CheckpointError naming the file if missing, not UTF-8, malformed
+    or not an object."""
+    path = Path(path)
+    data = _read_json(path, what)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object, found {type(data).__name__}")
+    return data
 
 
 def read_config(component_dir: Path) -> dict:
     """The component's ``config.json`` as a dict; CheckpointError if missing or malformed."""
-    path = Path(component_dir) / CONFIG_NAME
-    config = _read_json(path, "config")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: config must be a JSON object, found {type(config).__name__}")
-    return config
+    return read_json_object(Path(component_dir) / CONFIG_NAME, "config")
 
 
 def _read_index(path: Path) -> dict[str, str]:
@@ -148,9 +165,13 @@ def find_weight_files(component_dir: Path) -> list[Path]:
     return _locate(component_dir)[0]
 
 
-def _convert(t: Tensor, dtype: torch.dtype | None, device: str | torch.device) -> Tensor:
+def _convert(key: str, t: Tensor, path: Path, dtype: torch.dtype | None, device: str | torch.device) -> Tensor:
+    """A tensor as read, checked finite, converted to `dtype` (floating ones), checked again if that narrowed it."""
+    check_finite(key, t, path)
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-        t = t.to(dtype)
+        stored, t = t.dtype, t.to(dtype)
+        if torch.finfo(dtype).max < torch.finfo(stored).max:  # e.g. float32 -> float16 may overflow to inf
+            check_finite(key, t, path, stored=stored)
     return t.to(device)
 
 
@@ -160,7 +181,7 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None, device: str | torch
         # holds the whole file in fp32.
         with safe_open(path, framework="pt", device="cpu") as f:
             names = f.keys()  # a safe_open handle is not iterable itself
-            return {k: _convert(f.get_tensor(k), dtype, device) for k in names}
+            return {k: _convert(k, f.get_tensor(k), path, dtype, device) for k in names}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt, download it again"
@@ -191,7 +212,7 @@ def _read_pickle(path: Path, dtype: torch.dtype | None, device: str | torch.devi
             f"({_listing(bad)}); if it wraps one (e.g. under 'model' or 'state_dict'), save that "
             "inner dict instead"
         )
-    return {k: _convert(v, dtype, device) for k, v in obj.items()}
+    return {k: _convert(k, v, path, dtype, device) for k, v in obj.items()}
 
 
 def load_state_dict(
@@ -201,8 +222,9 @@ def load_state_dict(
 ) -> dict[str, Tensor]:
     """All tensors of a component, shards merged; floating tensors converted to ``dtype``.
 
-    Integer and bool tensors keep their dtype. Every tensor named in a shard index must be in
-    the shards, and no tensor may appear in two files.
+    Integer and bool tensors keep their dtype. Every floating tensor must be finite, as stored and
+    after the conversion (CheckpointError naming the first that is not, its file and NaN/inf count).
+    Every tensor named in a shard index must be in the shards, and no tensor may appear in two files.
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
@@ -276,15 +298,17 @@ def load_into(
     strict: bool = True,
     assign: bool = False,
 ) -> None:
-    """Load ``state_dict`` into ``module`` after checking names and shapes.
+    """Load ``state_dict`` into ``module`` after checking names, shapes and dtype kinds.
 
     Raises CheckpointError naming ``source`` and listing (count, first 20) the missing,
-    unexpected and shape-mismatched keys. Non-persistent buffers are not expected. A name the
+    unexpected, shape-mismatched and dtype-mismatched keys: a floating parameter given an integer,
+    bool or complex tensor (or the reverse) is refused, while float16, bfloat16, float32 and float64
+    are interchangeable (torch converts them). Non-persistent buffers are not expected. A name the
     module ties to another (e.g. T5's ``encoder.embed_tokens.weight`` and ``shared.weight``) is
     not missing when its partner is present, as transformers saves only one of them. With
     ``strict=False`` missing and unexpected keys are logged instead; shape mismatches always
-    raise. ``assign=True`` takes the checkpoint's tensors as they are (for modules built on the
-    meta device) and re-ties tied names.
+    raise, and so do dtype mismatches. ``assign=True`` takes the checkpoint's tensors as they are
+    (for modules built on the meta device) and re-ties tied names.
     """
     expected = module.state_dict(keep_vars=True)  # persistent parameters and buffers only
     groups = _tied_groups(expected)
@@ -296,6 +320,7 @@ def load_into(
         for k, v in state_dict.items()
         if k in expected and v.shape != expected[k].shape
     ]
+    dtypes = dtype_mismatches(expected, state_dict)
     for g in groups:
         present = [k for k in g if k in state_dict]
         first = state_dict[present[0]] if present else None
@@ -323,13 +348,19 @@ def load_into(
         problems.append(
             f"{_count(len(mismatched), 'shape mismatch', 'shape mismatches')} ({_listing(mismatched)})"
         )
+    if dtypes:
+        problems.append(f"{_count(len(dtypes), 'dtype mismatch', 'dtype mismatches')} ({_listing(dtypes)})")
     what = f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(problems)
     advice = (
         "is the model built from this checkpoint's config.json (wrong variant such as 384p vs "
         "768p, or a different depth or width)?"
     )
-    if mismatched or (strict and (missing or unexpected)):
-        if not mismatched:
+    if dtypes:
+        advice = (advice + " " if missing or unexpected or mismatched else "") + (
+            "a float weight stored as integers or bools is a bad export or a corrupt file, not this "
+            "model's weights: export it again as float16, bfloat16 or float32.")
+    if mismatched or dtypes or (strict and (missing or unexpected)):
+        if not (mismatched or dtypes):
             advice += " Pass strict=False to load anyway, leaving missing tensors as they are."
         raise CheckpointError(f"{what}. Check: {advice}")
     if missing or unexpected:

@@ -5,7 +5,8 @@ modeling_pyramid_mmdit.py`) as the pipeline builds it for inference: `use_t5_mas
 add_temp_pos_embed=True, temp_pos_embed_type='rope', use_temporal_causal=True,
 interp_condition_pos=True, use_flash_attn=False`, `pos_embed_type='sincos'`, `qk_norm='rms_norm'`,
 one pyramid stage per call. Parameter and buffer names equal upstream's, so an upstream state dict
-loads with `strict=True`.
+loads with `strict=True`. `MMDiTConfig.from_dict` reads a `config.json` as upstream's loader does:
+typed and range-checked, with the flags upstream's `build_pyramid_dit` forces set to its values.
 
 Every shape-dependent decision in `PyramidMMDiT.forward` reads ints from a `DiTLayout` (the static
 shapes of one call), never from `tensor.shape`, so `trace_dit` gives one `torch.fx.GraphModule` per
@@ -19,13 +20,14 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
-from ndopt.errors import CheckpointError
+from ndopt.frontends.pyramid_flow.configs import ConfigError, DiTConfigFile, check
 from ndopt.frontends.pyramid_flow.dit_layers import (
     ATTENTION_IMPLS,
     AdaLayerNormContinuous,
@@ -36,7 +38,7 @@ from ndopt.frontends.pyramid_flow.dit_layers import (
 )
 
 __all__ = [
-    "DiTBlockTracer", "DiTConfigError", "DiTLayout", "JointTransformerBlock", "MMDiTConfig",
+    "UPSTREAM_OVERRIDES", "DiTBlockTracer", "DiTConfigError", "DiTLayout", "JointTransformerBlock", "MMDiTConfig",
     "PyramidMMDiT", "dit_block_names", "frame_ids", "joint_attention_mask", "randomize_",
     "temporal_rope", "tiny_config", "trace_dit",
 ]
@@ -46,16 +48,26 @@ logger = logging.getLogger("ndopt")
 ROPE_THETA = 10000  # upstream EmbedNDRoPE(inner_dim, 10000, axes_dim=[attention_head_dim])
 
 
-class DiTConfigError(CheckpointError, ValueError):
-    """A DiT config selects a path ndopt does not implement, or is inconsistent."""
+class DiTConfigError(ConfigError):
+    """A DiT config selects a path ndopt does not implement, or is inconsistent (a CheckpointError)."""
 
 
 # Upstream __init__ arguments that only matter for training, flash-attn or sequence parallelism.
 _IGNORED_KEYS = frozenset({"use_flash_attn", "use_gradient_checkpointing", "gradient_checkpointing_ratio",
                            "use_mixed_training"})
 # Upstream arguments whose value picks a code path: we implement exactly the pipeline's choice.
-_REQUIRED_VALUES: dict[str, Any] = {"pos_embed_type": "sincos", "temp_pos_embed_type": "rope",
-                                    "add_temp_pos_embed": True, "use_t5_mask": True}
+_REQUIRED_VALUES: dict[str, Any] = {"pos_embed_type": "sincos"}
+# What upstream's `build_pyramid_dit` (pyramid_dit_for_video_gen_pipeline.py, model_name "pyramid_mmdit")
+# passes to `PyramidDiffusionMMDiT.from_pretrained`, overriding config.json whatever it says (diffusers
+# takes from_pretrained's keyword arguments over the file's). use_temporal_causal and
+# interp_condition_pos are the pipeline's own defaults (True), which upstream's inference keeps.
+UPSTREAM_OVERRIDES: dict[str, Any] = {"use_t5_mask": True, "add_temp_pos_embed": True,
+                                      "temp_pos_embed_type": "rope", "use_temporal_causal": True,
+                                      "interp_condition_pos": True}
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b  # 1 is not true in a config file
 
 
 @dataclass(frozen=True)
@@ -86,30 +98,59 @@ class MMDiTConfig:
                 f"num_attention_heads*attention_head_dim={self.inner_dim} (the SD3 blocks are square)")
         if self.attention_head_dim % 2:
             raise DiTConfigError(f"MMDiTConfig.attention_head_dim={self.attention_head_dim} must be even (RoPE pairs)")
+        if self.inner_dim % 4:
+            # diffusers' get_2d_sincos_pos_embed: half the width per axis, each half sin/cos pairs
+            raise DiTConfigError(f"MMDiTConfig: the block width num_attention_heads*attention_head_dim="
+                                 f"{self.inner_dim} must be a multiple of 4 (the 2D sin-cos position embedding)")
+        if self.sample_size < self.patch_size:
+            raise DiTConfigError(f"MMDiTConfig.sample_size={self.sample_size} is smaller than patch_size="
+                                 f"{self.patch_size}: the position embedding's base grid would be empty")
 
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MMDiTConfig:
-        """Read an upstream `config.json` dict (diffusers `_`-keys and training-only keys are ignored)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
+    def from_dict(cls, d: dict[str, Any], source: str | Path = "DiT config") -> MMDiTConfig:
+        """Read an upstream `config.json` dict as upstream's pipeline does; `source` (the file) names errors.
+
+        diffusers `_`-keys and training-only keys are ignored; every other value is checked by type and
+        range (`configs.DiTConfigFile`). The flags upstream's `build_pyramid_dit` forces
+        (`UPSTREAM_OVERRIDES`) take upstream's value whatever the file says, with a warning naming each
+        one the file disagrees with. A missing key takes the released checkpoint's value (the defaults).
+        """
+        if not isinstance(d, dict):
+            raise DiTConfigError(f"{source}: a DiT config must be a JSON object, found {type(d).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)} - set(UPSTREAM_OVERRIDES)
+        values: dict[str, Any] = {}
+        overridden = []
         for key, value in d.items():
-            if key.startswith("_") or key in _IGNORED_KEYS:
+            if not isinstance(key, str) or key.startswith("_") or key in _IGNORED_KEYS:
+                continue
+            if key in UPSTREAM_OVERRIDES:
+                if not _same(value, UPSTREAM_OVERRIDES[key]):
+                    overridden.append(f"{key}={value!r} -> {UPSTREAM_OVERRIDES[key]!r}")
                 continue
             if key in _REQUIRED_VALUES:
-                if value != _REQUIRED_VALUES[key]:
+                if not _same(value, _REQUIRED_VALUES[key]):
                     raise DiTConfigError(
-                        f"DiT config key {key!r}={value!r} selects a path ndopt does not implement; "
+                        f"{source}: DiT config key {key!r}={value!r} selects a path ndopt does not implement; "
                         f"only {key}={_REQUIRED_VALUES[key]!r} (the upstream inference pipeline's) is supported")
                 continue
             if key not in fields:
-                raise DiTConfigError(f"DiT config key {key!r} is not a PyramidDiffusionMMDiT argument: "
+                raise DiTConfigError(f"{source}: DiT config key {key!r} is not a PyramidDiffusionMMDiT argument: "
                                      f"check the file is the SD3-variant DiT's config.json")
-            kwargs[key] = value
-        return cls(**kwargs)
+            values[key] = value
+        kwargs = check(DiTConfigFile, values, source, "DiT config", DiTConfigError)
+        forced = {k: v for k, v in UPSTREAM_OVERRIDES.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        try:
+            config = cls(**kwargs, **forced)
+        except DiTConfigError as e:
+            raise DiTConfigError(f"{source}: {e}") from None
+        if overridden:
+            logger.warning("%s: upstream's build_pyramid_dit overrides %d of the file's values for the SD3 DiT; "
+                           "using upstream's: %s", source, len(overridden), ", ".join(overridden))
+        return config
 
 
 @dataclass(frozen=True)

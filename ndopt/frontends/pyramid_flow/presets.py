@@ -2,7 +2,9 @@
 and pipelines loaded from an upstream checkpoint directory.
 
 The pipeline is text_encoder -> dit -> vae_decoder -> video, plus the VAE encoder fed by the
-`image` input (image-to-video conditioning), which text-to-video recipes eliminate.
+`image` input (image-to-video conditioning), which text-to-video recipes eliminate. A checkpoint
+directory's configs (each component's and `ndopt_sampler.json`) are all checked, and checked to fit
+together, before any module is built.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import torch
 
 from ndopt.errors import CheckpointError
 from ndopt.frontends.pyramid_flow import checkpoint as ckpt
+from ndopt.frontends.pyramid_flow import configs
 from ndopt.frontends.pyramid_flow import dit as dit_mod
 from ndopt.frontends.pyramid_flow import text as text_mod
 from ndopt.frontends.pyramid_flow import vae as vae_mod
-from ndopt.frontends.pyramid_flow.sampler import PyramidFlowSampler
-from ndopt.frontends.pyramid_flow.schedule import pyramid_flow_schedule
+from ndopt.frontends.pyramid_flow.sampler import VAE_SPATIAL, PyramidFlowSampler
+from ndopt.frontends.pyramid_flow.schedule import STAGE_RANGE, pyramid_flow_schedule
 from ndopt.io import atomic_write_json
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import SINK, Pipeline
@@ -195,49 +198,91 @@ def build_preset(name: str, device: torch.device | str = "cpu", seed: int = 0) -
     return assemble(name, text, dit, vae, spec)
 
 
+def read_sampler_settings(path: Path, variant: str, dit: dit_mod.MMDiTConfig) -> dict:
+    """PresetSpec's schedule and prompt fields for a checkpoint directory: upstream's defaults for the
+    variant, updated by `ndopt_sampler.json` when ndopt wrote one (each value checked by type and range)."""
+    h, w = (768, 1280) if variant == "768p" else (384, 640)
+    # upstream checkpoints carry no sampler settings: upstream's defaults, unless ndopt wrote the dir
+    settings: dict = {"height": h, "width": w, "latent_frames": 7}
+    extra = Path(path) / SAMPLER_SETTINGS
+    where = f"the {variant} default"
+    if extra.exists():
+        raw = ckpt.read_json_object(extra, "sampler settings")
+        settings.update(configs.check(configs.SamplerSettingsFile, raw, extra, "sampler settings"))
+        where = str(extra)
+    # every pyramid stage's latent grid must be a whole number of DiT patches (sampler.check_resolution)
+    need = VAE_SPATIAL * dit.patch_size * 2 ** (len(STAGE_RANGE) - 2)
+    bad = [f"{k} = {settings[k]}" for k in ("height", "width") if settings[k] % need]
+    if bad:
+        raise configs.ConfigError(f"{where}: invalid sampler settings: {', '.join(bad)}: with {len(STAGE_RANGE) - 1} "
+                                  f"pyramid stages, the 8x VAE and DiT patch {dit.patch_size}, height and width must "
+                                  f"be multiples of {need}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+
+
+def check_compatible(path: Path, dit: dit_mod.MMDiTConfig, vae: vae_mod.CausalVAEConfig,
+                     text: text_mod.TextEncoderConfig, variant: str) -> None:
+    """The components' configs fit together: the DiT reads the VAE's latents and the encoders' outputs."""
+    dit_file = f"diffusion_transformer_{variant}/config.json"
+    pairs = [
+        ("in_channels", dit.in_channels, "causal_video_vae/config.json latent channels", vae.latent_channels),
+        ("joint_attention_dim", dit.joint_attention_dim, "text_encoder_3/config.json d_model", text.context_dim),
+        ("pooled_projection_dim", dit.pooled_projection_dim,
+         "text_encoder/config.json + text_encoder_2/config.json projection_dim", text.pooled_dim),
+    ]
+    bad = [f"{dit_file} {key} = {a} but {other} = {b}" for key, a, other, b in pairs if a != b]
+    if bad:
+        raise configs.ConfigError(f"{path}: the components do not fit together: {'; '.join(bad)}; the configs "
+                                  "come from different checkpoints: download the directory again")
+
+
 def load_checkpoint_dir(path: Path, variant: str = "768p", dtype: torch.dtype = torch.float32,
                         device: str = "cpu") -> Pipeline:
-    """A pipeline from an upstream Pyramid-Flow directory (see checkpoint.py for the layout)."""
+    """A pipeline from an upstream Pyramid-Flow directory (see checkpoint.py for the layout).
+
+    Every config (DiT, VAE, the three text encoders, `ndopt_sampler.json`) is read, checked by type and
+    range and checked to fit the others before any module is built; then the DiT's and the VAE's weights
+    load (checked finite and of the right dtype kind), then the text encoders (the largest)."""
+    path = Path(path)
     dit_dir = path / f"diffusion_transformer_{variant}"
     if not dit_dir.is_dir():
         found = sorted(p.name for p in path.glob("diffusion_transformer_*"))
         raise CheckpointError(f"{path}: no diffusion_transformer_{variant}/ (found: {found or 'none'}); "
                               "pass the variant that exists")
-    dcfg = dit_mod.MMDiTConfig.from_dict(ckpt.read_config(dit_dir))
-    vcfg = vae_mod.CausalVAEConfig.from_dict(ckpt.read_config(path / "causal_video_vae"))
-    text = text_mod.SD3TextEncoder.from_pretrained_dir(path, dtype=dtype, device=device)
+    vae_dir = path / "causal_video_vae"
+    dcfg = dit_mod.MMDiTConfig.from_dict(ckpt.read_config(dit_dir), source=dit_dir / ckpt.CONFIG_NAME)
+    vcfg = vae_mod.CausalVAEConfig.from_dict(ckpt.read_config(vae_dir), source=vae_dir / ckpt.CONFIG_NAME)
+    check_compatible(path, dcfg, vcfg, text_mod.config_from_dir(path), variant)
+    settings = read_sampler_settings(path, variant, dcfg)
     with torch.device("meta"):
         dit = dit_mod.PyramidMMDiT(dcfg)
         vae = vae_mod.CausalVideoVAE(vcfg)
     ckpt.load_into(dit, ckpt.load_state_dict(dit_dir, dtype=dtype, device=device), source=str(dit_dir), assign=True)
-    ckpt.load_into(vae, ckpt.load_state_dict(path / "causal_video_vae", dtype=dtype, device=device),
-                   source=str(path / "causal_video_vae"), assign=True)
+    ckpt.load_into(vae, ckpt.load_state_dict(vae_dir, dtype=dtype, device=device), source=str(vae_dir), assign=True)
+    text = text_mod.SD3TextEncoder.from_pretrained_dir(path, dtype=dtype, device=device)
     for m in (text, dit, vae):
         m.eval().requires_grad_(False)
-    h, w = (768, 1280) if variant == "768p" else (384, 640)
-    # upstream checkpoints carry no sampler settings: upstream's defaults, unless ndopt wrote the dir
-    settings = {"height": h, "width": w, "latent_frames": 7}
-    extra = path / SAMPLER_SETTINGS
-    if extra.exists():
-        import json
-
-        try:
-            settings.update(json.loads(extra.read_text()))
-            spec = PresetSpec(path.name, dcfg, vcfg, text.config,
-                              **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{extra}: invalid sampler settings: {e}") from None
-    else:
-        spec = PresetSpec(path.name, dcfg, vcfg, text.config, **settings)
+    spec = PresetSpec(path.name, dcfg, vcfg, text.config, **settings)
     return assemble(spec.name, text, dit, vae, spec)
 
 
 def dit_config_json(cfg: dit_mod.MMDiTConfig) -> dict:
-    """The upstream `config.json` of a DiT (PyramidDiffusionMMDiT keys, with the inference path fixed)."""
+    """The upstream `config.json` of a DiT (PyramidDiffusionMMDiT keys, with the inference path fixed).
+
+    The flags upstream's loader forces (`dit.UPSTREAM_OVERRIDES`) are written with its values, so the
+    file reads back as `cfg` with no override warning; a config upstream would load differently is
+    refused."""
     from dataclasses import asdict
 
-    return {"_class_name": "PyramidDiffusionMMDiT", **asdict(cfg), **dit_mod._REQUIRED_VALUES,
-            "use_flash_attn": False, "use_gradient_checkpointing": False}
+    values = asdict(cfg)
+    forced = {k: (values[k], v) for k, v in dit_mod.UPSTREAM_OVERRIDES.items() if k in values and values[k] != v}
+    if forced:
+        listing = ", ".join(f"{k}={have!r}" for k, (have, _) in forced.items())
+        raise CheckpointError(f"cannot write this DiT in upstream's layout: {listing}, but upstream's "
+                              f"build_pyramid_dit loads every SD3 DiT with "
+                              f"{', '.join(f'{k}={v!r}' for k, (_, v) in forced.items())}, a different model")
+    return {"_class_name": "PyramidDiffusionMMDiT", **values, **dit_mod._REQUIRED_VALUES,
+            **dit_mod.UPSTREAM_OVERRIDES, "use_flash_attn": False, "use_gradient_checkpointing": False}
 
 
 def save_checkpoint_dir(pipeline: Pipeline, path: Path, variant: str = "768p") -> Path:

@@ -161,6 +161,18 @@ class PyramidFlowSampler:
                             "monochrome, horror")
 
     # ---- static view ----------------------------------------------------------------------
+    def video_limits(self, pipeline: Pipeline) -> dict[str, int]:
+        """The sizes this pipeline can generate (ndopt.validate checks options against them):
+        frames are 1 + `temporal`k; height and width are multiples of `multiple` (every stage's latent
+        grid a multiple of the patch) and at most `max_side` (the DiT's position table, upstream's crop)."""
+        dit = pipeline.by_role("dit")
+        cfg = dit[0].module.config if dit else None
+        patch = int(getattr(cfg, "patch_size", 2))
+        out = {"temporal": VAE_TEMPORAL, "multiple": VAE_SPATIAL * patch * 2 ** (len(pipeline.schedule.stages) - 1)}
+        if getattr(cfg, "pos_embed_max_size", None):
+            out["max_side"] = int(cfg.pos_embed_max_size) * patch * VAE_SPATIAL
+        return out
+
     def call_plan(self, pipeline: Pipeline) -> list[CallSignature]:
         sch = pipeline.schedule
         plan: list[CallSignature] = []

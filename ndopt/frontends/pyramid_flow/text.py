@@ -5,14 +5,18 @@ CLIP-L (``text_encoder``) and CLIP-G (``text_encoder_2``) ``CLIPTextModelWithPro
 projections are concatenated (768 + 1280 = 2048) for the DiT's time/text embedding, and the T5-XXL
 encoder (``text_encoder_3``) gives the 128-token sequence for ``context_embedder`` plus its attention
 mask. Models are built from config dicts with transformers (nothing is downloaded), so the real size
-builds on the meta device for planning, and the tiny preset runs the same code on a CPU.
+builds on the meta device for planning, and the tiny preset runs the same code on a CPU. A checkpoint's
+encoder configs are checked by type and range before transformers builds anything, and its weights
+for dtype kind and finiteness once loaded (transformers would cast an integer weight silently).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,7 +36,10 @@ from transformers import (
 )
 
 from ndopt.errors import CheckpointError, NdoptError
+from ndopt.frontends.pyramid_flow.checkpoint import find_weight_files, read_config, read_json_object
+from ndopt.frontends.pyramid_flow.configs import check_text_config
 from ndopt.io import atomic_dir
+from ndopt.saved_weights import check_finite, dtype_kind
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,8 @@ TOKENIZER_SUBDIRS: dict[str, str] = {
     "tokenizer_3": "T5 tokenizer",
 }
 TINY_TOKENIZER = "assets/tiny_tokenizer"  # package data, relative to this package
+# the kind of config each model subdirectory holds (configs.check_text_config)
+CONFIG_KINDS: dict[str, str] = {"text_encoder": "clip", "text_encoder_2": "clip", "text_encoder_3": "t5"}
 
 
 @dataclass(frozen=True)
@@ -192,7 +201,7 @@ class SD3TextEncoder(nn.Module):
     ) -> SD3TextEncoder:
         """Load upstream's layout ``model_dir/{text_encoder,..._3,tokenizer,..._3}`` offline."""
         model_dir = Path(model_dir)
-        _require_subdirs(model_dir, {**MODEL_SUBDIRS, **TOKENIZER_SUBDIRS})
+        check_configs(model_dir, clip_max_length)  # the layout, and the configs before transformers reads them
         clip_l = _load_model(CLIPTextModelWithProjection, model_dir / "text_encoder", dtype)
         clip_g = _load_model(CLIPTextModelWithProjection, model_dir / "text_encoder_2", dtype)
         t5 = _load_model(T5EncoderModel, model_dir / "text_encoder_3", dtype)
@@ -327,7 +336,7 @@ def real_config() -> TextEncoderConfig:
     )
 
 
-def _require_subdirs(model_dir: Path, expected: dict[str, str]) -> None:
+def _require_subdirs(model_dir: Path, expected: dict[str, str], *, weights: bool = True) -> None:
     """Name every missing subdirectory at once (model subdirectories also need config + weights)."""
     problems = []
     for name, what in expected.items():
@@ -337,7 +346,7 @@ def _require_subdirs(model_dir: Path, expected: dict[str, str]) -> None:
             problems.append(f"{sub} is missing (expected the {what})")
         elif needs_weights and not (sub / "config.json").is_file():
             problems.append(f"{sub}/config.json is missing (expected the {what}'s config)")
-        elif needs_weights and not any(sub.glob("*.safetensors")):
+        elif needs_weights and weights and not any(sub.glob("*.safetensors")):
             problems.append(
                 f"{sub} has no *.safetensors (expected the {what}'s weights, "
                 "model.safetensors or shards with model.safetensors.index.json)"
@@ -349,12 +358,85 @@ def _require_subdirs(model_dir: Path, expected: dict[str, str]) -> None:
         )
 
 
+def check_configs(model_dir: Path, clip_max_length: int | None = None, *,
+                  weights: bool = True) -> dict[str, dict[str, Any]]:
+    """The subdirectories present (with weights unless `weights=False`: a saved pipeline's copied configs)
+    and each encoder's ``config.json`` (a UTF-8 JSON object) checked by type and range, before
+    transformers builds anything from it (its own errors are raw TypeErrors deep in the model); returns
+    the configs by subdirectory."""
+    _require_subdirs(Path(model_dir), {**MODEL_SUBDIRS, **TOKENIZER_SUBDIRS}, weights=weights)
+    configs = {}
+    for name, kind in CONFIG_KINDS.items():
+        path = Path(model_dir) / name / "config.json"
+        configs[name] = read_config(path.parent)
+        check_text_config(configs[name], kind, path, clip_max_length if kind == "clip" else None)
+    for name in TOKENIZER_SUBDIRS:  # transformers fails on a non-object with an AttributeError
+        for path in sorted((Path(model_dir) / name).glob("*.json")):
+            read_json_object(path, "tokenizer file")
+    return configs
+
+
+def config_from_dir(model_dir: Path, max_sequence_length: int = 128, clip_max_length: int = 77, *,
+                    weights: bool = True) -> TextEncoderConfig:
+    """The encoders' configuration from a checkpoint's ``config.json`` files (checked), without building them."""
+    configs = check_configs(model_dir, clip_max_length, weights=weights)
+    for cfg in configs.values():  # the architecture only (as _config_dict)
+        for key in ("transformers_version", "dtype", "torch_dtype", "_name_or_path", "architectures"):
+            cfg.pop(key, None)
+    return TextEncoderConfig(t5=configs["text_encoder_3"], clip_l=configs["text_encoder"],
+                             clip_g=configs["text_encoder_2"], max_sequence_length=max_sequence_length,
+                             clip_max_length=clip_max_length)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No tqdm bar from transformers' loader and writer (library code does not print; STYLE rule 7)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+# safetensors header dtypes, as torch names them; the float kind is F64, F32, F16, BF16 and F8_*
+_HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                  "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _check_weights(model: nn.Module, path: Path) -> None:
+    """The safetensors' dtypes against the built model's (transformers casts an int32 weight into a float
+    parameter silently), and every loaded floating tensor finite; errors name the key and the file."""
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    origin: dict[str, Path] = {}
+    stored: dict[str, str] = {}
+    for f in find_weight_files(path):
+        with safe_open(f, framework="pt") as handle:  # the header only: no tensor is read
+            for k in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                origin[k], stored[k] = f, handle.get_slice(k).get_dtype()
+    bad = [f"{k}: checkpoint {_HEADER_DTYPES.get(code, code)} vs model {str(state[k].dtype).removeprefix('torch.')}"
+           for k, code in stored.items()
+           if k in state and dtype_kind(state[k].dtype) == "float" and not code.startswith(("F", "BF"))]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} dtype mismatch{'es' if len(bad) > 1 else ''} "
+                              f"({', '.join(bad[:20])}{', ...' if len(bad) > 20 else ''}): a float weight stored "
+                              "as integers or bools is a bad export or a corrupt file; export it again as float")
+    for k, t in state.items():
+        check_finite(k, t, origin.get(k, path))
+
+
 def _load_model(model_cls: type[PreTrainedModel], path: Path, dtype: torch.dtype) -> PreTrainedModel:
     try:
-        model, info = model_cls.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, output_loading_info=True
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
+        with _quiet_transformers():
+            model, info = model_cls.from_pretrained(
+                str(path), dtype=dtype, local_files_only=True, output_loading_info=True
+            )
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path}: cannot load {model_cls.__name__}: {exc}") from exc
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if bad:
@@ -364,13 +446,14 @@ def _load_model(model_cls: type[PreTrainedModel], path: Path, dtype: torch.dtype
         )
     if info.get("unexpected_keys"):
         log.warning("%s: ignored unexpected keys %s", path, sorted(info["unexpected_keys"])[:8])
+    _check_weights(model, path)
     return model
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # a malformed file, however it fails
         raise CheckpointError(f"{path}: cannot load a tokenizer: {exc}") from exc
 
 
@@ -384,5 +467,5 @@ def _config_dict(model: PreTrainedModel) -> dict[str, Any]:
 
 def _write_subdir(model_dir: Path, name: str, save: Any) -> None:
     """Write ``model_dir/name`` with ``save(dir)`` atomically: a failed save keeps the old one."""
-    with atomic_dir(Path(model_dir) / name) as tmp:
+    with atomic_dir(Path(model_dir) / name) as tmp, _quiet_transformers():
         save(str(tmp))

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ndopt.frontends.pyramid_flow.configs import ConfigError, VAEConfigFile, check
 from ndopt.frontends.pyramid_flow.vae_layers import (
     _ACTIVATIONS,
     CausalConv3d,
@@ -45,6 +47,10 @@ _IGNORED_KEYS = frozenset({
     "interpolate", "sample_size", "scaling_factor", "downsample_scale", "add_post_quant_conv",
     "encoder_type", "decoder_type", "encoder_double_z", "encoder_block_dropout", "decoder_block_dropout",
 })
+
+
+class VAEConfigError(ConfigError):
+    """A VAE config is malformed, inconsistent, or selects what this port does not implement (a CheckpointError)."""
 
 
 @dataclass(frozen=True)
@@ -81,22 +87,22 @@ class CausalVAEConfig:
             for name in (f"{side}_layers_per_block", f"{side}_{blocks}_block_types",
                          f"{side}_spatial_{blocks}_sample", f"{side}_temporal_{blocks}_sample"):
                 if len(getattr(self, name)) != n:
-                    raise ValueError(f"CausalVAEConfig.{name}: {len(getattr(self, name))} entries, "
+                    raise VAEConfigError(f"CausalVAEConfig.{name}: {len(getattr(self, name))} entries, "
                                      f"{side}_block_out_channels has {n}; give one per block")
             if any(t != kind for t in getattr(self, f"{side}_{blocks}_block_types")):
-                raise ValueError(f"CausalVAEConfig.{side}_{blocks}_block_types: only {kind!r} is "
+                raise VAEConfigError(f"CausalVAEConfig.{side}_{blocks}_block_types: only {kind!r} is "
                                  f"supported, got {getattr(self, f'{side}_{blocks}_block_types')}")
             act = getattr(self, f"{side}_act_fn")
             if act not in _ACTIVATIONS:
-                raise ValueError(f"CausalVAEConfig.{side}_act_fn: {act!r} is not one of {sorted(_ACTIVATIONS)}")
+                raise VAEConfigError(f"CausalVAEConfig.{side}_act_fn: {act!r} is not one of {sorted(_ACTIVATIONS)}")
             groups = getattr(self, f"{side}_norm_num_groups")
             if any(c % groups for c in getattr(self, f"{side}_block_out_channels")):
-                raise ValueError(f"CausalVAEConfig.{side}_block_out_channels: every width must be a "
+                raise VAEConfigError(f"CausalVAEConfig.{side}_block_out_channels: every width must be a "
                                  f"multiple of {side}_norm_num_groups={groups}")
         down = (self.encoder_spatial_down_sample, self.encoder_temporal_down_sample)
         up = (self.decoder_spatial_up_sample, self.decoder_temporal_up_sample)
         if [sum(d) for d in down] != [sum(u) for u in up]:
-            raise ValueError("CausalVAEConfig: the decoder must upsample as often as the encoder downsamples "
+            raise VAEConfigError("CausalVAEConfig: the decoder must upsample as often as the encoder downsamples "
                              f"(spatial {sum(down[0])} vs {sum(up[0])}, temporal {sum(down[1])} vs {sum(up[1])})")
 
     @property
@@ -108,32 +114,42 @@ class CausalVAEConfig:
         return 2 ** sum(self.encoder_temporal_down_sample)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CausalVAEConfig:
-        """Read an upstream `config.json` dict as upstream's `from_config` would.
+    def from_dict(cls, d: Mapping[str, Any], source: str | Path = "CausalVAEConfig.from_dict") -> CausalVAEConfig:
+        """Read an upstream `config.json` dict as upstream's `from_config` would; `source` names errors.
 
         A missing key takes upstream's `__init__` default (note: upstream's latent width default
-        is 4; the released config sets 16). Keys that only train, tile or label are ignored;
-        unknown keys raise ValueError.
+        is 4; the released config sets 16). Keys that only train, tile or label are ignored; every
+        other value is checked by type and range (`configs.VAEConfigFile`); unknown keys raise
+        VAEConfigError (a CheckpointError and a ValueError).
         """
+        if not isinstance(d, Mapping):
+            raise VAEConfigError(f"{source}: a VAE config must be a JSON object, found {type(d).__name__}")
         names = {f.name for f in fields(cls)} - {"latent_channels"}
         unknown = sorted(k for k in d if not k.startswith("_") and k not in names | _IGNORED_KEYS
                          | {"encoder_out_channels", "decoder_in_channels", "latent_channels"})
         if unknown:
-            raise ValueError(f"CausalVAEConfig.from_dict: unknown keys {unknown}; they would change the "
-                             "network in ways this port does not implement")
-        if d.get("interpolate", False):
-            raise ValueError("CausalVAEConfig.from_dict: interpolate=True is not implemented upstream "
-                             "(its up-samplers raise); the released config sets false")
-        latent = d.get("latent_channels")
+            raise VAEConfigError(f"{source}: unknown keys {unknown}; they would change the "
+                                 "network in ways this port does not implement")
+        # lists as JSON has them (to_dict's tuples too); keys only ignored here are not checked
+        typed = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()
+                 if k in VAEConfigFile.model_fields}
+        values = check(VAEConfigFile, typed, source, "VAE config", VAEConfigError)
+        if values.get("interpolate", False):
+            raise VAEConfigError(f"{source}: interpolate=True is not implemented upstream "
+                                 "(its up-samplers raise); the released config sets false")
+        latent = values.get("latent_channels")
         if latent is None:
             # upstream __init__ defaults for both are 4
-            enc, dec = d.get("encoder_out_channels", 4), d.get("decoder_in_channels", 4)
+            enc, dec = values.get("encoder_out_channels", 4), values.get("decoder_in_channels", 4)
             if enc != dec:
-                raise ValueError(f"CausalVAEConfig.from_dict: encoder_out_channels={enc} != "
-                                 f"decoder_in_channels={dec}; upstream's post_quant_conv needs them equal")
+                raise VAEConfigError(f"{source}: encoder_out_channels={enc} != "
+                                     f"decoder_in_channels={dec}; upstream's post_quant_conv needs them equal")
             latent = enc
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-        return cls(**kwargs, latent_channels=int(latent))
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+        try:
+            return cls(**kwargs, latent_channels=latent)
+        except VAEConfigError as e:
+            raise VAEConfigError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The upstream `config.json` keys for this network (lists, as JSON has them)."""

@@ -1,0 +1,166 @@
+"""The boundary checks: every size, path and text a user gives is checked before any work starts.
+
+The CLI and the library entry points (`ndopt.run`, `plan`, `generate`) call these before a model
+is loaded or a step runs, so a wrong value costs a second, not a run: sizes for sign, divisibility
+and the model's limits (read from the pipeline's sampler), and for memory against this machine;
+output paths for their format and for whether they can be written; prompts for UTF-8.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ndopt.errors import NdoptError
+
+# ndopt plan enumerates one DiT call signature per autoregressive unit: past this many latent frames
+# (1,025 video frames; Pyramid-Flow itself generates at most 241) a plan would take minutes.
+MAX_PLAN_LATENT_FRAMES = 129
+VIDEO_FORMATS = ("mp4", "gif", "png")
+
+
+class InputError(NdoptError):
+    """A value the user gave is out of range, malformed, or cannot be written."""
+
+
+def _int(value: Any, option: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{option} {value!r}: give a whole number")
+    return value
+
+
+def limits(pipeline: Any) -> dict[str, int]:
+    """The pipeline sampler's size rules (`temporal`, `multiple`, `max_side`); none if it states none."""
+    fn = getattr(pipeline.sampler, "video_limits", None)
+    return dict(fn(pipeline)) if callable(fn) else {}
+
+
+def video_frames_to_latent(frames: Any, pipeline: Any, option: str = "--frames") -> int:
+    """Video frames (1 + 8k for Pyramid-Flow's causal VAE) to latent frames, refusing other counts."""
+    frames = _int(frames, option)
+    t = limits(pipeline).get("temporal", 1)
+    if frames < 1 or (frames - 1) % t:
+        examples = ", ".join(str(1 + t * k) for k in range(4))
+        raise InputError(f"{option} {frames}: the causal VAE makes 1 + {t}k frames ({examples}, ...)")
+    return 1 + (frames - 1) // t
+
+
+def check_size(pipeline: Any, *, latent_frames: Any = None, height: Any = None, width: Any = None,
+               frames_option: str = "--frames", max_latent_frames: int | None = None) -> None:
+    """Sign, divisibility and the model's limits of a video size (None: the pipeline's own)."""
+    rules = limits(pipeline)
+    if latent_frames is not None:
+        n = _int(latent_frames, frames_option)
+        if n < 1:
+            raise InputError(f"{frames_option} {n}: a video has at least one latent frame")
+        if max_latent_frames is not None and n > max_latent_frames:
+            t = rules.get("temporal", 1)
+            raise InputError(f"{frames_option}: {n} latent frames ({1 + t * (n - 1)} video frames) is more than "
+                             f"ndopt plans ({max_latent_frames} latent, {1 + t * (max_latent_frames - 1)} video "
+                             "frames)")
+    for option, value in (("--height", height), ("--width", width)):
+        if value is None:
+            continue
+        v = _int(value, option)
+        m = rules.get("multiple", 1)
+        top = rules.get("max_side")
+        if v < 1:
+            raise InputError(f"{option} {v}: must be positive (a multiple of {m})")
+        if top is not None and v > top:
+            raise InputError(f"{option} {v}: the DiT's position table covers at most {top} pixels per side "
+                             "(pos_embed_max_size x patch x 8x VAE)")
+        if v % m:
+            raise InputError(f"{option} {v}: must be a multiple of {m} (every pyramid stage's latent grid a whole "
+                             f"number of patches); nearest: {max(m, round(v / m) * m)}")
+
+
+def memory_estimate(pipeline: Any, batch: int = 1) -> dict[str, int]:
+    """About the host memory sampling and decoding one video takes (bytes, float32; an upper bound):
+    the weights, the DiT's widest activation over every latent token, the decoder's widest conv output
+    over every video pixel. Read from the modules and the schedule; no shape run."""
+    from torch import nn
+
+    sch = pipeline.schedule
+    t = limits(pipeline).get("temporal", 8)
+    weights = sum(c.weight_bytes() for c in pipeline.components.values())
+    acts = {"weights": weights}
+    guided = 2 if sch.guidance.mode != "none" else 1
+    for c in pipeline.components.values():
+        if c.role == "dit":
+            cfg = getattr(c.module, "config", None)
+            patch = int(getattr(cfg, "patch_size", 1))
+            tokens = sch.latent_frames * (sch.height // 8 // patch) * (sch.width // 8 // patch)
+            width = max((m.out_features for m in c.module.modules() if isinstance(m, nn.Linear)), default=1)
+            acts[c.name] = 3 * 4 * batch * guided * tokens * width
+        elif c.role == "vae_decoder":
+            convs = [m.out_channels for m in c.module.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+            frames = 1 + t * (sch.latent_frames - 1)
+            acts[c.name] = 3 * 4 * batch * frames * sch.height * sch.width * max(convs, default=3)
+    return acts
+
+
+def available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(pipeline: Any, what: str, batch: int = 1) -> None:
+    """Refuse a video this machine cannot hold, before anything is allocated."""
+    est = memory_estimate(pipeline, batch)
+    need, have = sum(est.values()), available_memory()
+    if need > have:
+        sch = pipeline.schedule
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in sorted(est.items(), key=lambda kv: -kv[1])[:3])
+        raise InputError(f"{what}: {sch.latent_frames} latent frames at {sch.height}x{sch.width} need about "
+                         f"{need / 2**30:.1f} GiB ({parts} GiB) and this machine has {have / 2**30:.1f} GiB "
+                         "available; choose fewer frames or a smaller size")
+
+
+def check_text(text: Any, option: str) -> str:
+    """A prompt: a str that is valid UTF-8 (command-line bytes that are not arrive as surrogates)."""
+    if not isinstance(text, str):
+        raise InputError(f"{option}: give text, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{option}: not valid UTF-8 text (byte {text[e.start]!r} at position {e.start})") from None
+    return text
+
+
+def _first_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable_dir(path: Any, option: str, shown: Any = None) -> Path:
+    """A directory that exists or can be created here, and written; nothing is created."""
+    path = Path(path)
+    shown = path if shown is None else shown
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {shown}: {path} exists and is not a directory")
+    base = _first_existing(path.absolute())
+    if not base.is_dir():
+        raise InputError(f"{option} {shown}: cannot be created: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {shown}: cannot be written: {base} is not writable")
+    return path
+
+
+def check_output_file(path: Any, option: str, fmt: str | None = None, formats: tuple[str, ...] = VIDEO_FORMATS
+                      ) -> str:
+    """An output file: a supported format (given or from the suffix), a writable place; returns the format."""
+    path = Path(path)
+    chosen = (fmt or path.suffix.lstrip(".") or formats[0]).lower()
+    if chosen not in formats:
+        raise InputError(f"{option} {path}: unsupported format {chosen!r}: use {', '.join(formats)} "
+                         "(from the suffix, or --format)")
+    if path.is_dir():
+        raise InputError(f"{option} {path}: is a directory; give a file name")
+    check_writable_dir(path.parent, option, path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{option} {path}: exists and cannot be overwritten")
+    return chosen
