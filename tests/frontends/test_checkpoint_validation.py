@@ -96,6 +96,8 @@ CONFIG_CASES = [
     (DIT, {"num_layers": "6"}, r'num_layers = "6" \(a string\): expected an integer >= 1'),
     (DIT, {"num_layers": 6.0}, r"num_layers = 6\.0 \(a number\): expected an integer"),
     (DIT, {"num_layers": 0}, r"num_layers = 0 .*>= 1"),
+    (DIT, {"num_layers": 10**9}, r"num_layers = 1000000000 .*<= 4096"),
+    (VAE, {"decoder_layers_per_block": [2, 2, 10**12, 2]}, r"decoder_layers_per_block\[2\] = 1000000000000"),
     (DIT, {"patch_size": True}, r"patch_size = true \(a boolean\)"),
     (DIT, {"num_attention_heads": [4]}, r"num_attention_heads = \[4\] \(a list\)"),
     (DIT, {"pooled_projection_dim": -64}, r"pooled_projection_dim = -64"),

@@ -30,13 +30,20 @@ class ConfigError(CheckpointError, ValueError):
     """A checkpoint's config has a wrong type, an out-of-range value, an unknown key or inconsistent fields."""
 
 
-def _count(at_least: int = 1) -> Any:
-    return Annotated[int, Field(ge=at_least, description=f"an integer >= {at_least}")]
+# No size or count of a real model comes near this; past it a config is corrupt (and building it would hang).
+_MAX_COUNT = 2**20
+
+
+_MAX_DEPTH = 4096  # layers or heads: the largest real models have ~100
+
+
+def _count(at_least: int = 1, at_most: int = _MAX_COUNT) -> Any:
+    return Annotated[int, Field(ge=at_least, le=at_most, description=f"an integer >= {at_least} and <= {at_most}")]
 
 
 def _counts(what: str, length: int | None = None) -> Any:
     text = f"a list of {length} integers >= 1{what}" if length else f"a non-empty list of integers >= 1{what}"
-    return Annotated[list[Annotated[int, Field(ge=1)]],
+    return Annotated[list[Annotated[int, Field(ge=1, le=_MAX_COUNT)]],
                      Field(min_length=length or 1, max_length=length, description=text)]
 
 
@@ -72,9 +79,9 @@ class DiTConfigFile(_Schema):
     sample_size: _count() = None
     patch_size: _count() = None
     in_channels: _count() = None
-    num_layers: _count() = None
+    num_layers: _count(at_most=_MAX_DEPTH) = None
     attention_head_dim: _count() = None
-    num_attention_heads: _count() = None
+    num_attention_heads: _count(at_most=_MAX_DEPTH) = None
     caption_projection_dim: _count() = None
     pooled_projection_dim: _count() = None
     pos_embed_max_size: _count() = None
@@ -142,8 +149,8 @@ class T5ConfigFile(_TextSchema):
     d_model: _count() = None
     d_kv: _count() = None
     d_ff: _count() = None
-    num_layers: _count() = None
-    num_heads: _count() = None
+    num_layers: _count(at_most=_MAX_DEPTH) = None
+    num_heads: _count(at_most=_MAX_DEPTH) = None
     relative_attention_num_buckets: _count() = None
     relative_attention_max_distance: _count() = None
     dropout_rate: _number(0.0, 1.0) = None
@@ -164,8 +171,8 @@ class CLIPTextConfigFile(_TextSchema):
     vocab_size: _count() = None
     hidden_size: _count() = None
     intermediate_size: _count() = None
-    num_hidden_layers: _count() = None
-    num_attention_heads: _count() = None
+    num_hidden_layers: _count(at_most=_MAX_DEPTH) = None
+    num_attention_heads: _count(at_most=_MAX_DEPTH) = None
     projection_dim: _count() = None
     max_position_embeddings: _count() = None
     hidden_act: Annotated[str, Field(description="a transformers activation name (e.g. \"quick_gelu\", \"gelu\")")] = None
