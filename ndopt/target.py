@@ -29,7 +29,7 @@ class Target(Protocol):
       estimate(pipeline) -> dict
           latency and memory estimates from the pipeline's cost analysis (works on meta
           pipelines: `ndopt plan` calls it); merged into the plan under estimates.<name>.
-      estimate_onnx(path: Path, precision: str) -> dict
+      estimate_onnx(path: Path, precision: str, input_shapes=None) -> dict  (plus "note" for a graph with no compute)
           {"latency_ms": ..., "peak_memory_mb": ...} for one ONNX graph (`ndopt estimate`).
       run_bundle(bundle: Path, prompt: str, *, seed: int, provider: str | None, progress) -> result
           run a bundle this target lowered (`ndopt generate --bundle`, found by the manifest's

@@ -308,7 +308,8 @@ class AimetQuantization(Pass):
                                                    "calls": {n: len(r) for n, r in records.items()},
                                                    "seconds": round(time.perf_counter() - t0, 2)},
                                    "components": {}}
-        with aq.quiet_aimet():
+        d = ctx.pass_dir(pass_index(pipeline), self.name)
+        with aq.quiet_aimet(d / aq.AIMET_LOG):  # AIMET's thousands of warnings: a file and a count
             built = [self._build(c, records[c.name], aimet_config) for c in pending]
             self._check_overrides(pending, {b.comp.name: b.sim for b in built})
             new: dict[str, Component] = {}
@@ -317,11 +318,10 @@ class AimetQuantization(Pass):
                 metrics["components"][b.comp.name] = m
                 new[b.comp.name] = b.comp.with_module(qc, **self._attrs(
                     aimet_config, source, {"summary.quantized_ops": sum(m["quantized_ops"].values())}))
-        out = pipeline.replace(**new)
-        if cfg.evaluate:
-            metrics["fidelity"] = self._evaluate(pipeline, out, ctx)
-        d = ctx.pass_dir(pass_index(pipeline), self.name)
-        artifacts = self._export(new, records, calib, d, metrics)
+            out = pipeline.replace(**new)
+            if cfg.evaluate:
+                metrics["fidelity"] = self._evaluate(pipeline, out, ctx)
+            artifacts = self._export(new, records, calib, d, metrics)
         # lowering ships the float graph with these quantizer encodings beside it (targets/snapdragon.py)
         out = out.replace(**{n: out[n].with_module(out[n].module, quantizers=str(d / n / "quantizers.safetensors"))
                              for n in new})

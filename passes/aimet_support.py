@@ -17,50 +17,124 @@ tree so that its compute ops are modules:
   sinusoidal timestep features) gets a one-op definition with input, parameter and output
   quantizers, as AIMET's own `RmsNorm`.
 
-Also here: `quiet_aimet` (AIMET logs every traced op) and `frozen_weight_encodings` (a faster
+Also here: `quiet_aimet` (AIMET logs every traced op: its records and warnings go to a log file,
+the console gets one line) and `frozen_weight_encodings` (a faster
 route to the same weight encodings). Traced subtrees keep shapes symbolic, so one sim serves every call signature of a component (the
 DiT's layouts differ per pyramid stage and temporal history) and calibration covers all of them.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-# AIMET's log areas (aimet_torch.common.utils.AimetLogger.LogAreas) log at INFO by default and
-# print warnings for every traced op; `quiet_aimet` lowers them while a sim is built and run.
-_AIMET_LOGGERS = ("Quant", "Utils", "ConnectedGraph", "ModelPreparer", "SeqMse", "MixedPrecision",
-                  "LayerOutputs", "QuantAnalyzer", "Test", "AdaScale")
+AIMET_LOGGER = "ndopt.aimet"  # what AIMET logs and warns inside `quiet_aimet` goes here ...
+AIMET_LOG = "aimet.log"  # ... and is kept in this file: in the pass's directory, or the bundle
+logging.getLogger(AIMET_LOGGER).propagate = False  # never the console: only the handlers a caller attaches,
+logging.getLogger(AIMET_LOGGER).addHandler(logging.NullHandler())  # and not logging's last-resort stderr
 
 QUANTIZER_LISTS = ("input_quantizers", "output_quantizers")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # AIMET colours its deprecation warnings
+_depth = 0  # nested quiet_aimet blocks: the outermost reroutes AIMET, the inner ones join it
+
+
+class AimetTally(logging.Handler):
+    """Counts the warnings (and worse) reaching the `ndopt.aimet` logger, by message."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: collections.Counter[str] = collections.Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages[(_ANSI.sub("", record.getMessage()).splitlines() or [""])[0][:100]] += 1
+
+    def summary(self, path: Path | str) -> str:
+        top, n = self.messages.most_common(1)[0]
+        top = top if len(top) <= 60 else top[:57] + "..."
+        return f"AIMET: {self.messages.total()} warnings written to {path} (most often, {n}x: {top})"
 
 
 @contextlib.contextmanager
-def quiet_aimet() -> Iterator[None]:
-    """AIMET's loggers at ERROR and tracing / deprecation warnings off, restored afterwards."""
-    # importing AIMET's quantsim (re)configures its loggers (levels back to INFO): import it first, so
-    # the levels set here are the ones in force while the sims are built
-    import aimet_torch.quantsim  # noqa: F401
-
-    loggers = [logging.getLogger(n) for n in _AIMET_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+def aimet_log_file(path: Path | str) -> Iterator[AimetTally]:
+    """Keep what reaches the `ndopt.aimet` logger in `path` (appended, created on the first record);
+    then one `ndopt` line: how many warnings, where, and the most frequent."""
+    lg = logging.getLogger(AIMET_LOGGER)
+    file = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    tally = AimetTally()
+    lg.addHandler(file)
+    lg.addHandler(tally)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        yield tally
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        lg.removeHandler(file)
+        lg.removeHandler(tally)
+        file.close()
+        if tally.messages:
+            logging.getLogger("ndopt").info("%s", tally.summary(path))
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    logging.getLogger(AIMET_LOGGER).warning("%s: %s (%s:%d)", category.__name__, _ANSI.sub("", str(message)),
+                                            filename, lineno)
+
+
+class _Forward(logging.Handler):
+    """Hands an AIMET log area's records to the `ndopt.aimet` logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(AIMET_LOGGER).handle(record)
+
+
+@contextlib.contextmanager
+def quiet_aimet(log_file: Path | str | None = None) -> Iterator[None]:
+    """AIMET off the console while a sim is built, calibrated or exported.
+
+    The records of every AIMET log area and the Python warnings raised inside the block (AIMET's
+    deprecations, the tracer's warnings on its utilities, torch.onnx's) go to the `ndopt.aimet`
+    logger. With `log_file` (`<pass dir>/aimet.log`) they are kept there and one line says how many
+    (`aimet_log_file`); without, an enclosing block's file or the handlers a caller put on
+    `ndopt.aimet` (the quantized lowering's) keep them; with neither, they are dropped."""
+    global _depth
+    # importing AIMET's quantsim (re)configures its loggers (levels, console handlers): import it
+    # first, so the routing set here is the one in force while the sims are built
+    import aimet_torch.quantsim  # noqa: F401
+    from aimet_torch.common.utils import AimetLogger
+
+    with contextlib.ExitStack() as stack:
+        if log_file is not None:
+            stack.enter_context(aimet_log_file(log_file))
+        saved = []
+        if _depth == 0:
+            forward = _Forward()
+            for area in AimetLogger.LogAreas:
+                lg = logging.getLogger(area.value)
+                saved.append((lg, lg.level, lg.handlers[:], lg.propagate))
+                lg.handlers, lg.propagate = [forward], False
+                lg.setLevel(logging.INFO)
+        _depth += 1
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")  # each one kept and counted, none on the console
+                warnings.showwarning = _show_warning
+                yield
+        finally:
+            _depth -= 1
+            for lg, level, handlers, propagate in saved:
+                lg.handlers, lg.propagate = handlers, propagate
+                lg.setLevel(level)
 
 
 def _aimet() -> Any:

@@ -7,21 +7,36 @@ their QDQ ONNX, which AI Hub compiles to a quantized QNN model; float graphs com
 `qai_hub` is the optional extra `ndopt[hub]`, imported only here and only when a bundle is
 submitted. Without the package or without credentials (`~/.qai_hub/client.ini`, or the file
 named by QAIHUB_CLIENT_INI), one line says how to configure them and lowering carries on offline.
-The API token is never read, logged or written by ndopt; error texts from the client pass
-through `redact` before they reach a log or a report.
+The API token is read only to be removed: every text from AI Hub (job messages, client errors)
+passes through `redact` before it reaches a log or a report, which removes the configured token by
+its exact value (any length, any characters) and anything token-shaped; every log line of this
+module goes through it too, and the whole result is redacted once more before it is returned.
 """
 
 from __future__ import annotations
 
+import configparser
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("ndopt")
+
+class _RedactingLog(logging.LoggerAdapter):
+    """The `ndopt` logger with every message of this module formatted, then redacted: a client text
+    passed as an argument cannot reach a handler unredacted."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1  # the caller's line, not this one
+            self.logger.log(level, "%s", redact(text), **kwargs)
+
+
+log = _RedactingLog(logging.getLogger("ndopt"))
 
 CONFIGURE_HINT = ("AI Hub: no credentials found (~/.qai_hub/client.ini or QAIHUB_CLIENT_INI); to compile and "
                   "profile on real devices run `qai-hub configure --api_token <TOKEN>` (pip install 'ndopt[hub]'); "
@@ -31,14 +46,44 @@ MISSING_HINT = ("AI Hub: the qai-hub package is not installed (pip install 'ndop
 _SECRET = re.compile(r"(api_token\s*[=:]\s*)\S+|(token\s*[=:]\s*)\S+|\b[A-Za-z0-9_\-]{32,}\b", re.IGNORECASE)
 
 
-def redact(text: str) -> str:
-    """Remove anything token-shaped (key=value pairs naming a token, long opaque strings)."""
-    return _SECRET.sub(lambda m: (m.group(1) or m.group(2) or "") + "<redacted>", str(text))
+def redact(text: object, secrets: Iterable[str] | None = None) -> str:
+    """`text` without the configured token (by its exact value, whatever its length or characters)
+    and without anything token-shaped (key=value pairs naming a token, long opaque strings).
+    `secrets`: the exact values to remove; None reads them from the client config (`configured_secrets`)."""
+    out = str(text)
+    for secret in sorted(set(configured_secrets() if secrets is None else secrets), key=len, reverse=True):
+        if secret:
+            out = out.replace(secret, "<redacted>")  # plain replace: a token may hold regex metacharacters
+    return _SECRET.sub(lambda m: (m.group(1) or m.group(2) or "") + "<redacted>", out)
 
 
 def config_path() -> Path:
+    """The client config qai-hub reads: QAIHUB_CLIENT_INI, else ~/.qai_hub/client.ini (its `get_config_path`)."""
     env = os.environ.get("QAIHUB_CLIENT_INI")
     return Path(env).expanduser() if env else Path.home() / ".qai_hub" / "client.ini"
+
+
+def configured_secrets() -> tuple[str, ...]:
+    """The token(s) of the client config, as written and as qai-hub reads them (configparser's `%`
+    interpolation), so `redact` can remove them by value; () without a readable config."""
+    try:
+        text = config_path().read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ()
+    found: set[str] = set()
+    for line in text.splitlines():  # line by line first: a config configparser rejects still names its token
+        m = re.match(r"\s*api_token\s*[=:]\s*(.*?)\s*$", line, re.IGNORECASE)
+        if m:
+            found.add(m.group(1))
+    for interpolation in (None, configparser.BasicInterpolation()):
+        parser = configparser.ConfigParser(interpolation=interpolation)
+        try:
+            parser.read_string(text)
+            found.update(parser.get(s, "api_token") for s in parser.sections() if parser.has_option(s, "api_token"))
+        except (configparser.Error, ValueError):
+            continue
+    found |= {t[1:-1] for t in found if len(t) > 2 and t[0] == t[-1] and t[0] in "'\""}  # quoted in the file
+    return tuple(t for t in found if t.strip())
 
 
 @dataclass(frozen=True)
@@ -77,7 +122,26 @@ def profile_bundle(jobs: list[GraphJob], device_name: str, options: str,
 
     Per graph: compile job (QNN context binary), then a profiling inference job on the compiled
     model; measured latency (ms) and peak memory (MB) from the profile. A failed job is recorded
-    for its graph and the others go on; a client/credentials failure stops with one line."""
+    for its graph and the others go on; a client/credentials failure stops with one line. Every
+    text in the result is redacted (the manifest and the report carry it)."""
+    return redact_all(_profile_bundle(jobs, device_name, options, progress, link))
+
+
+def redact_all(value: Any, secrets: Iterable[str] | None = None) -> Any:
+    """`value` (JSON-like: dicts, lists, strings, numbers) with every string value `redact`ed (keys are
+    ndopt's own: graph and component names, field names)."""
+    secrets = configured_secrets() if secrets is None else tuple(secrets)
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {k: redact_all(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_all(v, secrets) for v in value)
+    return value
+
+
+def _profile_bundle(jobs: list[GraphJob], device_name: str, options: str,
+                    progress: Callable[[str], None] | None, link: bool) -> dict[str, Any]:
     hub, status = hub_status()
     if hub is None:
         log.info("%s", status.reason)

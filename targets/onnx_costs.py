@@ -3,17 +3,29 @@
 Reads shapes only (shape inference; weights may stay on disk). Nodes that torch expresses as views
 (reshapes, slices, transposes, constant selects) and the epilogues the NPU converter fuses into a
 conv/matmul are free, so this front end counts the nodes the torch one does (and the calibration did).
+
+`static_graph` is the door for a file from a person (`ndopt estimate`): it refuses what is not an
+ONNX graph, and graphs whose dims stay unknown (symbolic inputs, data-dependent shapes) unless
+input shapes are given, because an unknown dim would be priced as zero.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ndopt.errors import TargetError
 from targets.estimator import MAC_CLASSES, GraphCost, OpCost
+
+
+class GraphInputError(TargetError):
+    """An ONNX file cannot be estimated: not an ONNX graph, bad input shapes, or dims left unknown."""
+
 
 # Nodes priced as free: metadata, and the layout ops torch expresses as views (slices, splits,
 # transposes, expands), so that both front ends count the same nodes as the calibration did.
@@ -59,12 +71,13 @@ def onnx_tensor_types(model: Any) -> dict[str, tuple[int, tuple[int, ...] | None
     return out
 
 
-def infer_shapes(model: Any) -> Any:
-    """Shape inference that also works past 2 GB (it only reads the graph, not the weights)."""
+def infer_shapes(model: Any, strict: bool = False) -> Any:
+    """Shape inference that also works past 2 GB (it only reads the graph, not the weights).
+    `strict`: raise onnx's InferenceError where shapes contradict each other."""
     import onnx
 
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model, data_prop=True, strict_mode=strict)
     except ValueError:  # > 2 GB: infer on a weightless copy, then copy the value infos back
         light = onnx.ModelProto()
         light.CopyFrom(model)
@@ -73,7 +86,7 @@ def infer_shapes(model: Any) -> Any:
             init.ClearField("float_data")
             init.ClearField("external_data")
             init.data_location = onnx.TensorProto.DEFAULT
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=False)
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=False, strict_mode=strict)
         del model.graph.value_info[:]
         model.graph.value_info.extend(inferred.graph.value_info)
         return model
@@ -196,3 +209,189 @@ def _onnx_peak_live(model: Any, types: dict, consts: set[str], elems: Any) -> tu
                 cur[0] -= f
                 cur[1] -= ob
     return peak
+
+
+# ---- a graph from a file (`ndopt estimate`) ---------------------------------------------------------
+_SHAPE_SPEC = re.compile(r"^\s*([^=\s][^=]*?)\s*=\s*(-?\d+(?:\s*[xX]\s*-?\d+)*)\s*$")
+_SHOWN = 4  # values named in a message; the rest are counted
+
+
+def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """`NAME=1x3x224x224` strings -> {name: dims}; each bad one is a one-line GraphInputError."""
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        m = _SHAPE_SPEC.match(spec)
+        if m is None:
+            raise GraphInputError(f"input shape {spec!r}: expected NAME=D1xD2x... with integer dims, e.g. "
+                                  "x=1x3x224x224 (a scalar input takes no shape)")
+        name, dims = m.group(1), tuple(int(d) for d in re.split(r"\s*[xX]\s*", m.group(2)))
+        if name in out:
+            raise GraphInputError(f"input shape {spec!r}: input {name!r} is given twice; give each input once")
+        out[name] = dims
+    return out
+
+
+def _dims(value: Any) -> list[int | str] | None:
+    """A value's dims as written in the graph (a dim_param's name, '?' for an unnamed unknown dim),
+    or None when its rank is unknown."""
+    t = value.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+
+
+def _show(name: str, dims: list[int | str] | None) -> str:
+    return f"{name}[{','.join(str(d) for d in dims)}]" if dims is not None else f"{name}[rank unknown]"
+
+
+def _more(items: Sequence[str]) -> str:
+    extra = f" (and {len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + extra
+
+
+def read_graph(path: Path) -> Any:
+    """An ONNX file as a checked ModelProto, weights left on disk; refuses (GraphInputError naming the
+    file and why) a file that is empty, does not parse, or is not a valid ONNX graph."""
+    import onnx
+
+    path = Path(path)
+    cannot = f"{path}: cannot read it as an ONNX model"
+    try:
+        size = path.stat().st_size
+        model = onnx.load(str(path), load_external_data=False) if size else None  # weights stay on disk
+    except OSError as e:
+        raise GraphInputError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # protobuf's DecodeError, a text format's ParseError, ...
+        first = next(iter(str(e).splitlines()), "")
+        raise GraphInputError(f"{cannot}: it does not parse ({type(e).__name__}: {first}); a truncated file or "
+                              "another format: pass an .onnx file as torch.onnx.export or onnx.save writes it") from None
+    if model is None:
+        raise GraphInputError(f"{cannot}: the file is empty (0 bytes); pass an .onnx file")
+    if not model.ir_version or not (model.graph.node or model.graph.output):
+        raise GraphInputError(f"{cannot}: it parses ({size} bytes) but holds no graph (ir_version {model.ir_version}, "
+                              f"{len(model.graph.node)} nodes, {len(model.graph.output)} outputs); a truncated file "
+                              "or another protobuf: pass an .onnx file")
+    try:  # by path: external data is looked for beside the file, and models past 2 GB are checked too
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        first = next(iter(str(e).splitlines()), "")
+        raise GraphInputError(f"{path}: not a valid ONNX graph (onnx.checker: {first}); fix or re-export it") from None
+    return model
+
+
+def graph_inputs(model: Any) -> list[Any]:
+    """The graph's real inputs (older exports also list their initializers as inputs)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _static(dims: list[int | str] | None) -> bool:
+    return dims is not None and all(isinstance(d, int) for d in dims)
+
+
+def static_graph(model: Any, source: str, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Any:
+    """`model` with every dim known, after shape inference: `input_shapes` fix the inputs' unknown
+    dims first. Refuses (GraphInputError) bad input shapes, inputs left unknown, and values whose
+    dims inference cannot find (data-dependent shapes, ops it does not know)."""
+    import onnx
+
+    inputs = {i.name: i for i in graph_inputs(model)}
+    shapes = {name: tuple(int(d) for d in dims) for name, dims in (input_shapes or {}).items()}
+    for name, dims in shapes.items():
+        given = f"{name}={'x'.join(str(d) for d in dims)}"
+        if name not in inputs:
+            raise GraphInputError(f"input shape {given}: {source} has no input {name!r}; its inputs are "
+                                  f"{', '.join(inputs) or 'none'}")
+        have = _dims(inputs[name])
+        if have is not None and len(have) != len(dims):
+            raise GraphInputError(f"input shape {given}: input {name} of {source} has rank {len(have)} "
+                                  f"({_show(name, have)}), not {len(dims)}")
+        bad = [d for d in dims if d <= 0]
+        if bad:
+            raise GraphInputError(f"input shape {given}: dims must be positive, got {bad[0]}")
+        fixed = [(i, h, d) for i, (h, d) in enumerate(zip(have or dims, dims)) if isinstance(h, int) and h != d]
+        if fixed:
+            i, h, d = fixed[0]
+            raise GraphInputError(f"input shape {given}: dim {i} of input {name} is fixed at {h} in {source}, not {d}")
+    unknown = [_show(n, _dims(v)) for n, v in inputs.items() if n not in shapes and not _static(_dims(v))]
+    if unknown:
+        example = " ".join(f"--input-shape {n}={'x'.join(str(d) if isinstance(d, int) else 'N' for d in _dims(v) or ['N'])}"
+                           for n, v in inputs.items() if n not in shapes and not _static(_dims(v)))
+        raise GraphInputError(f"{source}: input dims unknown: {_more(unknown)}; the estimate needs every dim: give "
+                              f"them ({example}, N a positive size)")
+
+    model = _with_inputs(model, shapes)
+    try:
+        model = infer_shapes(model, strict=bool(shapes))
+    except onnx.shape_inference.InferenceError as e:
+        first = next(iter(str(e).splitlines()), "")
+        raise GraphInputError(f"{source}: the input shapes given do not fit the graph (onnx shape inference: "
+                              f"{first}); check them against the graph's inputs") from None
+    left = _unresolved(model)
+    if left:
+        model = _symbolic_infer(model) or model
+    if left and _unresolved(model):
+        raise GraphInputError(f"{source}: shape inference leaves {len(left)} value(s) with unknown dims: {_more(left)}; "
+                              "their sizes depend on the data or on ops onnx cannot infer, and the estimator would "
+                              "price them as zero: export the graph with static shapes")
+    return model
+
+
+def _with_inputs(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    """A copy with the inputs' dims set and every shape recorded for values and outputs that is not
+    fully static dropped (inference recomputes them from the inputs)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for v in g.input:
+        if v.name in shapes:
+            t = v.type.tensor_type
+            t.shape.ClearField("dim")
+            for d in shapes[v.name]:
+                t.shape.dim.add().dim_value = d
+    kept = [v for v in g.value_info if _static(_dims(v))]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    for v in g.output:
+        if v.type.HasField("tensor_type") and not _static(_dims(v)):
+            v.type.tensor_type.ClearField("shape")
+    return out
+
+
+def _unresolved(model: Any) -> list[str]:
+    """Node outputs whose dims are not all known, as `name[dims] (OpType)` (inputs are checked before)."""
+    g = model.graph
+    known = {v.name: v for v in (*g.value_info, *g.output)}
+    left = []
+    for node in g.node:
+        for name in node.output:
+            v = known.get(name)
+            if not name or node.op_type == "Constant" or (v is not None and not v.type.HasField("tensor_type")):
+                continue  # unused optional outputs, constants, sequences and maps: nothing the estimator prices
+            dims = _dims(v) if v is not None else None
+            if not _static(dims):
+                left.append(f"{_show(name, dims)} ({node.op_type})")
+    return left
+
+
+def _symbolic_infer(model: Any) -> Any:
+    """onnxruntime's symbolic shape inference (it folds more shape arithmetic than onnx's), or None
+    when it is not installed or fails on this graph."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return None
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+    except Exception:  # it raises on graphs it cannot follow: onnx's answer stands
+        return None
+
+
+def load_static_graph(path: Path, input_shapes: Mapping[str, Sequence[int]] | Iterable[str] | None = None) -> Any:
+    """An ONNX file, checked, with every dim known (`read_graph`, then `static_graph`).
+    `input_shapes`: {name: dims}, or `NAME=1x3x224x224` strings (`ndopt estimate --input-shape`)."""
+    if input_shapes is not None and not isinstance(input_shapes, Mapping):
+        input_shapes = parse_input_shapes(input_shapes)
+    return static_graph(read_graph(path), str(path), input_shapes)

@@ -19,13 +19,18 @@ names agree with the shipped float graph by construction; AIMET's legacy exporte
 sim a second time per signature. The bundle's own `<graph>.onnx` (onnxsim'd and legalized, which
 renames tensors) stays the float path. All three graphs keep their large tensors in the component's
 shared weights file (`targets.shared_weights`). Lowering imports no pass: the component's module is
-asked duck-typed (`export_onnx`, and its entry point runs the sim).
+asked duck-typed (`export_onnx`, and its entry point runs the sim). What AIMET logs and warns
+while a sim exports reaches the `ndopt.aimet` logger (the sim routes it there); `aimet_log` keeps
+it in the bundle's `aimet.log` and says in one line how many warnings went there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from ndopt.errors import LoweringError
+from ndopt.io import TMP_PREFIX
 from ndopt.ir.component import Component
 from targets import LegalityRules
 from targets.lowering import GraphPlan, call_kwargs
@@ -47,6 +53,50 @@ QDQ_REL_TOL = 1e-2  # |qdq - sim| / range(sim): a few 16-bit steps; accumulation
 _BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8,
          TensorProto.INT16: 16, TensorProto.UINT16: 16, TensorProto.INT32: 32, TensorProto.UINT32: 32}
 _SIGNED = {TensorProto.INT4, TensorProto.INT8, TensorProto.INT16, TensorProto.INT32}
+AIMET_LOGGER = "ndopt.aimet"  # where a quantized component's sim sends AIMET's records and warnings
+AIMET_LOG = "aimet.log"  # kept in the bundle
+_open_logs: list[Path] = []  # an enclosing `aimet_log`: the graphs exported inside it write to its file
+
+
+class _Tally(logging.Handler):
+    count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+@contextlib.contextmanager
+def aimet_log(path: Path, shown_as: Path | None = None, what: str = "QDQ graphs") -> Iterator[None]:
+    """Keep what reaches the `ndopt.aimet` logger while exporting `what` in `path` (appended, created
+    on the first record), then one `ndopt` line with how many warnings went there (named `shown_as`:
+    the file's place once its directory is in place). Inside another `aimet_log`, that one keeps them
+    and says so: wrapped around a bundle's quantized graphs, one line for them all."""
+    if _open_logs:
+        yield
+        return
+    lg = logging.getLogger(AIMET_LOGGER)
+    lg.propagate = False  # AIMET's thousands of lines stay off the console
+    file, tally = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True), _Tally(logging.WARNING)
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for h in (file, tally):
+        lg.addHandler(h)
+    _open_logs.append(path)
+    try:
+        yield
+    finally:
+        _open_logs.pop()
+        for h in (file, tally):
+            lg.removeHandler(h)
+        file.close()
+        if tally.count:
+            logging.getLogger("ndopt").info("AIMET: %d warnings while exporting %s, written to %s", tally.count, what,
+                                            shown_as or path)
+
+
+def _final(directory: Path) -> Path:
+    """The directory `ndopt.io.atomic_dir` will rename its temporary `directory` to."""
+    name = directory.name
+    return directory.with_name(name[len(TMP_PREFIX):].split("-", 1)[-1]) if name.startswith(TMP_PREFIX) else directory
 
 
 def is_quantized(component: Component) -> bool:
@@ -97,7 +147,8 @@ def lower_quantized(component: Component, plan: GraphPlan, example: dict[str, to
     with tempfile.TemporaryDirectory(prefix="ndopt-qdq-") as d:
         raw = Path(d) / f"{plan.name}.qdq.onnx"
         try:
-            component.module.export_onnx(inputs, raw, outputs)
+            with aimet_log(out_dir / AIMET_LOG, _final(out_dir) / AIMET_LOG, f"the QDQ graph {plan.name}"):
+                component.module.export_onnx(inputs, raw, outputs)
         except Exception as e:
             raise LoweringError(f"graph {plan.name}: the AIMET QDQ export of quantized component {component.name!r} "
                                 f"failed: {type(e).__name__}: {e}; rerun aimet_quantization, or lower the float "
@@ -355,5 +406,5 @@ def _drop_unused(g: onnx.GraphProto) -> None:
     g.initializer.extend(keep)
 
 
-__all__ = ["ENCODING_VERSION", "QDQ_REL_TOL", "QuantizedGraph", "check_qdq", "encodings_from_qdq", "is_quantized",
-           "lower_quantized"]
+__all__ = ["AIMET_LOG", "ENCODING_VERSION", "QDQ_REL_TOL", "QuantizedGraph", "aimet_log", "check_qdq",
+           "encodings_from_qdq", "is_quantized", "lower_quantized"]

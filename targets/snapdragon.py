@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 
-from ndopt.errors import LoweringError, TargetError
+from ndopt.errors import LoweringError
 from ndopt.io import atomic_dir, atomic_write_json
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
@@ -45,8 +44,8 @@ from targets.lowering import (
     weight_bytes,
 )
 from targets.numerics import NumericsReport, check_model, check_numerics
-from targets.onnx_costs import onnx_graph_cost
-from targets.quantized import QuantizedGraph, is_quantized, lower_quantized
+from targets.onnx_costs import load_static_graph, onnx_graph_cost
+from targets.quantized import AIMET_LOG, QuantizedGraph, aimet_log, is_quantized, lower_quantized
 from targets.shared_weights import SharedWeights
 from targets.torch_costs import torch_graph_cost
 
@@ -69,15 +68,24 @@ class SnapdragonTarget:
         return f"SnapdragonTarget({self.name!r})"
 
     # ---- estimates ---------------------------------------------------------------------------
-    def estimate_onnx(self, path: Path, precision: str) -> dict[str, float]:
-        """{"latency_ms", "peak_memory_mb"} of one ONNX graph at a precision."""
+    def estimate_onnx(self, path: Path, precision: str,
+                      input_shapes: Mapping[str, Sequence[int]] | Iterable[str] | None = None) -> dict[str, Any]:
+        """{"latency_ms", "peak_memory_mb"} of one ONNX graph at a precision; "note" too when no node
+        of the graph computes (the figures are then its memory only).
+
+        `input_shapes` ({name: dims}, or `NAME=1x3x224x224` strings) fix inputs with unknown dims.
+        Refuses (GraphInputError, a TargetError) a file that is not an ONNX graph and a graph whose
+        dims stay unknown: the estimator would price them as zero (`onnx_costs.load_static_graph`)."""
         self.spec.check_precision(precision)
-        try:
-            model = onnx.load(str(path), load_external_data=False)  # shapes only: weights stay on disk
-        except Exception as e:
-            raise TargetError(f"{path}: cannot read it as an ONNX model ({type(e).__name__}); pass a .onnx file") from None
-        est = estimate_graph(onnx_graph_cost(model), self.spec, precision)
-        return {"latency_ms": round(est.latency_ms, 4), "peak_memory_mb": round(est.peak_memory_mb, 3)}
+        model = load_static_graph(Path(path), input_shapes)
+        cost = onnx_graph_cost(model)
+        est = estimate_graph(cost, self.spec, precision)
+        out: dict[str, Any] = {"latency_ms": round(est.latency_ms, 4), "peak_memory_mb": round(est.peak_memory_mb, 3)}
+        if not cost.ops:
+            n, ops = len(model.graph.node), ", ".join(sorted({node.op_type for node in model.graph.node}))
+            what = f"its {n} node(s) ({ops}) are layout or metadata, free on the NPU" if n else "it has no nodes"
+            out["note"] = f"{path} has no compute: {what}; latency 0, peak memory counts its inputs, outputs and weights"
+        return out
 
     @property
     def float_precision(self) -> str:
@@ -167,12 +175,13 @@ class SnapdragonTarget:
         shared: dict[str, SharedWeights] = {}
         quantized: dict[str, QuantizedGraph] = {}
         with atomic_dir(out_dir) as tmp:
-            for lg in lowered:  # QDQ graph and encodings of every graph of a quantized component
-                comp = pipeline[lg.plan.component]
-                if is_quantized(comp):
-                    with _threads_for(comp):
-                        quantized[lg.plan.name] = lower_quantized(comp, lg.plan, example_inputs(lg.plan), tmp,
-                                                                  self.spec.legality)
+            with aimet_log(tmp / AIMET_LOG, out_dir / AIMET_LOG):  # one count line per bundle, not per graph
+                for lg in lowered:  # QDQ graph and encodings of every graph of a quantized component
+                    comp = pipeline[lg.plan.component]
+                    if is_quantized(comp):
+                        with _threads_for(comp):
+                            quantized[lg.plan.name] = lower_quantized(comp, lg.plan, example_inputs(lg.plan),
+                                                                      tmp, self.spec.legality)
             for name, lgs in by_component.items():  # one weights file per component, shared by all its graphs
                 models = [(f"{lg.plan.name}.onnx", lg.model) for lg in lgs]
                 for q in (quantized[lg.plan.name] for lg in lgs if lg.plan.name in quantized):

@@ -205,3 +205,61 @@ def test_a_raising_link_job_keeps_the_measurements(monkeypatch, credentials, tmp
     merged = aihub.merge_measured({"graph0": {"latency_ms": 2.0}, "graph1": {"latency_ms": 1.0}}, res)
     assert all("measured_latency_ms" in row for row in merged.values())
     assert TOKEN not in caplog.text and TOKEN not in json.dumps(res)
+
+
+# ---- redaction by value: the configured token, whatever its length or characters ----------------
+# (as written in client.ini, as qai-hub reads it: configparser turns %% into %)
+ODD_TOKENS = [("k3Y9", "k3Y9"), ("a.b*c+d?(e)[f]{2}|^$\\x", "a.b*c+d?(e)[f]{2}|^$\\x"), ("p%%ss$w(rd", "p%ss$w(rd")]
+
+
+class EchoingHub(LinkingHub):
+    """A client that echoes the token bare (no `token=` before it) in job ids, failure messages and
+    exceptions: only redaction by value can catch it."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token, self.fail = token, {"graph0"}
+
+    def submit_compile_job(self, model, device, name, input_specs, options):
+        job = super().submit_compile_job(model, device, name, input_specs, options)
+        job.job_id = f"{job.job_id}-{self.token}"
+        if not job.ok:
+            job.wait = lambda: types.SimpleNamespace(success=False, message=f"quota of {self.token} used up")
+        return job
+
+    def submit_link_job(self, models, device=None, name=None, options=""):
+        raise PermissionError(f"user {self.token}: link not allowed")
+
+
+@pytest.mark.parametrize(("written", "token"), ODD_TOKENS, ids=["4-chars", "regex-metacharacters", "percent"])
+def test_redact_removes_the_configured_token_by_value(monkeypatch, tmp_path, written, token):
+    ini = tmp_path / "client.ini"
+    ini.write_text(f"[api]\napi_token = {written}\napi_url = https://workbench.aihub.qualcomm.com\n")
+    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(ini))
+    text = f"Authorization: Bearer {token}; url=https://x/?k={token}&v=1 ({token})"
+    out = aihub.redact(text)
+    assert token not in out and out.count("<redacted>") == 3 and "https://x/?k=" in out
+    assert aihub.redact("nothing secret here") == "nothing secret here"
+    # the shape rule stays: a long opaque string that is not the configured token goes too
+    assert TOKEN not in aihub.redact(f"other key {TOKEN}")
+    assert aihub.redact(f"x {token} y", secrets=[]) == f"x {token} y"  # by value: the configured one only
+
+
+@pytest.mark.parametrize(("written", "token"), ODD_TOKENS[:2], ids=["4-chars", "regex-metacharacters"])
+def test_a_token_echoed_bare_never_reaches_a_log_or_the_result(monkeypatch, tmp_path, caplog, written, token):
+    caplog.set_level(logging.DEBUG, logger="ndopt")
+    ini = tmp_path / "client.ini"
+    ini.write_text(f"[api]\napi_token = {written}\n")
+    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(ini))
+    hub = EchoingHub(token)
+    monkeypatch.setitem(sys.modules, "qai_hub", hub)
+    jobs = [aihub.GraphJob(j.graph, j.model, j.input_specs, component=c)
+            for j, c in zip(small_graphs(tmp_path, 2), ("vae_decoder", "dit"))]
+    res = aihub.profile_bundle(jobs, "Snapdragon X Elite CRD", "--target_runtime qnn_context_binary", link=True)
+    # the client echoed it: in job ids (logged and recorded), a failure message, a raised link error
+    assert res["graphs"]["graph0"]["status"] == "compile_failed" and res["graphs"]["graph1"]["status"] == "ok"
+    assert res["links"]["status"] == "failed"
+    assert "<redacted>" in res["graphs"]["graph0"]["message"] and "<redacted>" in res["graphs"]["graph1"]["compile_job"]
+    assert "PermissionError" in res["links"]["reason"] and "<redacted>" in res["links"]["reason"]
+    assert "submitted" in caplog.text and "<redacted>" in caplog.text
+    assert token not in caplog.text and token not in json.dumps(res) and token not in str(res)
