@@ -383,10 +383,16 @@ def _symbolic_infer(model: Any) -> Any:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:
         return None
-    try:
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
-    except Exception:  # it raises on graphs it cannot follow: onnx's answer stands
-        return None
+    import contextlib
+    import tempfile
+
+    # on a graph it cannot finish it saves `sym_shape_infer_temp.onnx` (+ external data) in the working
+    # directory before raising: let that land in a directory that is then removed
+    with tempfile.TemporaryDirectory(prefix="ndopt-symshape-") as tmp, contextlib.chdir(tmp):
+        try:
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+        except Exception:  # it raises on graphs it cannot follow: onnx's answer stands
+            return None
 
 
 def load_static_graph(path: Path, input_shapes: Mapping[str, Sequence[int]] | Iterable[str] | None = None) -> Any:
