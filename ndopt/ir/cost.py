@@ -1,7 +1,8 @@
 """Cost analysis without weights: params, FLOPs and bytes per call signature, and per video.
 
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` while each component runs for shapes
-only (fake tensors over meta or real parameters), so the real 2B pipeline is costed on a laptop.
+only (fake tensors over meta or real parameters; small real-weight components by a real call,
+which is cheaper), so the real 2B pipeline is costed on a laptop.
 Bytes written by every op are counted too (the activation traffic a roofline needs).
 
 Speed: a 2B DiT has 24 identical blocks and Pyramid-Flow calls it at dozens of distinct shapes.
@@ -29,16 +30,35 @@ from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.spec import CallSignature
 
+# A small component with real weights on the CPU is costed by a real call: about 5x cheaper than a
+# fake-tensor one, with the same FLOPs, bytes and shapes (tests/ir/test_cost.py checks it).
+REAL_RUN_MAX_PARAMS = 50_000_000
+REAL_RUN_MAX_INPUT_BYTES = 16 * 2**20  # and small inputs: a real call allocates its activations
+
+
+def real_run_ok(component: Component) -> bool:
+    """Whether a real call costs `component` exactly and cheaply: small, on the CPU, and free of
+    libraries whose code branches on tensor values (transformers' mask helpers take another path
+    on real tensors than on fake ones, and AIMET's quantizers compute their encodings)."""
+    if component.device.type != "cpu" or component.params() > REAL_RUN_MAX_PARAMS:
+        return False
+    return not any(type(m).__module__.startswith(("transformers.", "aimet")) for m in component.module.modules())
+
 
 @contextlib.contextmanager
 def shape_mode(component: Component, fake: bool = True) -> Iterator[torch.device]:
     """Run a component for shapes only.
 
-    Meta components run on bare meta tensors when `fake` is False (fastest: C++ meta kernels);
+    With `fake` False, meta components run on bare meta tensors (fastest: C++ meta kernels) and
+    real ones for real, leaving torch's RNG as it was (`real_run_ok` says when that is right);
     otherwise under a FakeTensorMode over the parameters (real or meta). Fake tensors are also what
     libraries that branch on tensor values (transformers' mask helpers) recognise as tracing."""
     if not fake and component.device.type == "meta":
         with torch.no_grad():
+            yield component.device
+        return
+    if not fake:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             yield component.device
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -219,7 +239,9 @@ class CostModel:
     def run(self, component: Component, sig: CallSignature) -> ShapeRun:
         key = (id(component.module), component.entry, sig.args, tuple(sorted(map(str, sig.static_dict.items()))))
         if key not in self._cache:
-            if component.device.type == "meta" and id(component.module) not in self._needs_fake:
+            cheap = component.device.type == "meta" or (real_run_ok(component)
+                                                         and sig.input_bytes() <= REAL_RUN_MAX_INPUT_BYTES)
+            if cheap and id(component.module) not in self._needs_fake:
                 try:
                     self._cache[key] = self._run(component, sig, fake=False)
                 except RuntimeError:  # e.g. a library calls .item(): fake tensors take its static path
