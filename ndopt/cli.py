@@ -36,10 +36,11 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except KeyboardInterrupt as e:  # ndopt.interrupt.Interrupted, or Ctrl-C outside its handlers
             name = getattr(e, "signal_name", "SIGINT")
-            where = getattr(e, "during", None)
+            where = getattr(e, "during", None)  # set by `ndopt run`: rerunning it resumes its training
+            again = ("rerun the same command to go on (training resumes from its last checkpoint)" if where
+                     else "nothing was written")
             click.echo(f"ndopt: interrupted by {name}{f' during {where}' if where else ''}; nothing half-written "
-                       "is left behind: rerun the same command to go on (training resumes from its last "
-                       "checkpoint)", err=True)
+                       f"is left behind: {again}", err=True)
             sys.exit(getattr(e, "exit_code", 130))
         except NdoptError as e:
             if debug:
@@ -221,30 +222,28 @@ def targets() -> None:
               help="A lowered bundle (RUN/bundles/<target>) run by the bundle runtime instead of torch.")
 @click.option("--provider", help="With --bundle: the onnxruntime execution provider (default: the runtime's choice).")
 @click.option("--prompt", required=True)
-@click.option("--frames", default=9, show_default=True, help="Video frames: 1 + 8k.")
+@click.option("--frames", type=int, help="Video frames: 1 + 8k.  [default: 9; a bundle's are fixed]")
 @click.option("--height", type=int)
 @click.option("--width", type=int)
 @click.option("--steps", help="Steps per pyramid stage, e.g. 4,4,4 (or 4 for every stage); not for folded "
               "schedules or step-distilled students, whose steps are fixed.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Noise seed (numpy's default_rng: the same noise "
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1), help="Noise seed (numpy's default_rng: the same noise "
               "for --model and --bundle).")
 @click.option("--format", "fmt", type=click.Choice(["mp4", "gif", "png"]), help="Default: from --out's suffix.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @_errors
-def generate(model: str | None, bundle: str | None, provider: str | None, prompt: str, frames: int,
+def generate(model: str | None, bundle: str | None, provider: str | None, prompt: str, frames: int | None,
              height: int | None, width: int | None, steps: str | None, seed: int, fmt: str | None, out: str) -> None:
     """Generate a video from a prompt, with a model (torch) or a lowered bundle (its runtime)."""
-    from ndopt import validate as V
     from ndopt.progress import progress
     from ndopt.runner import generate as gen
     from ndopt.runner import generate_bundle, generation_pipeline
 
-    V.check_text(prompt, "--prompt")  # before anything loads: the prompt, and where the video goes
-    fmt = V.check_output_file(out, "--out", fmt)
     if bundle is not None:
         if model is not None:
             raise click.UsageError("--model and --bundle exclude each other: give one")
-        fixed = [f"--{n}" for n, v in (("height", height), ("width", width), ("steps", steps)) if v is not None]
+        fixed = [f"--{n}" for n, v in (("frames", frames), ("height", height), ("width", width), ("steps", steps))
+                 if v is not None]
         if fixed:
             raise click.UsageError(f"{', '.join(fixed)}: a bundle's shapes and steps are fixed when it is lowered")
         with progress("generating (bundle)", None) as advance:
@@ -254,6 +253,7 @@ def generate(model: str | None, bundle: str | None, provider: str | None, prompt
     if provider is not None:
         raise click.UsageError("--provider applies to --bundle only")
     model = model or "pyramid-flow-tiny"
+    frames = 9 if frames is None else frames
     total = None
     if model in _preset_names():  # the bar's length from the meta-device schedule (no weights built)
         total = generation_pipeline(model, frames=frames, height=height, width=width, steps=steps,

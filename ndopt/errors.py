@@ -15,6 +15,10 @@ class CheckpointError(NdoptError):
     """A checkpoint cannot be loaded: the message lists missing, unexpected and mismatched keys."""
 
 
+class ConfigError(CheckpointError, ValueError):
+    """A checkpoint's config has a wrong type, an out-of-range value, an unknown key or inconsistent fields."""
+
+
 class VerificationError(NdoptError):
     """The pipeline IR is inconsistent (graph, edge specs, fx lint, schedule)."""
 
@@ -33,3 +37,7 @@ class TargetError(NdoptError):
 
 class PassError(NdoptError):
     """A pass cannot run: unknown, bad config, or its requirements are not met."""
+
+
+class InputError(NdoptError):
+    """A value the user gave (a size, a path, a prompt) is out of range, malformed, or cannot be written."""

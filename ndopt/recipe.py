@@ -19,6 +19,7 @@ from ndopt.errors import NdoptError, RecipeError
 from ndopt.passmanager import Pass, get_pass
 
 Loc = tuple[Any, ...]
+MAX_RECIPE_BYTES = 1 << 20
 
 
 class _Strict(BaseModel):
@@ -32,7 +33,7 @@ class ProbeSpec(_Strict):
         "a red circle moving left on a blue background",
         "a yellow square moving up on a dark background",
     ], min_length=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     latent_frames: int = Field(2, ge=1)
     height: int = Field(64, ge=64, multiple_of=64)  # 3 pyramid stages x 8x VAE x patch 2
     width: int = Field(64, ge=64, multiple_of=64)
@@ -56,7 +57,7 @@ class RecipeModel(_Strict):
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
     output: str = "runs"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
     def _one_target_field(self) -> RecipeModel:
@@ -136,6 +137,7 @@ class _Builder:
     def __init__(self, source: str) -> None:
         self.source = source
         self.lines: dict[Loc, int] = {}
+        self._seen: set[int] = set()
         self._constructor = yaml.constructor.SafeConstructor()
 
     def error(self, line: int, what: str) -> RecipeError:
@@ -143,6 +145,13 @@ class _Builder:
 
     def build(self, node: yaml.Node, loc: Loc = ()) -> Any:
         line = node.start_mark.line + 1
+        if len(loc) > 32:
+            raise self.error(line, f"{_fmt(loc[:3])}...: the recipe nests deeper than 32 levels")
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in self._seen:  # a composed alias is the anchored node again (an alias bomb)
+                raise self.error(line, f"{_fmt(loc) or 'recipe'}: YAML anchors and aliases (&name / *name) are not "
+                                       "allowed in recipes; write the values out")
+            self._seen.add(id(node))
         self.lines[loc] = line
         if isinstance(node, yaml.MappingNode):
             self._check_tag(node, "tag:yaml.org,2002:map", loc)
@@ -228,6 +237,8 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     b = _Builder(source)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise RecipeError(f"{source}:1: the recipe nests too deeply to read") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = mark.line + 1 if mark else 1
@@ -318,6 +329,12 @@ def _check_requirements(recipe: Recipe, b: _Builder) -> None:
 def load_recipe(ref: str | Path) -> Recipe:
     path = resolve_recipe_path(ref)
     try:
+        if not path.is_file():
+            raise RecipeError(f"{path}: cannot read the recipe: not a regular file")
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {size} bytes is not a recipe (at most {MAX_RECIPE_BYTES}; a recipe is a short "
+                              "YAML file)")
         data = path.read_bytes()
     except OSError as e:
         raise RecipeError(f"{path}: cannot read the recipe: {e.strerror}") from None

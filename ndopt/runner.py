@@ -84,7 +84,16 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
         out: str | Path | None = None, progress: Any = None) -> dict[str, Any]:
     """Run a recipe end to end on real weights; returns the report (also written to the run dir).
 
-    `progress(label)` is called as each pass finishes (the CLI passes a rich progress bar's)."""
+    `progress(label)` is called as each pass finishes (the CLI passes a rich progress bar's).
+    SIGINT and SIGTERM stop it at the next safe point with the report saying `interrupted`."""
+    from ndopt.interrupt import handle_signals
+
+    with handle_signals():
+        return _run(recipe, model=model, target=target, out=out, progress=progress)
+
+
+def _run(recipe: str | Path | Recipe, *, model: str | None, target: str | None, out: str | Path | None,
+         progress: Any) -> dict[str, Any]:
     r = _recipe(recipe).with_overrides(model=model, target=target)
     run_dir = Path(out) if out else Path(r.spec.output) / r.name
     V.check_writable_dir(run_dir, "--out" if out else f"{r.source}: output/name")
@@ -136,7 +145,7 @@ def run(recipe: str | Path | Recipe, *, model: str | None = None, target: str | 
         else:
             report["error"] = f"{type(e).__name__}: {e}"
             report["failed_during"] = where
-        if report["steps"] or run_dir.exists():
+        if interrupted or report["steps"] or run_dir.exists():  # (the directory was checked writable)
             write_report(run_dir, report)
         if interrupted and not hasattr(e, "during"):
             e.during = where  # type: ignore[attr-defined]  # the CLI's one line says where it stopped
@@ -273,7 +282,8 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
     if frames is not None:
         latent_frames = V.video_frames_to_latent(frames, pipeline)
     V.check_size(pipeline, latent_frames=latent_frames, height=height, width=width,
-                 frames_option="--frames", max_latent_frames=V.MAX_PLAN_LATENT_FRAMES)
+                 frames_option="--frames" if frames is not None else "latent_frames",
+                 max_latent_frames=V.MAX_PLAN_LATENT_FRAMES)
     if latent_frames is not None or height is not None or width is not None:
         sch = sch.with_frames(latent_frames or sch.latent_frames, height, width)
     if first_frame:
@@ -322,15 +332,19 @@ def parse_steps(steps: str | tuple[int, ...] | None, n_stages: int) -> tuple[int
     """`--steps 4,4,4` (one count per pyramid stage) or `--steps 4` (the same count for every stage)."""
     if steps is None or isinstance(steps, tuple):
         return steps
-    try:
-        counts = tuple(int(x) for x in str(steps).replace("-", ",").split(",") if x.strip())
-    except ValueError:
-        raise NdoptError(f"--steps {steps!r}: give step counts as integers, e.g. 4,4,4 or 4") from None
+    import re
+
+    text = str(steps).strip()
+    if not re.fullmatch(r"\d+([,-]\d+)*", text):
+        raise NdoptError(f"--steps {steps!r}: give step counts as integers, e.g. 4,4,4 or 4")
+    counts = tuple(int(x) for x in re.split(r"[,-]", text))
     if len(counts) == 1:
         counts *= n_stages
     if len(counts) != n_stages or any(k < 1 for k in counts):
         raise NdoptError(f"--steps {steps!r}: the schedule has {n_stages} pyramid stages; give {n_stages} positive "
                          "counts (e.g. " + ",".join(["4"] * n_stages) + ") or one for all")
+    if max(counts) > V.MAX_STEPS:
+        raise NdoptError(f"--steps {steps!r}: at most {V.MAX_STEPS} steps per stage (Pyramid-Flow samples 20)")
     return counts
 
 

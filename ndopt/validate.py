@@ -12,16 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ndopt.errors import NdoptError
+from ndopt.errors import InputError
 
 # ndopt plan enumerates one DiT call signature per autoregressive unit: past this many latent frames
 # (1,025 video frames; Pyramid-Flow itself generates at most 241) a plan would take minutes.
 MAX_PLAN_LATENT_FRAMES = 129
 VIDEO_FORMATS = ("mp4", "gif", "png")
-
-
-class InputError(NdoptError):
-    """A value the user gave is out of range, malformed, or cannot be written."""
+MAX_STEPS = 1000  # per pyramid stage (Pyramid-Flow samples 20; a typo like 40000 would run for days)
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 
 
 def _int(value: Any, option: str) -> int:
@@ -76,28 +74,42 @@ def check_size(pipeline: Any, *, latent_frames: Any = None, height: Any = None, 
 
 
 def memory_estimate(pipeline: Any, batch: int = 1) -> dict[str, int]:
-    """About the host memory sampling and decoding one video takes (bytes, float32; an upper bound):
-    the weights, the DiT's widest activation over every latent token, the decoder's widest conv output
-    over every video pixel. Read from the modules and the schedule; no shape run."""
-    from torch import nn
+    """About the host memory sampling and decoding one video takes (bytes): the weights, plus three
+    times each component's largest activation (its input, its output, a temporary). The largest
+    activation of the DiT and the decoder is measured by shape runs at the two smallest square videos
+    of three latent frames (a second on the meta device; one frame would count the causal padding
+    thrice) and extrapolated linearly to the video's latent positions (the DiT, times the batch) or
+    pixels (the decoder, one video at a time): convolution and token-wise activations grow linearly,
+    and the line's intercept keeps the text tokens. Components run one after another: the peak is
+    the weights plus the largest of them (`check_memory`)."""
+    from ndopt.ir.cost import CostModel
 
     sch = pipeline.schedule
-    t = limits(pipeline).get("temporal", 8)
-    weights = sum(c.weight_bytes() for c in pipeline.components.values())
-    acts = {"weights": weights}
-    guided = 2 if sch.guidance.mode != "none" else 1
-    for c in pipeline.components.values():
-        if c.role == "dit":
-            cfg = getattr(c.module, "config", None)
-            patch = int(getattr(cfg, "patch_size", 1))
-            tokens = sch.latent_frames * (sch.height // 8 // patch) * (sch.width // 8 // patch)
-            width = max((m.out_features for m in c.module.modules() if isinstance(m, nn.Linear)), default=1)
-            acts[c.name] = 3 * 4 * batch * guided * tokens * width
-        elif c.role == "vae_decoder":
-            convs = [m.out_channels for m in c.module.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-            frames = 1 + t * (sch.latent_frames - 1)
-            acts[c.name] = 3 * 4 * batch * frames * sch.height * sch.width * max(convs, default=3)
-    return acts
+    rules = limits(pipeline)
+    t, m = rules.get("temporal", 1), rules.get("multiple", 1)
+    costs = CostModel()
+    points: dict[str, list[int]] = {}
+    n = 3
+    for side in (m, 2 * m):
+        small = pipeline.replace(schedule=sch.with_frames(n, side, side))
+        largest: dict[str, int] = {}
+        for sig in small.call_plan():
+            c = small[sig.component]
+            if c.role in ("dit", "vae_decoder"):
+                largest[c.name] = max(largest.get(c.name, 0), costs.run(c, sig).largest_activation_bytes)
+        for name, nbytes in largest.items():
+            points.setdefault(name, []).append(nbytes)
+    est = {"weights": sum(c.weight_bytes() for c in pipeline.components.values())}
+    for name, (a, b) in points.items():
+        frames = 1 + t * (n - 1) if pipeline[name].role == "vae_decoder" else n
+        base = frames * m * m  # pixels (decoder) or latent positions (DiT) of the smaller run
+        per = max(0.0, (b - a) / (3 * base))  # the larger run has 4x the pixels
+        if pipeline[name].role == "vae_decoder":
+            largest_bytes = a + per * ((1 + t * (sch.latent_frames - 1)) * sch.height * sch.width - base)
+        else:
+            largest_bytes = batch * (a + per * (sch.latent_frames * sch.height * sch.width - base))
+        est[name] = int(2 * max(a, largest_bytes))  # an op's input and output
+    return est
 
 
 def available_memory() -> int:
@@ -109,7 +121,7 @@ def available_memory() -> int:
 def check_memory(pipeline: Any, what: str, batch: int = 1) -> None:
     """Refuse a video this machine cannot hold, before anything is allocated."""
     est = memory_estimate(pipeline, batch)
-    need, have = sum(est.values()), available_memory()
+    need, have = est["weights"] + max((v for k, v in est.items() if k != "weights"), default=0), available_memory()
     if need > have:
         sch = pipeline.schedule
         parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in sorted(est.items(), key=lambda kv: -kv[1])[:3])
@@ -125,7 +137,9 @@ def check_text(text: Any, option: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InputError(f"{option}: not valid UTF-8 text (byte {text[e.start]!r} at position {e.start})") from None
+        c = ord(text[e.start])
+        byte = f"byte {c - 0xDC00:#04x}" if 0xDC80 <= c <= 0xDCFF else f"character U+{c:04X}"  # surrogateescape
+        raise InputError(f"{option}: not valid UTF-8 text ({byte} at position {e.start})") from None
     return text
 
 

@@ -102,7 +102,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -446,8 +446,9 @@ class StepDistillation(Pass):
     invalidates = (ANALYSIS_KEY,)  # importance scores describe the teacher's blocks
 
     class Config(PassConfig):
-        steps: list[int] = Field(default_factory=lambda: [1, 1, 1])  # Neodragon's shipped 1-1-1 schedule
-        video_steps: list[int] | None = None  # later latent frames; None: the same as steps
+        # Neodragon's shipped 1-1-1 schedule (a step count per pyramid stage)
+        steps: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 1, 1], min_length=1)
+        video_steps: list[Annotated[int, Field(ge=1, le=1000)]] | None = None  # later frames; None: as steps
         train: DMDTraining = Field(default_factory=DMDTraining)
         data: DataConfig = Field(default_factory=DataConfig)
         # what the student's inputs and Cauchy targets are made of: the data's latents (seed), or the

@@ -33,6 +33,10 @@ CASES = [
     ("gen-steps-0", [*GEN, "--steps", "0", "--out", "{out}/v.mp4"], ["--steps", "positive"]),
     ("gen-steps-text", [*GEN, "--steps", "four", "--out", "{out}/v.mp4"], ["--steps", "integers"]),
     ("gen-steps-stages", [*GEN, "--steps", "1,2", "--out", "{out}/v.mp4"], ["--steps", "3 pyramid stages"]),
+    ("gen-steps-neg", [*GEN, "--steps", "-1", "--out", "{out}/v.mp4"], ["--steps '-1'", "integers"]),
+    ("gen-steps-huge", [*GEN, "--steps", "99999999", "--out", "{out}/v.mp4"], ["at most 1000"]),
+    ("gen-seed-huge", [*GEN, "--seed", "99999999999999999999999", "--out", "{out}/v.mp4"], ["--seed"]),
+    ("gen-bundle-frames", [*GEN, "--bundle", "{tmp}", "--frames", "17", "--out", "{out}/v.mp4"], ["--frames"]),
     ("gen-steps-student", [*GEN, "--model", "pyramid-flow-tiny-student-1-1-1", "--steps", "4",
                            "--out", "{out}/v.mp4"], ["step-distilled"]),
     ("gen-format", [*GEN, "--out", "{out}/v.avi"], ["'avi'", "mp4, gif, png"]),
@@ -63,6 +67,12 @@ CASES = [
     ("run-binary", ["run", "{tmp}/binary.yaml"], ["binary.yaml:2", "not a text recipe"]),
     ("run-nul", ["run", "{tmp}/nul.yaml"], ["nul.yaml:2", "NUL"]),
     ("run-dir", ["run", "{tmp}"], ["cannot read"]),
+    ("run-dev-zero", ["run", "/dev/zero"], ["not a regular file"]),
+    ("run-huge", ["run", "{tmp}/huge.yaml"], ["is not a recipe"]),
+    ("run-alias-bomb", ["run", "{tmp}/bomb.yaml"], ["anchors and aliases"]),
+    ("run-deep", ["run", "{tmp}/deep.yaml"], ["nests"]),
+    ("run-seed", ["run", "{tmp}/seed.yaml"], ["seed"]),
+    ("run-distill-steps", ["run", "{tmp}/distill.yaml"], ["steps[0]", "1000"]),
     ("run-target", ["run", "exact", "--target", "nope", "--out", "{out}"], ["--target 'nope'", "available"]),
     ("run-hexagon", ["run", "{tmp}/hexagon.yaml", "--target", "snapdragon-x-elite", "--out", "{out}"],
      ["--target 'snapdragon-x-elite'", "hexagon"]),
@@ -87,6 +97,11 @@ RECIPES = {
     "steps.yaml": "name: s\nmodel: pyramid-flow-tiny\npasses:\n  - step_distillation: {steps: [1, 1]}\n",
     "probe.yaml": "name: p\nmodel: pyramid-flow-tiny\nprobe: {latent_frames: 1000000}\npasses: [cfg_folding]\n",
     "probe_width.yaml": "name: p\nmodel: pyramid-flow-tiny\nprobe: {width: 64, height: 96}\npasses: [cfg_folding]\n",
+    "bomb.yaml": "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                 "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nname: x\nmodel: pyramid-flow-tiny\n",
+    "deep.yaml": "name: x\nmodel: pyramid-flow-tiny\nextra: " + "[" * 5000 + "]" * 5000 + "\n",
+    "seed.yaml": "name: x\nmodel: pyramid-flow-tiny\nseed: -5\n",
+    "distill.yaml": "name: d\nmodel: pyramid-flow-tiny\npasses:\n  - step_distillation: {steps: [1000000, 1, 1]}\n",
     "hexagon.yaml": "name: h\nmodel: pyramid-flow-tiny\npasses:\n  - aimet_quantization: {hexagon: v79}\n"
                     "target: snapdragon-8-elite\n",
 }
@@ -96,6 +111,7 @@ def _inputs(tmp: Path) -> None:
     (tmp / "input.txt").write_text("not a directory\n")
     (tmp / "binary.yaml").write_bytes(b"name: x\n\xff\xfe\x00\x01")
     (tmp / "nul.yaml").write_bytes(b"name: x\nmodel: pyramid-flow-tiny\x00\n")
+    (tmp / "huge.yaml").write_text("name: x\n" + "# padding\n" * 200_000)
     for name, text in RECIPES.items():
         (tmp / name).write_text(text)
 
@@ -158,6 +174,22 @@ def test_frames_mean_video_frames_in_plan_as_in_generate():
     a = json.loads(CliRunner().invoke(main, ["plan", "--model", "pyramid-flow-tiny", "--frames", "17",
                                              "--json"]).stdout)
     assert a["latent_frames"] == 3  # 17 video frames = 1 + 8 x 2
+
+
+def test_a_real_checkpoints_default_video_fits_a_large_host(monkeypatch):
+    """The memory bound must not refuse what a big machine can do: Pyramid-Flow's 384p default
+    (49 frames) on a 128 GiB host; and the estimate is measured, not a guess: the 768p decoder needs
+    about 4x the 384p one (4x the pixels)."""
+    from ndopt import validate as V
+    from ndopt.frontends import load_model
+
+    monkeypatch.setattr(V, "available_memory", lambda: 128 * 2**30)
+    p384 = load_model("pyramid-flow-sd3-384p", meta=True)
+    V.check_memory(p384, "generate")
+    e384 = V.memory_estimate(p384)
+    e768 = V.memory_estimate(load_model("pyramid-flow-sd3-768p", meta=True))
+    assert 3.5 < e768["vae_decoder"] / e384["vae_decoder"] < 4.5
+    assert e384["weights"] == sum(c.weight_bytes() for c in p384.components.values())
 
 
 def test_zero_is_not_the_default(tiny):

@@ -18,16 +18,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ndopt.errors import CheckpointError
+from ndopt.errors import ConfigError
 
 __all__ = [
     "CLIPTextConfigFile", "ConfigError", "DiTConfigFile", "SamplerSettingsFile", "T5ConfigFile",
     "VAEConfigFile", "check", "check_text_config",
 ]
-
-
-class ConfigError(CheckpointError, ValueError):
-    """A checkpoint's config has a wrong type, an out-of-range value, an unknown key or inconsistent fields."""
 
 
 # No size or count of a real model comes near this; past it a config is corrupt (and building it would hang).
@@ -76,7 +72,7 @@ class _Schema(BaseModel):
 class DiTConfigFile(_Schema):
     """The PyramidDiffusionMMDiT arguments ndopt builds from (dit.MMDiTConfig's fields)."""
 
-    sample_size: _count() = None
+    sample_size: _count(at_most=_MAX_DEPTH) = None
     patch_size: _count() = None
     in_channels: _count() = None
     num_layers: _count(at_most=_MAX_DEPTH) = None
@@ -84,7 +80,7 @@ class DiTConfigFile(_Schema):
     num_attention_heads: _count(at_most=_MAX_DEPTH) = None
     caption_projection_dim: _count() = None
     pooled_projection_dim: _count() = None
-    pos_embed_max_size: _count() = None
+    pos_embed_max_size: _count(at_most=_MAX_DEPTH) = None
     max_num_frames: _count() = None
     qk_norm: Annotated[Literal["rms_norm"] | None,
                        Field(description="\"rms_norm\" or null (the norms ndopt implements)")] = None

@@ -58,9 +58,14 @@ def stage_hw(schedule: Schedule, stage: int) -> tuple[int, int]:
     return schedule.height // VAE_SPATIAL // down, schedule.width // VAE_SPATIAL // down
 
 
+def resolution_multiple(patch_size: int, n_stages: int) -> int:
+    """Height and width are multiples of this: every stage's latent grid a whole number of patches."""
+    return VAE_SPATIAL * patch_size * 2 ** (n_stages - 1)
+
+
 def check_resolution(schedule: Schedule, patch_size: int) -> None:
     """Every stage's latent grid must be a positive multiple of the DiT's patch size."""
-    need = VAE_SPATIAL * patch_size * 2 ** (len(schedule.stages) - 1)
+    need = resolution_multiple(patch_size, len(schedule.stages))
     if schedule.height % need or schedule.width % need:
         raise NdoptError(f"resolution {schedule.height}x{schedule.width}: with {len(schedule.stages)} pyramid "
                          f"stages, 8x VAE and patch {patch_size}, height and width must be multiples of {need}")
@@ -168,7 +173,7 @@ class PyramidFlowSampler:
         dit = pipeline.by_role("dit")
         cfg = dit[0].module.config if dit else None
         patch = int(getattr(cfg, "patch_size", 2))
-        out = {"temporal": VAE_TEMPORAL, "multiple": VAE_SPATIAL * patch * 2 ** (len(pipeline.schedule.stages) - 1)}
+        out = {"temporal": VAE_TEMPORAL, "multiple": resolution_multiple(patch, len(pipeline.schedule.stages))}
         if getattr(cfg, "pos_embed_max_size", None):
             out["max_side"] = int(cfg.pos_embed_max_size) * patch * VAE_SPATIAL
         return out
