@@ -484,8 +484,10 @@ def test_second_distillation_is_refused(distilled, tmp_path):
 
 
 def test_errors(tiny, tmp_path):
-    with pytest.raises(ValidationError, match="at least one step"):
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
         StepDistillation({"steps": [0, 1, 1]})
+    with pytest.raises(ValidationError, match="less than or equal to 1000"):  # a typo would run for days
+        StepDistillation({"steps": [1, 100000, 1]})
     with pytest.raises(ValidationError):
         StepDistillation({"stepz": [1, 1, 1]})
     with pytest.raises(ValidationError, match="clean"):  # the new options are checked too
