@@ -110,8 +110,9 @@ def base_dir(directory: Path, base: dict[str, Any]) -> Path:
     return inside(directory, base.get("path", "base"), "pipeline.json base.path")
 
 
-def build_from_configs(base: Path, variants: list[str]) -> Pipeline:
-    """An upstream checkpoint's pipeline on the meta device from its configs and tokenizers (no weights)."""
+def build_from_configs(base: Path, variants: list[str], name: str | None = None) -> Pipeline:
+    """An upstream checkpoint's pipeline on the meta device from its configs and tokenizers (no weights):
+    a saved pipeline's base, or a checkpoint directory planned or checked before its weights load."""
     from ndopt.frontends.pyramid_flow import checkpoint as ckpt
     from ndopt.frontends.pyramid_flow import dit as dit_mod
     from ndopt.frontends.pyramid_flow import text as text_mod
@@ -138,7 +139,7 @@ def build_from_configs(base: Path, variants: list[str]) -> Pipeline:
         text = text_mod.SD3TextEncoder(tcfg, tokenizers)
         dit = dit_mod.PyramidMMDiT(dcfg)
         vae = vae_mod.CausalVideoVAE(vcfg)
-    spec = PresetSpec(base.parent.name, dcfg, vcfg, tcfg, **settings)
+    spec = PresetSpec(name or base.parent.name, dcfg, vcfg, tcfg, **settings)
     for m in (text, dit, vae):
         m.eval().requires_grad_(False)
     return assemble(spec.name, text, dit, vae, spec)

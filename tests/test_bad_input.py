@@ -196,3 +196,30 @@ def test_zero_is_not_the_default(tiny):
     """`with_frames(h=0)` used to read 0 as 'the preset's height'."""
     sch = tiny.schedule.with_frames(1, 0, 0)
     assert (sch.height, sch.width) == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    from ndopt.frontends import load_model
+    from ndopt.frontends.pyramid_flow.presets import save_checkpoint_dir
+
+    return save_checkpoint_dir(load_model("pyramid-flow-tiny"), tmp_path_factory.mktemp("ckpt") / "my-checkpoint")
+
+
+def test_a_checkpoint_directorys_sizes_are_checked_before_its_weights_load(ckpt_dir, tmp_path, monkeypatch):
+    import ndopt.frontends.pyramid_flow.checkpoint as ckpt
+
+    def no(*a, **k):
+        raise AssertionError("weights were read before the sizes were checked")
+
+    monkeypatch.setattr(ckpt, "load_state_dict", no)
+    res = CliRunner().invoke(main, [*GEN, "--model", str(ckpt_dir), "--height", "100", "--out",
+                                    str(tmp_path / "v.mp4")])
+    assert res.exit_code == 2 and res.stderr.strip().startswith("ndopt: error: --height 100"), res.output
+    # and the same meta-device build plans it: the tiny preset's figures, from the directory's configs
+    plan = CliRunner().invoke(main, ["plan", "--model", str(ckpt_dir), "--json"])
+    assert plan.exit_code == 0, plan.output
+    got = json.loads(plan.stdout)
+    want = json.loads(CliRunner().invoke(main, ["plan", "--model", "pyramid-flow-tiny", "--json"]).stdout)
+    assert got["pipeline"] == "my-checkpoint"
+    assert (got["params"], got["flops_per_video"]) == (want["params"], want["flops_per_video"])

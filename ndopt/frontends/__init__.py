@@ -43,8 +43,14 @@ def load_model(ref: str, *, device: torch.device | str = "cpu", seed: int = 0, m
         return build_preset(ref, "meta" if meta else device, seed)
     path = Path(ref)
     if path.is_dir():
-        if meta:
-            raise NdoptError("planning from a checkpoint directory loads weights; plan its preset instead")
+        if meta:  # its configs only: `ndopt plan --model DIR`, and every size checked before the weights load
+            from ndopt.saved_upstream import build_from_configs
+
+            if not (path / f"diffusion_transformer_{variant}").is_dir():
+                found = sorted(p.name for p in path.glob("diffusion_transformer_*"))
+                raise CheckpointError(f"{path}: no diffusion_transformer_{variant}/ (found: {found or 'none'}); "
+                                      "pass the variant that exists")
+            return build_from_configs(path, [variant], name=path.name)
         return load_checkpoint_dir(path, variant=variant, device=str(device))
     if path.exists():
         raise CheckpointError(f"{ref}: a model is a preset name, a saved pipeline (RUN/model) or an upstream "
