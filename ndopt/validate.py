@@ -92,11 +92,12 @@ def memory_estimate(pipeline: Any, batch: int = 1) -> dict[str, int]:
     n = 3
     for side in (m, 2 * m):
         small = pipeline.replace(schedule=sch.with_frames(n, side, side))
-        largest: dict[str, int] = {}
+        biggest: dict[str, Any] = {}  # per component, its call with the largest inputs (the last full-res step)
         for sig in small.call_plan():
-            c = small[sig.component]
-            if c.role in ("dit", "vae_decoder"):
-                largest[c.name] = max(largest.get(c.name, 0), costs.run(c, sig).largest_activation_bytes)
+            if small[sig.component].role in ("dit", "vae_decoder"):
+                if sig.component not in biggest or sig.input_bytes() > biggest[sig.component].input_bytes():
+                    biggest[sig.component] = sig
+        largest = {name: costs.run(small[name], sig).largest_activation_bytes for name, sig in biggest.items()}
         for name, nbytes in largest.items():
             points.setdefault(name, []).append(nbytes)
     est = {"weights": sum(c.weight_bytes() for c in pipeline.components.values())}

@@ -352,6 +352,8 @@ class BlockPruning(Pass):
                 else:  # seed: the pyramidal flow-matching objective on data
                     res = flow_match_dit(pruned, data, **kw)
                 metrics[f"{stage}_loss"] = [round(x, 6) for x in res.loss_curve()]
+                if res.resumed_from is not None:  # an interrupted run's rerun went on from its checkpoint
+                    metrics[f"{stage}_resumed_from"] = res.resumed_from
                 artifacts[f"{stage}_loss_plot"] = d / stage / "loss.png"
                 if probe is not None:
                     fidelity[stage] = probe.compare(probe.outputs(pruned), ref)["latent_psnr"]
