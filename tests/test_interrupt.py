@@ -12,42 +12,10 @@ import time
 
 import pytest
 import torch
-from torch import nn
+from train.test_train_engine import _fit  # tests/ is on sys.path (conftest): the engine tests' trainer
 
 from ndopt import interrupt
 from ndopt.interrupt import Interrupted, handle_signals
-from ndopt.train import Example, LossOutput, TrainConfig, Trainer
-
-
-class _Regression:
-    uses = ("net",)
-
-    def __call__(self, modules, batch, info):
-        x = batch.latents
-        noise = torch.stack([torch.randn(2, generator=g) for g in batch.generators()]) * 0.01
-        y = x @ torch.tensor([[1.0, -2.0], [0.5, 0.0], [0.0, 3.0], [1.0, 1.0]]) + noise
-        err = (modules["net"](x) - y).pow(2).mean()
-        return LossOutput(err, {"loss": float(err.detach())})
-
-
-class _Points:
-    def __init__(self) -> None:
-        self.x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> Example:
-        return Example("", latents=self.x[i])
-
-
-def _fit(tmp_path, name, **cfg):
-    torch.manual_seed(0)
-    net = nn.Linear(4, 2)
-    config = TrainConfig(**{"steps": 12, "batch_size": 8, "lr": 5e-2, "log_every": 1, "checkpoint_every": 4,
-                            "grad_clip": None, **cfg})
-    return net, Trainer(trainable={"net": net}, objective=_Regression(), data=_Points(), config=config,
-                        run_dir=tmp_path / name)
 
 
 class _SignalAt:

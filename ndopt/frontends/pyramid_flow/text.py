@@ -39,7 +39,7 @@ from ndopt.errors import CheckpointError, NdoptError
 from ndopt.frontends.pyramid_flow.checkpoint import find_weight_files, read_config, read_json_object
 from ndopt.frontends.pyramid_flow.configs import check_text_config
 from ndopt.io import atomic_dir
-from ndopt.saved_weights import check_finite, dtype_kind
+from ndopt.saved_weights import check_finite, dtype_mismatches
 
 log = logging.getLogger(__name__)
 
@@ -403,8 +403,9 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 # safetensors header dtypes, as torch names them; the float kind is F64, F32, F16, BF16 and F8_*
-_HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                  "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
 
 
 def _check_weights(model: nn.Module, path: Path) -> None:
@@ -414,14 +415,14 @@ def _check_weights(model: nn.Module, path: Path) -> None:
 
     state = model.state_dict()
     origin: dict[str, Path] = {}
-    stored: dict[str, str] = {}
+    stored: dict[str, torch.Tensor] = {}  # meta stand-ins with the stored dtypes, from the headers only
     for f in find_weight_files(path):
         with safe_open(f, framework="pt") as handle:  # the header only: no tensor is read
             for k in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                origin[k], stored[k] = f, handle.get_slice(k).get_dtype()
-    bad = [f"{k}: checkpoint {_HEADER_DTYPES.get(code, code)} vs model {str(state[k].dtype).removeprefix('torch.')}"
-           for k, code in stored.items()
-           if k in state and dtype_kind(state[k].dtype) == "float" and not code.startswith(("F", "BF"))]
+                origin[k], code = f, handle.get_slice(k).get_dtype()
+                if code in _HEADER_DTYPES:
+                    stored[k] = torch.empty(0, dtype=_HEADER_DTYPES[code], device="meta")
+    bad = dtype_mismatches(state, stored)
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} dtype mismatch{'es' if len(bad) > 1 else ''} "
                               f"({', '.join(bad[:20])}{', ...' if len(bad) > 20 else ''}): a float weight stored "
