@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from ndopt import threads
 from ndopt.errors import NdoptError, PassError
 from ndopt.ir.cost import CostModel
 from ndopt.ir.pipeline import AppliedPass, Pipeline
@@ -311,7 +312,11 @@ class PassManager:
                 inst.before(index, p, pipeline, ctx)
             log.info("pass %d/%d: %s", index, len(self.passes), p.name)
             try:
-                result = p.plan(pipeline, ctx) if ctx.plan else p.run(pipeline, ctx)
+                if ctx.plan:
+                    result = p.plan(pipeline, ctx)
+                else:
+                    with threads.for_pipeline(pipeline):
+                        result = p.run(pipeline, ctx)
             except NdoptError:
                 raise
             except Exception as e:

@@ -27,10 +27,13 @@ def _num(x: float | str | None) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
-def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
+def write_report(run_dir: Path, report: dict[str, Any], plots: bool = True) -> dict[str, Path]:
+    """report.json and report.md, atomically; with `plots`, the PNGs first (the markdown links the
+    plots it made). A run writes the text after every pass and draws the plots once, at its end."""
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md"}
-    paths.update(plot_report(run_dir, report))  # first: the markdown links the plots it made
+    if plots:
+        paths.update(plot_report(run_dir, report))
     atomic_write_json(paths["json"], jsonable(report))
     atomic_write_text(paths["md"], render_markdown(report))
     return paths

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ndopt import threads
 from ndopt import validate as V
 from ndopt.errors import NdoptError
 from ndopt.eval.probe import FidelityInstrument, FidelityProbe, ProbeSettings
@@ -122,7 +123,7 @@ def _run(recipe: str | Path | Recipe, *, model: str | None, target: str | None, 
         row["ratios"] = _ratios(base, row["cost"])  # vs the unoptimized pipeline (x fewer)
         report["steps"].append(row)
         report["final_summary"] = pipe.summary()
-        write_report(run_dir, report)
+        write_report(run_dir, report, plots=False)  # plots are drawn once, when the run ends
 
     manager = PassManager(passes, instruments, costs=costs)
     stage = "passes"
@@ -414,7 +415,7 @@ def generate(model: str, prompt: str, out: str | Path, *, frames: int = 9, heigh
     V.check_text(prompt, "--prompt")
     fmt = V.check_output_file(out, "--out", fmt)
     pipeline = generation_pipeline(model, frames=frames, height=height, width=width, steps=steps, seed=seed)
-    with torch.no_grad():
+    with torch.no_grad(), threads.for_pipeline(pipeline):
         latents = pipeline.sampler.sample(pipeline, [prompt], generator=np.random.default_rng(seed), progress=progress)
         video = pipeline.sampler.decode(pipeline, latents)
     return write_video(Path(out), video_frames(video), fmt=fmt)

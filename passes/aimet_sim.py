@@ -92,6 +92,12 @@ class QuantizedComponent(nn.Module):
         self.config_file = config_file
 
     @property
+    def cost_reference(self) -> nn.Module:
+        """What ndopt.ir.cost runs for shapes and FLOPs: the float module (the same calls, the same
+        shapes; AIMET's quantize-dequantize ops are not the model's arithmetic)."""
+        return self.reference
+
+    @property
     def quantized(self) -> nn.Module:
         """The quantized copy of the float module (what the sim runs)."""
         return self.sim.model.inner

@@ -22,6 +22,9 @@ def pytest_configure(config):
     (and per subprocess it starts), else the workers' thread pools fight over the cores."""
     import os
 
+    # ndopt's on-disk plan caches stay out of tests (a test that patches a module must not be answered
+    # from a cache); the tests of the caches turn them on in a temporary directory
+    os.environ["NDOPT_CACHE"] = "0"
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch

@@ -126,3 +126,60 @@ def test_timing_and_provenance_recorded(tiny, tmp_path):
     final, recs = PassManager([DeadComponentElimination(), DeadComponentElimination()]).run(tiny, PassContext(tmp_path))
     assert [p.modified for p in final.provenance] == [True, False]
     assert all(r.record["seconds"] >= 0 for r in recs)
+
+
+class _InPlace(_Perturb):
+    """Test pass: returns a new pipeline whose DiT is the same object, its weight scaled in place
+    (`modified` with the same components: the probe must notice the in-place change)."""
+
+    name = "test_in_place"
+
+    def run(self, pipeline, ctx):
+        with torch.no_grad():
+            pipeline["dit"].module.proj_out.weight.mul_(self.config.scale)
+        return PassResult(pipeline.replace(), modified=True)
+
+
+def test_probe_reuses_an_unchanged_sampled_pipeline_and_resamples_a_changed_one(tiny, tmp_path, monkeypatch):
+    """After dead-component elimination the sampled components are the same objects: the probe's
+    previous outputs stand (bit-identical to sampling again), and it samples nothing. A pass that
+    changes a weight in place on the same module objects is sampled again."""
+    import copy
+
+    from ndopt.runner import with_steps
+
+    tiny = with_steps(tiny, (2, 2, 2))  # few steps: the test counts samplings, not quality
+    probe = FidelityProbe(PROBE)
+    sampled = []
+    real = probe.outputs
+    monkeypatch.setattr(probe, "outputs", lambda pipe, progress=None: sampled.append(1) or real(pipe, progress))
+    inst = FidelityInstrument(probe)
+    final, recs = PassManager([DeadComponentElimination()], [inst]).run(tiny, PassContext(tmp_path))
+    assert len(sampled) == 1 and inst.reused == 1  # the reference only
+    fid = recs[0].record["fidelity"]
+    assert "reused" in fid and fid["vs_previous"]["latent_rel_err"] == 0.0
+    assert torch.equal(real(final).latents, inst.latest.latents)  # what sampling again would give
+
+    mine = tiny.replace(dit=tiny["dit"].with_module(copy.deepcopy(tiny["dit"].module)))
+    inst = FidelityInstrument(FidelityProbe(PROBE), "warn")
+    _, recs = PassManager([_InPlace({"scale": 1.01})], [inst]).run(mine, PassContext(tmp_path))
+    assert inst.reused == 0 and recs[0].record["fidelity"]["vs_previous"]["latent_rel_err"] > 0
+
+
+def test_fingerprint_sees_in_place_and_structural_changes(tiny):
+    import copy
+
+    from ndopt.ir.fingerprint import module_fingerprint
+
+    dit = copy.deepcopy(tiny["dit"].module)
+    fp = module_fingerprint(dit)
+    assert module_fingerprint(dit) == fp
+    with torch.no_grad():
+        dit.proj_out.weight.add_(0.0)  # an in-place write, even of the same values
+    assert module_fingerprint(dit) != fp
+    fp = module_fingerprint(dit)
+    dit.transformer_blocks = dit.transformer_blocks[:-1]
+    assert module_fingerprint(dit) != fp
+    fp = module_fingerprint(dit)
+    dit.some_flag = True
+    assert module_fingerprint(dit) != fp

@@ -3,7 +3,9 @@
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` while each component runs for shapes
 only (fake tensors over meta or real parameters; small real-weight components by a real call,
 which is cheaper), so the real 2B pipeline is costed on a laptop.
-Bytes written by every op are counted too (the activation traffic a roofline needs).
+Bytes written by every op are counted too (the activation traffic a roofline needs). A wrapper
+that exposes `cost_reference` (the AIMET sim: its float module) is costed as that module.
+Meta components' results are also kept on disk (ndopt.cache), keyed by structure and code.
 
 Speed: a 2B DiT has 24 identical blocks and Pyramid-Flow calls it at dozens of distinct shapes.
 Members of a repeated `nn.ModuleList` are memoized by (structure, input shapes): the first call
@@ -26,6 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from ndopt import cache as disk_cache
+from ndopt import threads
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.spec import CallSignature
@@ -234,10 +238,21 @@ class CostModel:
         self.memoize_blocks = memoize_blocks
         self._cache: dict[tuple[int, Any], ShapeRun] = {}
         self._needs_fake: set[int] = set()
+        self._structure: dict[int, str] = {}  # module id -> structure digest (the on-disk shape cache's key)
         self._alive: list[nn.Module] = []  # keep cached modules alive so ids stay unique
 
     def run(self, component: Component, sig: CallSignature) -> ShapeRun:
+        ref = getattr(component.module, "cost_reference", None)  # a wrapper costed as the module it wraps
+        if isinstance(ref, nn.Module):
+            component = component.with_module(ref)
         key = (id(component.module), component.entry, sig.args, tuple(sorted(map(str, sig.static_dict.items()))))
+        disk_key = None
+        if key not in self._cache and component.device.type == "meta" and disk_cache.enabled():
+            disk_key = _disk_key(component, key[1:], self.memoize_blocks, self._structure)
+            hit = _from_json(disk_cache.load_json("shapes", disk_key))
+            if hit is not None:
+                self._cache[key] = hit
+                self._alive.append(component.module)
         if key not in self._cache:
             cheap = component.device.type == "meta" or (real_run_ok(component)
                                                          and sig.input_bytes() <= REAL_RUN_MAX_INPUT_BYTES)
@@ -249,10 +264,13 @@ class CostModel:
             if key not in self._cache:
                 self._cache[key] = self._run(component, sig, fake=True)
             self._alive.append(component.module)
+            if disk_key is not None:
+                disk_cache.store_json("shapes", disk_key, _to_json(self._cache[key]))
         return self._cache[key]
 
     def _run(self, component: Component, sig: CallSignature, fake: bool) -> ShapeRun:
-        with shape_mode(component, fake) as device:
+        sized = contextlib.nullcontext() if fake or component.device.type == "meta" else threads.for_module(component.module)
+        with sized, shape_mode(component, fake) as device:
             inputs = sig.make_inputs(device=device)
             counter = FlopCounterMode(display=False)
             written = _BytesWritten()
@@ -282,6 +300,48 @@ class CostModel:
             comps.append(ComponentCost(name, c.role, c.params(), c.weight_bytes(),
                                        sum(s.count for s in mine), sum(s.flops * s.count for s in mine)))
         return PipelineCost(tuple(comps), sigs)
+
+
+def _disk_key(component: Component, call: tuple, memoize: bool, structure: dict[int, str]) -> str:
+    """A meta component's shape run depends only on the module's structure (types, plain attributes,
+    tensor shapes and dtypes: no values exist on meta), the call and the code (disk_cache.code_version).
+    `structure` memoizes the module's part by module identity (the caller keeps the modules alive)."""
+    import hashlib
+
+    sid = structure.get(id(component.module))
+    if sid is None:
+        sid = structure[id(component.module)] = _structure_digest(component.module)
+    ident = repr((disk_cache.code_version(), component.role, sid, call, memoize))
+    return hashlib.sha256(ident.encode()).hexdigest()[:40]
+
+
+def _structure_digest(m: nn.Module) -> str:
+    import hashlib
+
+    mods = tuple((n, type(x).__module__, type(x).__qualname__,
+                  tuple(sorted((k, v if not callable(v) else getattr(v, "__qualname__", repr(v)))
+                               for k, v in vars(x).items()
+                               if (callable(v) or isinstance(v, (bool, int, float, str, type(None))))
+                               and not k.startswith("_"))))
+                 for n, x in m.named_modules(remove_duplicate=False))
+    tensors = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in [*m.named_parameters(), *m.named_buffers()])
+    return hashlib.sha256(repr((mods, tensors)).encode()).hexdigest()
+
+
+def _to_json(r: ShapeRun) -> dict[str, Any]:
+    return {"flops": r.flops, "activation_bytes": r.activation_bytes,
+            "largest_activation_bytes": r.largest_activation_bytes,
+            "outputs": [[list(shape), str(dtype).removeprefix("torch.")] for shape, dtype in r.outputs]}
+
+
+def _from_json(d: Any) -> ShapeRun | None:
+    try:
+        outs = tuple((tuple(int(x) for x in shape), getattr(torch, dtype)) for shape, dtype in d["outputs"])
+        if not all(isinstance(dt, torch.dtype) for _, dt in outs):
+            return None
+        return ShapeRun(int(d["flops"]), int(d["activation_bytes"]), int(d["largest_activation_bytes"]), outs)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
 
 
 def pipeline_cost(pipeline: Pipeline) -> PipelineCost:

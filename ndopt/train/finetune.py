@@ -61,7 +61,12 @@ def training_latents(pipeline: Pipeline, data: DataSpec, cache_dir: Path) -> Lat
         raise PassError("fine-tuning on data needs the pipeline's vae_encoder to encode clips: run this pass "
                         "before dead_component_elimination (or keep vae_encoder there)")
     ds, name = _clip_source(data)
-    return LatentCache(ds, enc.module, cache_dir, size=data.clips, name=name).load()
+    from ndopt import cache
+
+    # procedural clips are a function of their config and seed (both in `name`): encoded once per
+    # machine, not once per run directory; a folder's clips can change under the same name
+    shared = cache.shared_dir("latents") if data.source == "procedural" else None
+    return LatentCache(ds, enc.module, shared or cache_dir, size=data.clips, name=name).load()
 
 
 def training_captions(data: DataSpec, n: int, *, held_out: bool = False) -> list[str]:

@@ -1,0 +1,195 @@
+"""ndopt's on-disk caches: work a later command can reuse, keyed so it never answers stale.
+
+Every key includes what the result depends on and the code that computes it (the source of ndopt,
+its passes and targets, the versions of torch, transformers and the other model libraries, and the
+installed plugins), so an edit or an upgrade misses instead of answering old figures:
+
+- `plans/`: a whole `ndopt plan` answer (its JSON and report files) for the same arguments, recipe
+  text, model (a preset, or a checkpoint directory's configs) and targets; read without importing
+  torch, so a repeated plan prints at once.
+- `shapes/`: one meta component's FLOPs, bytes and output shapes at one call signature, keyed by the
+  module's structure (ndopt.ir.cost), so a new recipe or target on a known preset skips the shape
+  runs of the components it shares.
+- `latents/`: training clips encoded by a VAE encoder (ndopt.train.data.LatentCache, keyed by the
+  data, the size and the encoder's weights), shared by every run instead of one run directory.
+
+The directory is `$NDOPT_CACHE_DIR`, else `$XDG_CACHE_HOME/ndopt`, else `~/.cache/ndopt`;
+`NDOPT_CACHE=0` turns all of them off. Entries are written atomically; an unreadable one is a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from functools import cache
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+SOURCE_PACKAGES = ("ndopt", "passes", "targets", "recipes")
+SOURCE_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".tsv", ".txt")
+VERSIONED = ("torch", "transformers", "diffusers", "onnx", "aimet-torch")
+MAX_CONFIG_BYTES = 1 << 20  # a checkpoint directory's files hashed by content below this, else by name and size
+
+
+def enabled() -> bool:
+    return os.environ.get("NDOPT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("NDOPT_CACHE_DIR"):
+        return Path(os.environ["NDOPT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ndopt"
+
+
+def shared_dir(kind: str) -> Path | None:
+    """A cache subdirectory for files keyed by the caller, per code version; None when caching is off."""
+    return cache_dir() / kind / code_version()[:16] if enabled() else None
+
+
+def _hash_files(h: Any, root: Path, skip_dirs: tuple[str, ...] = ("weights", "__pycache__")) -> None:
+    for p in sorted(root.rglob("*")):
+        if any(part in skip_dirs for part in p.relative_to(root).parts) or not p.is_file():
+            continue
+        h.update(str(p.relative_to(root)).encode())
+        if p.suffix in SOURCE_SUFFIXES and p.stat().st_size <= MAX_CONFIG_BYTES:
+            h.update(p.read_bytes())
+        else:
+            h.update(str(p.stat().st_size).encode())
+
+
+@cache
+def code_version() -> str:
+    """A digest of the code a plan's figures come from (see the module docstring)."""
+    h = hashlib.sha256()
+    for pkg in SOURCE_PACKAGES:
+        try:
+            root = Path(str(resources.files(pkg)))
+        except (ModuleNotFoundError, TypeError):
+            continue
+        h.update(pkg.encode())
+        _hash_files(h, root)
+    for dist in VERSIONED:
+        try:
+            h.update(f"{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{dist}=-".encode())
+    for group in ("ndopt.passes", "ndopt.targets", "ndopt.frontends"):
+        for ep in sorted(metadata.entry_points(group=group), key=lambda e: (e.name, e.value)):
+            dist = getattr(ep, "dist", None)
+            h.update(f"{group}:{ep.name}={ep.value}@{dist.version if dist else '-'}".encode())
+    return h.hexdigest()[:32]
+
+
+def _recipe_text(ref: str) -> str:
+    path = Path(ref)
+    if not path.is_file():
+        try:
+            path = Path(str(resources.files("recipes") / f"{ref}.yaml"))
+        except ModuleNotFoundError:
+            return f"<unresolved {ref}>"
+        if not path.is_file():
+            return f"<unresolved {ref}>"
+    return path.read_bytes().decode("utf-8", "replace")
+
+
+def _model_identity(ref: str | None) -> str:
+    """A preset or bundled name as it is; a directory by its files (configs by content, weights by size)."""
+    if ref is None:
+        return "-"
+    path = Path(ref)
+    if not path.is_dir():
+        return ref
+    h = hashlib.sha256(str(path.resolve()).encode())
+    _hash_files(h, path, skip_dirs=("__pycache__",))
+    return h.hexdigest()
+
+
+def _target_identity(ref: str | None) -> str:
+    return _recipe_text(ref) if ref and Path(ref).is_file() else (ref or "-")
+
+
+def plan_key(args: dict[str, Any]) -> str:
+    """The key of a plan with these CLI arguments (recipe, model, target, sizes, first frame)."""
+    ident = dict(args)
+    ident["recipe_text"] = _recipe_text(args["recipe"]) if args.get("recipe") else None
+    ident["model_identity"] = _model_identity(args.get("model"))
+    ident["target_identity"] = _target_identity(args.get("target"))
+    ident.pop("out_dir", None)  # where the report goes does not change it
+    ident["code"] = code_version()
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+def _entry(kind: str, key: str) -> Path:
+    return cache_dir() / kind / key
+
+
+def load_plan(key: str, report_dir: Path | None) -> dict[str, Any] | None:
+    """A cached plan, its report files copied into `report_dir` (the paths in it rewritten); None on a miss."""
+    if not enabled():
+        return None
+    entry = _entry("plans", key)
+    try:
+        result = json.loads((entry / "plan.json").read_text())
+        files = result.pop("_files", {})
+        if files:
+            if report_dir is None:
+                return None
+            report_dir.mkdir(parents=True, exist_ok=True)
+            for name in files.values():
+                src = entry / name
+                with tempfile.NamedTemporaryFile(dir=report_dir, prefix=f".{name}.", delete=False) as tmp:
+                    shutil.copyfileobj(src.open("rb"), tmp)
+                os.replace(tmp.name, report_dir / name)
+            result["paths"] = {k: str(report_dir / name) for k, name in files.items()}
+        return result
+    except (OSError, ValueError):
+        return None
+
+
+def store_plan(key: str, result: dict[str, Any]) -> None:
+    """Keep a plan (and the report files it names) for the next identical `ndopt plan`; best effort."""
+    if not enabled():
+        return
+    entry = _entry("plans", key)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}."))
+        files = {}
+        for k, p in (result.get("paths") or {}).items():
+            shutil.copyfile(p, tmp / Path(p).name)
+            files[k] = Path(p).name
+        body = {k: v for k, v in result.items() if k != "paths"}
+        body["_files"] = files
+        (tmp / "plan.json").write_text(json.dumps(body, default=str))
+        if entry.exists():
+            shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
+    except OSError:
+        pass
+
+
+def load_json(kind: str, key: str) -> Any:
+    if not enabled():
+        return None
+    try:
+        return json.loads(_entry(kind, key + ".json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store_json(kind: str, key: str, value: Any) -> None:
+    if not enabled():
+        return
+    path = _entry(kind, key + ".json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+            tmp.write(json.dumps(value))
+        os.replace(tmp.name, path)
+    except OSError:
+        pass
