@@ -32,6 +32,7 @@ from typing import Any
 SOURCE_PACKAGES = ("ndopt", "passes", "targets", "recipes")
 SOURCE_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".tsv", ".txt")
 VERSIONED = ("torch", "transformers", "diffusers", "onnx", "aimet-torch")
+RESULT = "ndopt-plan-result.json"  # beside the report files (plan.json, report.md, plots)
 MAX_CONFIG_BYTES = 1 << 20  # a checkpoint directory's files hashed by content below this, else by name and size
 
 
@@ -134,7 +135,7 @@ def load_plan(key: str, report_dir: Path | None) -> dict[str, Any] | None:
         return None
     entry = _entry("plans", key)
     try:
-        result = json.loads((entry / "plan.json").read_text())
+        result = json.loads((entry / RESULT).read_text())
         files = result.pop("_files", {})
         if files:
             if report_dir is None:
@@ -165,7 +166,7 @@ def store_plan(key: str, result: dict[str, Any]) -> None:
             files[k] = Path(p).name
         body = {k: v for k, v in result.items() if k != "paths"}
         body["_files"] = files
-        (tmp / "plan.json").write_text(json.dumps(body, default=str))
+        (tmp / RESULT).write_text(json.dumps(body, default=str))
         if entry.exists():
             shutil.rmtree(entry, ignore_errors=True)
         os.replace(tmp, entry)

@@ -1,0 +1,110 @@
+"""Benchmark: the toolkit's own commands, end to end in fresh processes (imports included).
+
+    .venv/bin/python bench/bench_toolkit.py [--skip-run] [--repeats 1] [--busy 0]
+
+Times `import torch`, `ndopt plan --model pyramid-flow-sd3-768p` (cold: an empty cache; shapes
+cached: a new plan on a known preset; warm: the same plan again), `ndopt generate` of the README's
+prompt, `ndopt estimate` of one ONNX graph, and `ndopt run default` (an empty cache, then again with
+the latents cached). Each figure is printed with its ratio to the previous release's, recorded
+below. `--busy N` starts N CPU-bound processes first, to time the commands on a busy machine
+(as on a shared CI or laptop). Every command runs with a fresh cache directory unless said.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle moving left on a dark background"
+
+# The previous release (main at 7c18b2e, before issue 26), this bench on a quiet 2-core machine
+# (the same one: 2026-12-07). `run_default` is what the README then quoted.
+PREVIOUS = {
+    "import_torch": 2.8,
+    "plan_768p_cold": 11.8,
+    "plan_768p_shapes_cached": 11.8,
+    "plan_768p_warm": 11.8,
+    "generate": 12.0,
+    "estimate": 4.5,
+    "run_default": 134.0,
+    "run_default_latents_cached": 134.0,
+}
+
+
+def _spin(stop: float) -> None:
+    while time.time() < stop:
+        pass
+
+
+def timed(label: str, cmd: list[str], env: dict[str, str], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        if r.returncode != 0:
+            raise SystemExit(f"{label}: {' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=1, help="runs per figure (median); run default runs once")
+    ap.add_argument("--skip-run", action="store_true", help="leave out `ndopt run default` (minutes)")
+    ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes to start first")
+    args = ap.parse_args()
+    hogs = [mp.Process(target=_spin, args=(time.time() + 3600,), daemon=True) for _ in range(args.busy)]
+    for h in hogs:
+        h.start()
+    py = sys.executable
+    ndopt = [py, "-m", "ndopt.cli"]
+    rows: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="ndopt-bench-") as d:
+        d = Path(d)
+        env = {**os.environ, "NDOPT_CACHE_DIR": str(d / "cache")}
+        rows["import_torch"] = timed("import torch", [py, "-c", "import torch"], env, args.repeats)
+
+        plan = [*ndopt, "plan", "--model", "pyramid-flow-sd3-768p", "--json"]
+        cold = []
+        for i in range(args.repeats):
+            e = {**env, "NDOPT_CACHE_DIR": str(d / f"cold{i}")}
+            cold.append(timed("plan cold", plan, e, 1))
+        rows["plan_768p_cold"] = statistics.median(cold)
+        # a new plan on a known preset: other sizes, so only the shape runs it shares are cached
+        e = {**env, "NDOPT_CACHE_DIR": str(d / "cold0")}
+        rows["plan_768p_shapes_cached"] = timed("plan shapes cached", [*plan, "--frames", "25"], e, 1)
+        rows["plan_768p_warm"] = timed("plan warm", plan, e, args.repeats)
+
+        rows["generate"] = timed("generate", [*ndopt, "generate", "--model", "pyramid-flow-tiny", "--prompt", PROMPT,
+                                              "--frames", "9", "--out", str(d / "v.mp4")], env, args.repeats)
+        if not args.skip_run:
+            run_dir = d / "run"
+            rows["run_default"] = timed("run default", [*ndopt, "run", "default", "--out", str(run_dir)], env, 1)
+            rows["run_default_latents_cached"] = timed("run default again", [*ndopt, "run", "default", "--out",
+                                                                             str(d / "run2")], env, 1)
+        graph = d / "resnet18.onnx"  # a model `ndopt estimate` users bring: torchvision's, random weights
+        subprocess.run([py, "-c", "import torch, torchvision; m = torchvision.models.resnet18().eval(); "
+                        f"torch.onnx.export(m, (torch.zeros(1, 3, 224, 224),), {str(graph)!r}, dynamo=False)"],
+                       check=True, capture_output=True)
+        rows["estimate"] = timed("estimate", [*ndopt, "estimate", str(graph), "--target", "snapdragon-8-elite"],
+                                 env, args.repeats)
+    for h in hogs:
+        h.terminate()
+    print(f"ndopt toolkit, {os.cpu_count()} cores, {args.busy} busy process(es), median of {args.repeats}")
+    print(f"{'command':30s} {'seconds':>9s} {'previous':>9s} {'speed-up':>9s}")
+    for k, v in rows.items():
+        prev = PREVIOUS.get(k)
+        ratio = f"{prev / v:8.2f}x" if prev else "-"
+        print(f"{k:30s} {v:9.2f} {prev if prev is not None else '-':>9} {ratio:>9s}")
+
+
+if __name__ == "__main__":
+    main()
