@@ -1,12 +1,14 @@
 """Benchmark: the NPU latency estimator against Qualcomm AI Hub measurements, and what it says of
 Pyramid-Flow and a Neodragon-like pipeline (prints figures and ratios).
 
-    .venv/bin/python bench/bench_estimator.py [--fit] [--skip-pipelines]
+    .venv/bin/python bench/bench_estimator.py [--extract] [--fit] [--skip-pipelines]
 
-Calibration: the models of targets/calibration.tsv, costed on the meta device, priced with the
-efficiencies shipped in targets/*.yaml (and, with --fit, refitted here: it prints the YAML to paste).
-Held out: three AI Hub models the fit never saw (HELD_OUT below, same source). Errors are
-|estimated / measured - 1|: median and worst, per target and precision.
+Calibration: the models of targets/calibration.tsv as `ndopt estimate` sees them (their ONNX exports,
+costed by targets/onnx_costs.py; the per-node records are targets/calibration_features.json, which
+--extract rewrites by exporting every model). Errors are |estimated / measured - 1|: median and
+worst per target and precision, for the shipped efficiencies (in sample) and leave-one-family-out
+(each family's models estimated by a fit on the other families only: what a model of a new kind
+can expect). --fit prints the efficiencies and calibration records to paste into targets/*.yaml.
 """
 
 from __future__ import annotations
@@ -14,31 +16,14 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
+from pathlib import Path
 
-from targets import Efficiency, specs
-from targets.calibration import errors, fit, graph_cost, predict, read_tsv
+import numpy as np
 
-# (model, builder, AI Hub device, precision, measured ms, source): qai-hub-models 0.65.0 perf.yaml files.
-HELD_OUT = [
-    ("sd21_unet", "diffusers:sd21_unet", "Samsung Galaxy S25", "w8a16", 93.162,
-     "models/stable_diffusion_v2_1/perf.yaml w8a16/unet/qnn_context_binary"),
-    ("sd21_unet", "diffusers:sd21_unet", "Snapdragon X Elite CRD", "w8a16", 163.457,
-     "models/stable_diffusion_v2_1/perf.yaml w8a16/unet/qnn_context_binary"),
-    ("swin_tiny", "torchvision:swin_t", "Samsung Galaxy S25", "w8a16", 4.76, "models/swin_tiny/perf.yaml w8a16/qnn_dlc"),
-    ("swin_tiny", "torchvision:swin_t", "Snapdragon X Elite CRD", "w8a16", 10.807,
-     "models/swin_tiny/perf.yaml w8a16/qnn_dlc"),
-    ("swin_tiny", "torchvision:swin_t", "Samsung Galaxy S25", "fp16", 4.399, "models/swin_tiny/perf.yaml float/qnn_dlc"),
-    ("swin_tiny", "torchvision:swin_t", "Snapdragon X Elite CRD", "fp16", 9.636,
-     "models/swin_tiny/perf.yaml float/qnn_dlc"),
-    ("whisper_medium_encoder", "transformers:whisper_medium_encoder", "Samsung Galaxy S25", "w8a16", 97.394,
-     "models/whisper_medium_quantized/perf.yaml w8a16/encoder/qnn_context_binary"),
-    ("whisper_medium_encoder", "transformers:whisper_medium_encoder", "Snapdragon X Elite CRD", "w8a16", 169.383,
-     "models/whisper_medium_quantized/perf.yaml w8a16/encoder/qnn_context_binary"),
-    ("whisper_medium_encoder", "transformers:whisper_medium_encoder", "Samsung Galaxy S25", "fp16", 173.075,
-     "models/whisper_medium/perf.yaml float/encoder/qnn_context_binary"),
-    ("whisper_medium_encoder", "transformers:whisper_medium_encoder", "Snapdragon X Elite CRD", "fp16", 332.026,
-     "models/whisper_medium/perf.yaml float/encoder/qnn_context_binary"),
-]
+from targets import specs
+from targets.calibration import Sample, cross_validate, errors, fit_target, load_features, predict, read_tsv
+
+ONNX_CACHE = Path.home() / ".cache" / "ndopt" / "calibration-onnx"
 NEODRAGON = {"latency_s": 6.7, "peak_memory_gb": 3.5}  # the paper: 49 frames 640x1024 on an 8 Elite phone
 
 
@@ -49,42 +34,80 @@ def target_of(device: str) -> str:
     raise SystemExit(f"no target lists AI Hub device {device!r}")
 
 
+def extract(onnx_dir: Path) -> None:
+    """Export every calibration model to ONNX (skeletons: graph and shapes) and write the features."""
+    import onnx
+    import torch
+
+    from targets.calibration import export_graph, save_features
+    from targets.onnx_costs import onnx_graph_cost, static_graph
+
+    torch.set_num_threads(1)
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    costs = {}
+    for b in sorted({m.builder for m in read_tsv()}):
+        f = onnx_dir / (b.replace(":", "__") + ".onnx")
+        t0 = time.perf_counter()
+        if not f.exists():
+            export_graph(b, f)
+        # what `ndopt estimate` does with a file: shapes made static (symbolic inference where onnx's stops)
+        costs[b] = onnx_graph_cost(static_graph(onnx.load(str(f), load_external_data=False), str(f)))
+        print(f"  {b:44s} {len(costs[b].ops):5d} priced nodes, {costs[b].macs / 1e9:8.2f} GMACs "
+              f"[{time.perf_counter() - t0:.1f} s]")
+    out = Path(__file__).resolve().parents[1] / "targets" / "calibration_features.json"
+    save_features(costs, out, "per-node records of the calibration models' ONNX exports "
+                  "(bench/bench_estimator.py --extract)")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--extract", action="store_true", help="export the models and rewrite the features file")
+    ap.add_argument("--onnx-dir", type=Path, default=ONNX_CACHE, help="where --extract keeps the ONNX exports")
     ap.add_argument("--fit", action="store_true", help="refit the efficiencies and print the YAML to paste")
-    ap.add_argument("--skip-pipelines", action="store_true", help="only the calibration and held-out errors")
+    ap.add_argument("--skip-pipelines", action="store_true", help="only the calibration errors")
     args = ap.parse_args()
+    if args.extract:
+        extract(args.onnx_dir)
     cal = read_tsv()
-    t0 = time.perf_counter()
-    costs = {b: graph_cost(b) for b in sorted({m.builder for m in cal} | {h[1] for h in HELD_OUT})}
-    print(f"costed {len(costs)} models on the meta device in {time.perf_counter() - t0:.1f} s")
-    groups = sorted({(target_of(m.device), m.precision) for m in cal})
-    fitted: dict[tuple[str, str], Efficiency] = {}
-    for tname, prec in groups:
+    costs = load_features()
+    print(f"{len({m.model for m in cal})} models ({len({m.builder for m in cal})} graphs), "
+          f"{len({m.family for m in cal})} families, {len(cal)} measurements")
+    table, fitted = [], {}
+    for tname in sorted({target_of(m.device) for m in cal}):
         spec = specs()[tname]
-        rows = [m for m in cal if target_of(m.device) == tname and m.precision == prec]
-        eff = spec.efficiency[prec]
-        if args.fit:
-            eff = fit([costs[m.builder] for m in rows], [m.latency_ms for m in rows], spec, prec, start=eff)
-            fitted[(tname, prec)] = eff
-        pred = predict([costs[m.builder] for m in rows], spec, prec, eff)
-        e = errors(pred, [m.latency_ms for m in rows])
-        print(f"\n{tname} {prec}: calibration ({e['n']} models) median error {e['median']:.1%}, worst "
-              f"{e['worst']:.1%} (estimate/measured geomean {e['geomean_ratio']:.2f})")
-        for m, p in zip(rows, pred):
-            print(f"  {m.model:26s} measured {m.latency_ms:9.3f} ms  estimated {p:9.3f} ms  ratio {p / m.latency_ms:5.2f}")
-        held = [h for h in HELD_OUT if target_of(h[2]) == tname and h[3] == prec]
-        if held:
-            hp = predict([costs[h[1]] for h in held], spec, prec, eff)
-            he = errors(hp, [h[4] for h in held])
-            print(f"  held out ({he['n']}): median error {he['median']:.1%}, worst {he['worst']:.1%}")
-            for h, p in zip(held, hp):
-                print(f"  {h[0]:26s} measured {h[4]:9.3f} ms  estimated {p:9.3f} ms  ratio {p / h[4]:5.2f}  [held out]")
+        rows = [m for m in cal if target_of(m.device) == tname]
+        samples = [Sample(costs[m.builder], m.precision, m.latency_ms, m.family) for m in rows]
+        t0 = time.perf_counter()
+        effs = fit_target(samples, spec) if args.fit else {p: spec.efficiency[p] for p in {m.precision for m in rows}}
+        fitted.update({(tname, p): e for p, e in effs.items()} if args.fit else {})
+        lofo = cross_validate(samples, spec, {k: v for k, v in spec.efficiency.items() if v.calibrated})
+        for prec in sorted(effs):
+            ii = [i for i, m in enumerate(rows) if m.precision == prec]
+            meas = np.array([rows[i].latency_ms for i in ii])
+            pred = predict([costs[rows[i].builder] for i in ii], spec, prec, effs[prec])
+            e, cv = errors(pred, meas), errors(lofo[ii], meas)
+            table.append((tname, prec, len(ii), len({rows[i].family for i in ii}), e, cv))
+            print(f"\n{tname} {prec}: {e['n']} measurements; in sample median {e['median']:.1%}, worst "
+                  f"{e['worst']:.1%}; leave-one-family-out median {cv['median']:.1%}, worst {cv['worst']:.1%} "
+                  f"[{time.perf_counter() - t0:.1f} s]")
+            for i, p in sorted(zip(ii, pred), key=lambda r: rows[r[0]].family):
+                m = rows[i]
+                print(f"  {m.family:16s} {m.model:28s} measured {m.latency_ms:9.3f} ms  estimated {p:9.3f}  "
+                      f"held out {lofo[i]:9.3f} ({lofo[i] / m.latency_ms - 1:+.0%})")
+    print("\nleave-one-family-out cross-validation, |estimate / measured - 1| (ONNX exports, as `ndopt estimate`):")
+    print(f"  {'target':20s} {'precision':9s} {'n':>4s} {'families':>8s} {'median':>7s} {'worst':>7s}   in sample")
+    for tname, prec, n, nf, e, cv in table:
+        print(f"  {tname:20s} {prec:9s} {n:4d} {nf:8d} {cv['median']:7.1%} {cv['worst']:7.1%}   "
+              f"{e['median']:.1%} / {e['worst']:.1%}")
     if args.fit:
-        print("\n# fitted efficiencies (paste into targets/<name>.yaml under efficiency:)")
+        print("\n# fitted efficiencies and their cross-validated errors (paste into targets/<name>.yaml)")
         for (tname, prec), eff in fitted.items():
-            vals = ", ".join(f"{k}: {getattr(eff, k):.4g}" for k in ("conv", "matmul", "attention", "weights", "activations", "node_us"))
-            print(f"{tname}:  {prec}: {{{vals}}}")
+            vals = ", ".join(f"{k}: {getattr(eff, k):.4g}" for k in ("conv", "dwconv", "matmul", "attention", "weights",
+                                                                    "activations", "norm", "node_us", "graph_us"))
+            cv = next(r[5] for r in table if r[0] == tname and r[1] == prec)
+            print(f"{tname}:  {prec}: {{{vals}}}   error {prec}: {{median: {cv['median']:.3f}, worst: "
+                  f"{cv['worst']:.3f}, n: {cv['n']}}}")
     if not args.skip_pipelines:
         pipelines()
 

@@ -90,11 +90,18 @@ class _Ndopt(click.Group):
 @click.group(cls=_Ndopt)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def main(debug: bool, quiet: bool) -> None:
+@click.option("--threads", type=click.IntRange(1, 4096), envvar="NDOPT_THREADS",
+              help="torch intra-op threads for all work (default: sized per piece of work by its size and "
+                   "how busy the machine is; env NDOPT_THREADS).")
+def main(debug: bool, quiet: bool, threads: int | None) -> None:
     """ndopt: optimize pyramidal-flow video diffusion pipelines for Snapdragon NPUs."""
     from ndopt.progress import setup_logging
 
     setup_logging(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    if threads is not None:
+        from ndopt import threads as policy
+
+        policy.set_override(threads)
 
 
 @main.command()
@@ -131,16 +138,27 @@ def run(recipe: str, model: str | None, target: str | None, out: str | None) -> 
               help="external: Neodragon's hybrid mode, the first frame comes from an image model.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Report directory (default: <output>/<recipe>-plan).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--no-cache", is_flag=True, help="Compute everything again (default: a repeated plan is answered from "
+                                                 "the on-disk cache, ~/.cache/ndopt or $NDOPT_CACHE_DIR).")
 @_errors
 def plan(recipe: str | None, model: str | None, target: str | None, frames: int | None, height: int | None,
-         width: int | None, first_frame: str | None, out_dir: str | None, as_json: bool) -> None:
+         width: int | None, first_frame: str | None, out_dir: str | None, as_json: bool, no_cache: bool) -> None:
     """Show what RECIPE (or --model alone) costs on the real-size model, on the meta device."""
-    from ndopt.runner import plan as plan_recipe
+    from ndopt import cache as plan_cache
 
     if recipe is None and model is None:
         raise click.UsageError("give a RECIPE or --model")
-    result = plan_recipe(recipe, model=model, target=target, frames=frames, height=height, width=width,
-                         first_frame=first_frame, report_dir=out_dir)
+    args = {"recipe": recipe, "model": model, "target": target, "frames": frames, "height": height, "width": width,
+            "first_frame": first_frame, "out_dir": out_dir}
+    key = None if no_cache or not plan_cache.enabled() else plan_cache.plan_key(args)
+    result = plan_cache.load_plan(key, _plan_report_dir(recipe, out_dir)) if key else None
+    if result is None:  # a miss: compute (this imports torch), then keep it for the next identical plan
+        from ndopt.runner import plan as plan_recipe
+
+        result = plan_recipe(recipe, model=model, target=target, frames=frames, height=height, width=width,
+                             first_frame=first_frame, report_dir=out_dir)
+        if key:
+            plan_cache.store_plan(key, result)
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "final_summary"}, indent=2))
         return
@@ -169,7 +187,7 @@ def plan(recipe: str | None, model: str | None, target: str | None, frames: int 
 
 @main.command()
 @click.argument("onnx_model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--target", required=True, help="A target name (see `ndopt targets`).")
+@click.option("--target", required=True, help="A target name (see `ndopt targets`) or a target file (chip.yaml).")
 @click.option("--precision", default="w8a16", show_default=True, help="One of the target's precisions.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224",
               help="Static dims for an input with unknown (symbolic) dims; repeat per input.")
@@ -192,6 +210,8 @@ def estimate(onnx_model: str, target: str, precision: str, input_shapes: tuple[s
     else:
         note = f" ({result['note']})" if result.get("note") else ""
         click.echo(f"{target} {precision}: {result['latency_ms']:.2f} ms, peak {result['peak_memory_mb']:.1f} MB{note}")
+        if result.get("warning"):
+            click.echo(f"warning: {result['warning']}", err=True)
 
 
 @main.command()
@@ -212,7 +232,52 @@ def targets() -> None:
     from ndopt.target import available_targets
 
     for name, t in available_targets().items():
-        click.echo(f"{name:24s} {t.description}")
+        cal = getattr(getattr(t, "spec", None), "calibration", None)
+        if cal is None:
+            click.echo(f"{name:24s} {t.description}")
+            continue
+        errs = ", ".join(f"{p} {e['median']:.0%} median / {e['worst']:.0%} worst (n={int(e['n'])})"
+                         for p, e in cal.error.items())
+        state = f"calibrated, held-out error {errs}" if cal.calibrated and errs else \
+            ("calibrated" if cal.calibrated else "UNCALIBRATED")
+        click.echo(f"{name:24s} {t.description}\n{'':24s} {state}")
+
+
+@main.command()
+@click.option("--target", required=True, help="The target to calibrate: a name or a target file (chip.yaml).")
+@click.option("--profiles", "profiles_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A directory of AI Hub profile results (NAME.json) with the ONNX each was made from (NAME.onnx).")
+@click.option("--precision", default="w8a16", show_default=True,
+              help="What the profiled models ran at (a profile's own \"precision\" key wins).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write a new target file here instead of updating the target's.")
+@_errors
+def calibrate(target: str, profiles_dir: str, precision: str, out: str | None) -> None:
+    """Fit a target's efficiencies to AI Hub profiles of your own models; print the held-out error."""
+    from pathlib import Path
+
+    from ndopt.errors import TargetError
+    from ndopt.target import get_target
+
+    t = get_target(target)
+    spec = getattr(t, "spec", None)
+    if spec is None:
+        raise TargetError(f"target {target!r} has no target file to calibrate")
+    from targets.profiles import calibrate as fit_profiles
+    from targets.profiles import read_profiles, write_spec
+
+    profiles = read_profiles(Path(profiles_dir), precision)
+    new, errs, rows = fit_profiles(spec, profiles)
+    for r in rows:
+        click.echo(f"  {r['model']:28s} {r['precision']:6s} measured {r['measured_ms']:9.3f} ms  fitted "
+                   f"{r['estimated_ms']:9.3f}  held out {r['held_out_ms']:9.3f}")
+    for p, e in errs.items():
+        click.echo(f"{new.name} {p}: leave-one-model-out error median {e['median']:.1%}, worst {e['worst']:.1%} "
+                   f"({int(e['n'])} profiles)")
+    dest = Path(out) if out else Path(spec.path) if spec.path else None
+    if dest is None:
+        raise TargetError(f"target {target!r}: no file to write; give --out chip.yaml")
+    write_spec(new, dest)
+    click.echo(f"wrote {dest}")
 
 
 @main.command()
@@ -262,6 +327,26 @@ def generate(model: str | None, bundle: str | None, provider: str | None, prompt
         path = gen(model, prompt, out, frames=frames, height=height, width=width, seed=seed, fmt=fmt, steps=steps,
                    progress=advance)
     click.echo(f"wrote {path}")
+
+
+def _plan_report_dir(recipe: str | None, out_dir: str | None) -> Any:
+    """Where a cached plan's report files go: --out, or the recipe's <output>/<name>-plan (read from the
+    recipe without importing torch); None when that cannot be known cheaply (the plan is computed)."""
+    from pathlib import Path
+
+    if out_dir:
+        return Path(out_dir)
+    if recipe is None:
+        return None
+    import yaml
+
+    from ndopt.cache import _recipe_text
+
+    try:
+        data = yaml.safe_load(_recipe_text(recipe))
+        return Path(str(data.get("output", "runs"))) / f"{data['name']}-plan"
+    except Exception:  # the full path reports any problem with the recipe
+        return None
 
 
 def _preset_names() -> list[str]:

@@ -240,20 +240,21 @@ def lower_targets(pipeline: Pipeline, names: list[str], run_dir: Path, ctx: Pass
     from ndopt.target import get_target
 
     out: dict[str, Any] = {}
-    for name in names:
-        t = get_target(name)
+    for ref in names:
+        t = get_target(ref)  # a name, or a target file (chip.yaml): the bundle is named after the target
         if hasattr(t, "lower"):
-            out[name] = t.lower(pipeline, run_dir / "bundles" / name, ctx)
+            out[t.name] = t.lower(pipeline, run_dir / "bundles" / t.name, ctx)
         else:
-            out[name] = {"status": "skipped", "reason": f"target {name!r} offers no lowering"}
-            log.info("target %s offers no lowering; skipped", name)
+            out[t.name] = {"status": "skipped", "reason": f"target {t.name!r} offers no lowering"}
+            log.info("target %s offers no lowering; skipped", t.name)
     return out
 
 
 def target_estimates(pipeline: Pipeline, names: list[str]) -> dict[str, Any]:
     from ndopt.target import get_target
 
-    return {n: get_target(n).estimate(pipeline) for n in names if hasattr(get_target(n), "estimate")}
+    found = [get_target(n) for n in names]  # names or target files; estimates are keyed by target name
+    return {t.name: t.estimate(pipeline) for t in found if hasattr(t, "estimate")}
 
 
 def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
@@ -438,12 +439,18 @@ def generate_bundle(bundle: str | Path, prompt: str, out: str | Path, *, seed: i
     if not path.is_file():
         raise NdoptError(f"--bundle {bundle}: no manifest.json; a bundle is RUN/bundles/<target>/ of `ndopt run`")
     try:
-        name = (json.loads(path.read_text()).get("target") or {}).get("name")
+        record = json.loads(path.read_text()).get("target") or {}
+        name, target_file = record.get("name"), record.get("file")
     except (ValueError, AttributeError) as e:
         raise NdoptError(f"{path}: not a bundle manifest ({e}); lower the pipeline again") from None
     if not name:
         raise NdoptError(f"{path}: no target.name, so no runtime to run it; lower the pipeline again with this ndopt")
-    target = get_target(name)
+    try:
+        target = get_target(name)
+    except NdoptError:
+        if not target_file:
+            raise
+        target = get_target(target_file)  # lowered for a target file (--target chip.yaml)
     if not callable(getattr(target, "run_bundle", None)):
         raise NdoptError(f"--bundle {bundle}: target {name!r} offers no bundle runtime (no run_bundle)")
     result = target.run_bundle(bundle, prompt, seed=seed, provider=provider, progress=progress)

@@ -1,7 +1,9 @@
 """The target registry: targets are found through the `ndopt.targets` entry-point group.
 
 The core knows no particular target. A target provider (the shipped `targets` package, or another
-distribution) exposes a function returning `{name: target}`. A target has at least `name`,
+distribution) exposes a function returning `{name: target}`; a provider whose module also offers
+`target_from_file(path)` makes a target file usable wherever a target name is (`--target chip.yaml`,
+a recipe's `target:`): `get_target` asks it, and `available_targets()` answers `in` for such paths. A target has at least `name`,
 `description` and `to_json()`; the optional methods below are what `ndopt run`, `ndopt plan` and
 `ndopt estimate` call when a target offers them (see `Target`).
 """
@@ -42,8 +44,33 @@ class Target(Protocol):
     def to_json(self) -> dict[str, Any]: ...
 
 
-def available_targets() -> dict[str, Target]:
-    found: dict[str, Target] = {}
+class Targets(dict):
+    """The registered targets by name; `in` is also true for a target file a provider can read."""
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or (isinstance(key, str) and _file_target(key) is not None)
+
+
+def _file_target(ref: str) -> Target | None:
+    """The target a provider reads from the file `ref` (a path ending in .yaml/.yml), or None."""
+    import sys
+    from pathlib import Path
+
+    if not ref.lower().endswith((".yaml", ".yml")) or not Path(ref).is_file():
+        return None
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            provider = ep.load()
+        except Exception:
+            continue
+        reader = getattr(sys.modules.get(getattr(provider, "__module__", ""), None), "target_from_file", None)
+        if callable(reader):
+            return reader(ref)
+    return None
+
+
+def available_targets() -> Targets:
+    found: Targets = Targets()
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             provider = ep.load()
@@ -55,11 +82,17 @@ def available_targets() -> dict[str, Target]:
             if name in found:
                 raise TargetError(f"two targets are named {name!r} (entry point {ep.name})")
             found[name] = t
-    return dict(sorted(found.items()))
+    return Targets(sorted(found.items()))
 
 
 def get_target(name: str) -> Target:
+    """A registered target by name, or the target of a target file (`path/to/chip.yaml`)."""
     targets = available_targets()
-    if name not in targets:
+    if not dict.__contains__(targets, name):
+        from_file = _file_target(name)
+        if from_file is not None:
+            return from_file
+        if name.lower().endswith((".yaml", ".yml")):
+            raise TargetError(f"target file {name!r} does not exist (or no target provider reads target files)")
         raise TargetError(f"unknown target {name!r}; available: {', '.join(targets) or '(none)'}")
     return targets[name]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
@@ -29,14 +30,16 @@ PRECISION_BITS: dict[str, tuple[int, int]] = {
 
 
 class Efficiency(BaseModel):
-    """Fraction of the nominal peak each op class reaches, and a fixed cost per graph node.
+    """Fraction of the nominal peak each op class reaches, and fixed costs per node and per graph.
 
-    MAC classes: `conv` (Conv), `matmul` (a matmul with a weight operand: Linear, Gemm),
-    `attention` (a matmul of two activations: q k^T, p v). The memory roof has two parts: `weights`
-    scales the DRAM bandwidth for weight reads (streamed from DRAM every call), `activations` for
-    activation traffic (it may exceed 1: tiles stay in the NPU's on-chip memory between ops).
-    Fitted by `targets.calibration.fit` on `targets/calibration.tsv` (bench/bench_estimator.py
-    prints the fit and its errors)."""
+    MAC classes: `conv` (Conv), `dwconv` (depthwise and narrow grouped Conv; unset: `conv`),
+    `matmul` (a matmul with a weight operand: Linear, Gemm), `attention` (a matmul of two
+    activations: q k^T, p v). The memory roof has two parts: `weights` scales the DRAM bandwidth for
+    weight reads (streamed from DRAM every call), `activations` for activation traffic (it may exceed
+    1: tiles stay in the NPU's on-chip memory between ops); `norm` multiplies the activation time of
+    normalisations, softmax and reductions (several passes over their input). Fitted by
+    `targets.calibration.fit` on `targets/calibration.tsv` (bench/bench_estimator.py) or on a
+    user's own AI Hub profiles (`ndopt calibrate`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,7 +49,26 @@ class Efficiency(BaseModel):
     weights: float = Field(gt=0)
     activations: float = Field(gt=0)
     node_us: float = Field(ge=0)
-    calibrated: bool = True  # False: derived from another precision, not fitted to measurements
+    dwconv: float | None = Field(default=None, gt=0)
+    norm: float = Field(default=1.0, gt=0)
+    graph_us: float = Field(default=0.0, ge=0)
+    calibrated: bool = True  # False: derived from another precision, or a chip not fitted to measurements
+
+    @property
+    def dwconv_eff(self) -> float:
+        return self.dwconv if self.dwconv is not None else self.conv
+
+
+class Calibration(BaseModel):
+    """Where a target's efficiencies come from and how well they predict models the fit did not see:
+    `error[precision]` is the leave-one-out cross-validated |estimate / measured - 1| (median, worst,
+    number of measurements). A target file without this section is uncalibrated: its estimates say so."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calibrated: bool = False
+    source: str = ""
+    error: dict[str, dict[str, float]] = Field(default_factory=dict)
 
 
 class LegalityRules(BaseModel):
@@ -81,6 +103,19 @@ class TargetSpec(BaseModel):
     efficiency: dict[PrecisionName, Efficiency]
     opset: int = Field(default=17, ge=17)
     aihub_options: str = "--target_runtime qnn_context_binary"
+    calibration: Calibration = Field(default_factory=Calibration)
+    path: str | None = Field(default=None, exclude=True)  # the file it was read from
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uncalibrated_chip(cls, data: Any) -> Any:
+        """An uncalibrated chip: every precision's efficiencies are placeholders (calibrated: false)."""
+        if isinstance(data, dict) and not (data.get("calibration") or {}).get("calibrated", False):
+            eff = data.get("efficiency")
+            if isinstance(eff, dict):
+                data = {**data, "efficiency": {p: ({**e, "calibrated": False} if isinstance(e, dict) else e)
+                                               for p, e in eff.items()}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> TargetSpec:
@@ -105,13 +140,23 @@ class TargetSpec(BaseModel):
         return self.model_dump()
 
 
-def load_spec(text: str, source: str) -> TargetSpec:
+def uncalibrated_warning(spec: TargetSpec, precision: str) -> str:
+    """What an estimate from placeholder efficiencies says about itself."""
+    where = spec.path or f"targets/{spec.name}.yaml"
+    if not spec.calibration.calibrated:
+        return (f"target {spec.name} is uncalibrated ({where}): its efficiencies are placeholders, so this estimate "
+                "may be far off; fit them from AI Hub profiles with `ndopt calibrate --target ... --profiles DIR`")
+    return (f"target {spec.name}: precision {precision} has no measurements; its efficiencies are derived from "
+            "another precision (calibrated: false)")
+
+
+def load_spec(text: str, source: str, path: str | None = None) -> TargetSpec:
     """One target file's record; errors name the file and the field."""
     try:
         data = yaml.safe_load(text)
         if not isinstance(data, dict):
             raise TargetError(f"{source}: a target file is a YAML mapping (name, description, ...)")
-        return TargetSpec(**data)
+        return TargetSpec(**data, **({"path": path} if path else {}))
     except yaml.YAMLError as e:
         raise TargetError(f"{source}: invalid YAML: {e}") from None
     except ValidationError as e:
@@ -125,9 +170,31 @@ def specs() -> dict[str, TargetSpec]:
     out: dict[str, TargetSpec] = {}
     for f in sorted(resources.files(__name__).iterdir(), key=lambda p: p.name):
         if f.name.endswith(".yaml"):
-            spec = load_spec(f.read_text(), f"targets/{f.name}")
+            spec = load_spec(f.read_text(), f"targets/{f.name}", path=str(f))
             out[spec.name] = spec
     return out
+
+
+def is_target_file(ref: str) -> bool:
+    """Whether a `--target` value names a file (a path ending in .yaml / .yml) rather than a target."""
+    return str(ref).lower().endswith((".yaml", ".yml"))
+
+
+def spec_from_file(path: str | Path) -> TargetSpec:
+    """A target file anywhere on disk (`--target path/to/chip.yaml`)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise TargetError(f"--target {path}: cannot read the target file ({e.strerror or type(e).__name__})") from None
+    return load_spec(text, str(p), path=str(p.resolve()))
+
+
+def target_from_file(path: str | Path) -> SnapdragonTarget:
+    """The target of a YAML file path: what `ndopt.target.get_target` returns for a path."""
+    from targets.snapdragon import SnapdragonTarget
+
+    return SnapdragonTarget(spec_from_file(path))
 
 
 def registry() -> dict[str, SnapdragonTarget]:

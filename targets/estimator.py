@@ -1,12 +1,16 @@
 """Roofline latency and peak memory of a graph, a component and a video on a Snapdragon NPU.
 
-Every node is priced as `max(MACs / (peak * eff[class]), weight bytes / (bandwidth * eff.weights)
-+ activation bytes / (bandwidth * eff.activations)) + node_us`, with the target's nominal peak and
-DRAM bandwidth, and per-class efficiencies fitted on AI Hub measurements (`targets/calibration.tsv`).
-Classes: `conv`, `matmul` (a weight operand), `attention` (two activations), `vector` (everything
-else: bandwidth only). Bytes are priced at the precision's widths (w8a16: 1-byte weights, 2-byte
-activations); integer tensors keep their width. Peak memory is weights (at the precision) plus the
-largest set of simultaneously live activations.
+Every node is priced as `max(tiled MACs / (peak * eff[class]), weight bytes / (bandwidth *
+eff.weights) + activation bytes / (bandwidth * eff.activations) * slowdown) + node_us`, and every
+graph pays `graph_us` once, with the target's nominal peak and DRAM bandwidth and efficiencies fitted
+on AI Hub measurements (`targets/calibration.tsv`, `ndopt calibrate`). Classes: `conv`, `dwconv`
+(depthwise / narrow grouped conv: vector units, not the matrix engine), `matmul` (a weight operand),
+`attention` (two activations), `norm` (normalisations, softmax, reductions: several passes over
+their input, priced at `eff.norm` times the vector roof) and `vector` (everything else: bandwidth
+only). MACs are priced with the channel dims padded to the matrix engine's tile (`TILE`), so narrow
+and odd channel counts cost what they occupy. Bytes are priced at the precision's widths (w8a16:
+1-byte weights, 2-byte activations); integer tensors keep their width. Peak memory is weights (at the
+precision) plus the largest set of simultaneously live activations.
 
 The per-node records (`GraphCost`) come from two front ends that count the same nodes (a test
 checks that they agree): `onnx_costs.onnx_graph_cost` for an ONNX graph (`ndopt estimate`, the
@@ -24,18 +28,27 @@ import numpy as np
 
 from targets import PRECISION_BITS, Efficiency, TargetSpec
 
-MAC_CLASSES = ("conv", "matmul", "attention")
+MAC_CLASSES = ("conv", "dwconv", "matmul", "attention")
+KINDS = (*MAC_CLASSES, "norm", "vector")
+TILE = 32  # channel granularity of the HMX matrix engine: narrower channel dims are padded to it
+
+
+def tiled(n: int) -> int:
+    """A channel dim rounded up to the matrix engine's tile."""
+    return -(-int(n) // TILE) * TILE if n > 0 else 0
 
 
 @dataclass(frozen=True)
 class OpCost:
-    """One node: its class, MACs, float activation and weight elements moved, other bytes."""
+    """One node: its class, MACs, float activation and weight elements moved, other bytes, and the
+    MACs its tiles occupy (channel dims padded to `TILE`; 0: the same as `macs`)."""
 
     kind: str
     macs: int = 0
     act_elems: int = 0  # float activation elements read and written
     weight_elems: int = 0  # float weight elements read
     other_bytes: int = 0  # integer / bool tensors, at their own width
+    tile_macs: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,14 @@ class GraphCost:
     @property
     def macs(self) -> float:
         return float(sum(o.macs for o in self.ops))
+
+    def op_counts(self) -> dict[tuple[str, int, int, int, int], int]:
+        """(kind, priced MACs, activation elements, weight elements, other bytes) -> how many ops."""
+        out: dict[tuple[str, int, int, int, int], int] = {}
+        for o in self.ops:
+            key = (o.kind, o.tile_macs or o.macs, o.act_elems, o.weight_elems, o.other_bytes)
+            out[key] = out.get(key, 0) + 1
+        return out
 
     def macs_by_class(self) -> dict[str, float]:
         out = dict.fromkeys(MAC_CLASSES, 0.0)
@@ -76,21 +97,61 @@ class Estimate:
 
 
 # ---- the roofline ----------------------------------------------------------------------------
-def op_seconds(op: OpCost, peak_macs: float, bandwidth: float, eff: Efficiency, wbits: int, abits: int) -> float:
-    t_mem = (op.weight_elems * wbits / 8) / (bandwidth * eff.weights) + \
-        (op.act_elems * abits / 8 + op.other_bytes) / (bandwidth * eff.activations)
-    t_mac = op.macs / (peak_macs * getattr(eff, op.kind)) if op.macs else 0.0
-    return max(t_mac, t_mem) + eff.node_us * 1e-6
+@dataclass(frozen=True)
+class OpArrays:
+    """Ops of one or more graphs as columns (identical ops merged, with a count): what the roofline
+    prices, vectorized so that a fit over many graphs stays fast. `graph` is each row's graph index."""
+
+    kind: np.ndarray  # index into KINDS
+    macs: np.ndarray
+    act: np.ndarray
+    weights: np.ndarray
+    other: np.ndarray
+    count: np.ndarray
+    graph: np.ndarray
+    n_graphs: int
+
+    @classmethod
+    def of(cls, costs: Sequence[GraphCost]) -> OpArrays:
+        rows: list[tuple[int, float, float, float, float, int, int]] = []
+        for g, cost in enumerate(costs):
+            for (kind, macs, act, w, other), n in cost.op_counts().items():
+                rows.append((KINDS.index(kind), macs, act, w, other, n, g))
+        a = np.array(rows, dtype=float).reshape(-1, 7)
+        return cls(a[:, 0].astype(int), a[:, 1], a[:, 2], a[:, 3], a[:, 4], a[:, 5], a[:, 6].astype(int), len(costs))
+
+
+def op_seconds(ops: OpArrays, spec: TargetSpec, precision: str, eff: Efficiency) -> np.ndarray:
+    """Seconds of each row of `ops` (one op of its kind, not times its count)."""
+    wbits, abits = PRECISION_BITS[precision]
+    peak, bw = spec.peak_macs(precision), spec.dram_bandwidth_gbs * 1e9
+    mac_eff = np.array([getattr(eff, k) if k != "dwconv" else eff.dwconv_eff for k in MAC_CLASSES] + [1.0, 1.0])
+    slow = np.where(ops.kind == KINDS.index("norm"), eff.norm, 1.0)
+    t_mem = ops.weights * (wbits / 8) / (bw * eff.weights) + \
+        (ops.act * (abits / 8) + ops.other) / (bw * eff.activations) * slow
+    t_mac = ops.macs / (peak * mac_eff[ops.kind])
+    return np.maximum(t_mac, t_mem) + eff.node_us * 1e-6
+
+
+def graphs_seconds(ops: OpArrays, spec: TargetSpec, precision: str, eff: Efficiency) -> np.ndarray:
+    """Seconds of each graph in `ops`."""
+    t = op_seconds(ops, spec, precision, eff) * ops.count
+    per_graph = np.bincount(ops.graph, weights=t, minlength=ops.n_graphs)
+    has_ops = np.bincount(ops.graph, minlength=ops.n_graphs) > 0  # a graph with no compute costs nothing
+    return per_graph + eff.graph_us * 1e-6 * has_ops
 
 
 def graph_seconds_by_class(cost: GraphCost, spec: TargetSpec, precision: str,
                            eff: Efficiency | None = None) -> dict[str, float]:
     eff = eff or spec.efficiency[precision]
-    wbits, abits = PRECISION_BITS[precision]
-    peak, bw = spec.peak_macs(precision), spec.dram_bandwidth_gbs * 1e9
     out: dict[str, float] = {}
-    for op in cost.ops:
-        out[op.kind] = out.get(op.kind, 0.0) + op_seconds(op, peak, bw, eff, wbits, abits)
+    if cost.ops:
+        ops = OpArrays.of([cost])
+        t = op_seconds(ops, spec, precision, eff) * ops.count
+        for k, v in zip(ops.kind, t):
+            out[KINDS[k]] = out.get(KINDS[k], 0.0) + float(v)
+    if eff.graph_us and cost.ops:
+        out["graph"] = eff.graph_us * 1e-6
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ndopt.errors import TargetError
-from targets.estimator import MAC_CLASSES, GraphCost, OpCost
+from targets.estimator import MAC_CLASSES, GraphCost, OpCost, tiled
 
 
 class GraphInputError(TargetError):
@@ -34,6 +34,46 @@ FREE_ONNX_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identi
 ALIAS_ONNX_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
 # Epilogues the NPU converter fuses into the conv/matmul producing their input (torch_costs.FUSED_TORCH).
 FUSED_ONNX = frozenset({"BatchNormalization", "Relu", "Clip", "Gelu", "HardSwish", "LeakyRelu", "Sigmoid", "Add"})
+# Elementwise nodes: fused into the conv/matmul epilogue when every activation they read comes from
+# one (a decomposed GELU or SiLU after a Linear is the converter's one fused activation, as in torch).
+ELEMENTWISE_ONNX = frozenset({"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Clip", "Gelu",
+                              "HardSwish", "HardSigmoid", "LeakyRelu", "Pow", "Sqrt", "Exp", "Neg", "Abs",
+                              "Softplus", "BatchNormalization", "PRelu", "Elu", "Mish"})
+# Normalisations, softmax and reductions: several passes over their input (the `norm` class).
+NORM_ONNX = frozenset({"LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax", "LogSoftmax",
+                       "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceProd",
+                       "ReduceSumSquare", "LpNormalization", "ArgMax", "TopK"})
+DEPTHWISE_MAX_CHANNELS = 8  # a grouped conv with at most this many input channels per group: `dwconv`
+
+
+def conv_kind_and_tiles(out_elems: int, wshape: Sequence[int], transposed: bool = False, in_elems: int = 0,
+                        groups: int = 1) -> tuple[str, int, int]:
+    """(class, MACs, tiled MACs) of a conv with weight `wshape` ([cout, cin/groups, *kernel]; for a
+    transposed conv [cin, cout/groups, *kernel]) writing `out_elems` (reading `in_elems`).
+    Depthwise and narrow grouped convs run on the vector units (`dwconv`); the others pay for their
+    channel dims padded to the matrix engine's tile (a stem conv's few input channels are packed)."""
+    if len(wshape) < 2:
+        return "conv", 0, 0
+    kernel, per_group = _numel(wshape[2:]), int(wshape[1])
+    if transposed:  # MACs = input elements x (cout / groups) x kernel
+        macs = in_elems * per_group * kernel
+        cin = int(wshape[0])
+        tile = (in_elems // max(cin, 1)) * tiled(cin // max(groups, 1)) * tiled(per_group) * kernel * max(groups, 1)
+        return "conv", macs, max(tile, macs)
+    macs = out_elems * per_group * kernel
+    if groups > 1 and per_group <= DEPTHWISE_MAX_CHANNELS:
+        return "dwconv", macs, macs
+    cout = int(wshape[0])
+    cin_t = tiled(per_group) if per_group > 4 else per_group
+    tile = (out_elems // max(cout, 1)) * tiled(cout // groups) * groups * cin_t * kernel
+    return "conv", macs, max(tile, macs)
+
+
+def matmul_tiles(out_shape: Sequence[int], k: int) -> int:
+    """MACs of a matmul writing `out_shape` over a reduction of `k`, with N and K padded to the tile."""
+    if not out_shape:
+        return 0
+    return _numel(out_shape[:-1]) * tiled(int(out_shape[-1])) * tiled(int(k))
 
 
 def _onnx_float(elem_type: int) -> bool:
@@ -107,14 +147,18 @@ def onnx_graph_cost(model: Any) -> GraphCost:
         n = _numel(shape)
         return (n, 0) if _onnx_float(et) else (0, n * _onnx_itemsize(et))
 
+    stored = set(consts)  # the graph's own weights (folded constants are derived from them)
     ops: list[OpCost] = []
-    mac_out: set[str] = set()  # values a conv/matmul (+ fused epilogue) produced
+    mac_out: dict[str, str] = {}  # values a conv/matmul (+ fused epilogue) produced -> that conv/matmul's output
     for node in g.node:
+        ins = [i for i in node.input if i]
+        if ins and all(i in consts for i in ins) and node.op_type not in ("Shape", "Size"):
+            consts.update(o for o in node.output if o)  # constant-folded by the converter: no runtime cost
+            continue
         if node.op_type in FREE_ONNX_OPS:
             if node.op_type in ALIAS_ONNX_OPS and node.input and node.input[0] in mac_out:
-                mac_out.update(node.output)
+                mac_out.update(dict.fromkeys(node.output, mac_out[node.input[0]]))
             continue
-        ins = [i for i in node.input if i]
         if node.op_type == "Cast" and types.get(ins[0], (0,))[0] == types.get(node.output[0], (1,))[0]:
             continue  # a cast to the type it already has (the exporter's .float() on float32)
         if node.op_type == "Gather" and len(ins) == 2 and ins[1] in consts and ins[0] not in consts:
@@ -123,20 +167,25 @@ def onnx_graph_cost(model: Any) -> GraphCost:
                 (node.op_type != "Add" and ins[0] in mac_out)
                 or (node.op_type == "Add" and len(ins) == 2 and any(
                     a in mac_out and b in consts for a, b in ((ins[0], ins[1]), (ins[1], ins[0]))))):
-            mac_out.update(node.output)  # folded batch norm, bias add or activation epilogue
+            root = mac_out[ins[0] if ins[0] in mac_out else ins[1]]
+            mac_out.update(dict.fromkeys(node.output, root))  # folded batch norm, bias add or activation epilogue
+            continue
+        roots = {mac_out.get(i) for i in ins if i not in consts and elems(i)[0] > 1}
+        if node.op_type in ELEMENTWISE_ONNX and len(roots) == 1 and None not in roots:
+            # a decomposed activation (GELU, SiLU) reading one conv/matmul output: part of its epilogue
+            mac_out.update(dict.fromkeys(node.output, roots.pop()))
             continue
         w_in = [i for i in ins if i in consts]
         a_in = [i for i in ins if i not in consts]
         act = sum(elems(i)[0] for i in a_in) + sum(elems(o)[0] for o in node.output)
         other = sum(elems(i)[1] for i in ins) + sum(elems(o)[1] for o in node.output)
         w = sum(elems(i)[0] for i in w_in)
-        kind, macs = "vector", 0
+        kind, macs, tile = "norm" if node.op_type in NORM_ONNX else "vector", 0, 0
         if node.op_type in ("Conv", "ConvTranspose"):
-            kind = "conv"
             wshape = types.get(ins[1], (0, None))[1] or ()
-            per = _numel(wshape[1:]) if wshape else 0
-            ref = node.output[0] if node.op_type == "Conv" else ins[0]
-            macs = elems(ref)[0] * per
+            groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+            kind, macs, tile = conv_kind_and_tiles(elems(node.output[0])[0], wshape, node.op_type == "ConvTranspose",
+                                                   elems(ins[0])[0], groups)
         elif node.op_type in ("MatMul", "Gemm", "Einsum"):
             shapes = [types.get(i, (0, None))[1] for i in ins[:2]]
             out_shape = types.get(node.output[0], (0, None))[1]
@@ -149,16 +198,18 @@ def onnx_graph_cost(model: Any) -> GraphCost:
                     macs = _numel(out_shape) * shapes[0][0 if trans_a else -1]
                 else:
                     macs = _numel(out_shape) * shapes[0][-1]
+                if node.op_type != "Einsum":
+                    tile = matmul_tiles(out_shape, macs // max(_numel(out_shape), 1))
             kind = "matmul" if any(i in consts for i in ins[:2]) else "attention"
         elif node.op_type == "Gather" and ins and ins[0] in consts:
             # a table lookup reads the rows it gathers, not the table
             w = elems(node.output[0])[0]
         if kind in MAC_CLASSES:
-            mac_out.update(node.output)
-        ops.append(OpCost(kind, int(macs), int(act), int(w), int(other)))
+            mac_out.update({o: node.output[0] for o in node.output})
+        ops.append(OpCost(kind, int(macs), int(act), int(w), int(other), int(tile)))
 
-    weight_elems = sum(elems(c)[0] for c in consts)
-    other_w = sum(elems(c)[1] for c in consts)
+    weight_elems = sum(elems(c)[0] for c in stored)
+    other_w = sum(elems(c)[1] for c in stored)
     peak_f, peak_o = _onnx_peak_live(model, types, consts, elems)
     return GraphCost(tuple(ops), int(weight_elems), int(other_w), int(peak_f), int(peak_o))
 
@@ -331,6 +382,8 @@ def static_graph(model: Any, source: str, input_shapes: Mapping[str, Sequence[in
     if left:
         model = _symbolic_infer(model) or model
     if left and _unresolved(model):
+        model = _folded(model) or model
+    if left and _unresolved(model):
         raise GraphInputError(f"{source}: shape inference leaves {len(left)} value(s) with unknown dims: {_more(left)}; "
                               "their sizes depend on the data or on ops onnx cannot infer, and the estimator would "
                               "price them as zero: export the graph with static shapes")
@@ -393,6 +446,32 @@ def _symbolic_infer(model: Any) -> Any:
             return SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
         except Exception:  # it raises on graphs it cannot follow: onnx's answer stands
             return None
+
+
+def _folded(model: Any) -> Any:
+    """The graph with its shape arithmetic constant-folded by onnxsim (what the NPU converter does
+    before it sees shapes), for graphs whose sizes onnx's and onnxruntime's inference leave unknown
+    (torchvision's Swin pads by sizes computed from Shape ops); None when onnxsim is not installed or
+    fails. Weights not loaded are zeros here: only shapes are read."""
+    try:
+        import onnxsim
+    except ImportError:
+        return None
+    import onnx
+    from onnx import numpy_helper
+
+    filled = onnx.ModelProto()
+    filled.CopyFrom(model)
+    for init in filled.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL or not (
+                init.raw_data or init.float_data or init.int64_data or init.int32_data or init.double_data):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            init.CopyFrom(numpy_helper.from_array(np.zeros(tuple(init.dims), dtype=dtype), init.name))
+    try:
+        out, _ = onnxsim.simplify(filled, check_n=0, perform_optimization=False)
+        return infer_shapes(out)
+    except Exception:  # onnxsim raises on graphs it cannot run: the caller's error stands
+        return None
 
 
 def load_static_graph(path: Path, input_shapes: Mapping[str, Sequence[int]] | Iterable[str] | None = None) -> Any:

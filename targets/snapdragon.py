@@ -21,14 +21,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ndopt.errors import LoweringError
 from ndopt.io import atomic_dir, atomic_write_json
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
 from ndopt.progress import progress
-from targets import TargetSpec, aihub, bundle, hub_jobs
+from targets import TargetSpec, aihub, bundle, hub_jobs, uncalibrated_warning
 from targets.bundle_files import copy_encodings, graph_io, sha256_file, write_component, write_constants
 from targets.estimator import Estimate, estimate_graph, memory_plan
 from targets.legality import legalize
@@ -41,7 +39,6 @@ from targets.lowering import (
     npu_friendly,
     plan_graphs,
     simplify,
-    weight_bytes,
 )
 from targets.numerics import NumericsReport, check_model, check_numerics
 from targets.onnx_costs import load_static_graph, onnx_graph_cost
@@ -81,6 +78,8 @@ class SnapdragonTarget:
         cost = onnx_graph_cost(model)
         est = estimate_graph(cost, self.spec, precision)
         out: dict[str, Any] = {"latency_ms": round(est.latency_ms, 4), "peak_memory_mb": round(est.peak_memory_mb, 3)}
+        if not self.spec.efficiency[precision].calibrated:  # placeholders: the estimate says so
+            out.update(calibrated=False, warning=uncalibrated_warning(self.spec, precision))
         if not cost.ops:
             n, ops = len(model.graph.node), ", ".join(sorted({node.op_type for node in model.graph.node}))
             what = f"its {n} node(s) ({ops}) are layout or metadata, free on the NPU" if n else "it has no nodes"
@@ -313,10 +312,16 @@ class SnapdragonTarget:
                 "graphs": estimates, "memory_plan": plan}
 
     def _target_json(self, precision: str) -> dict[str, Any]:
+        from targets import specs
+
         s = self.spec
-        return {"name": s.name, "hexagon_arch": s.hexagon_arch, "ai_hub_devices": s.ai_hub_devices,
-                "aimet_config": s.aimet_config, "precision": precision, "default_precision": s.default_precision,
-                "opset": s.opset, "aihub_options": s.aihub_options}
+        out = {"name": s.name, "hexagon_arch": s.hexagon_arch, "ai_hub_devices": s.ai_hub_devices,
+               "aimet_config": s.aimet_config, "precision": precision, "default_precision": s.default_precision,
+               "opset": s.opset, "aihub_options": s.aihub_options}
+        shipped = specs().get(s.name)
+        if s.path and (shipped is None or shipped.path != s.path):  # a target file: `generate --bundle` reads it
+            out["file"] = s.path
+        return out
 
     # ---- running a bundle ----------------------------------------------------------------------
     def run_bundle(self, bundle: Path, prompt: str, *, seed: int = 0, provider: str | None = None,
@@ -344,20 +349,10 @@ def _raise_on_failures(target: str, lowered: list[LoweredGraph]) -> None:
 
 
 def _threads_for(component: Component) -> Any:
-    """One intra-op thread for small components while exporting and checking: their ops are too
-    small to split, and OpenMP workers spinning on a shared 2-core machine cost more than they save."""
-    import contextlib
+    """Threads for exporting and checking one component (ndopt.threads: by its size and the machine's load)."""
+    from ndopt import threads
 
-    @contextlib.contextmanager
-    def single() -> Any:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-    return single() if weight_bytes(component.module) < 64 * 2**20 else contextlib.nullcontext()
+    return threads.for_module(component.module)
 
 
 def precision_label(precisions: Iterable[str]) -> str:

@@ -8,12 +8,11 @@ pipeline component at a call signature under `ndopt.ir.cost.CostModel` (meta pip
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from targets.estimator import MAC_CLASSES, GraphCost, OpCost
+from targets.estimator import MAC_CLASSES, GraphCost, OpCost, tiled
 
 
 class _IdMap:
@@ -40,6 +39,17 @@ class _IdMap:
 FUSED_TORCH = ("_native_batch_norm_legit_no_training", "native_batch_norm", "relu", "relu_", "hardtanh",
                "hardtanh_", "clamp", "clamp_", "gelu", "silu", "silu_", "hardswish", "hardswish_", "leaky_relu",
                "sigmoid", "add", "add_")
+# Elementwise ops fused into the epilogue when every activation they read is a conv/matmul output
+# (onnx_costs.ELEMENTWISE_ONNX likewise).
+ELEMENTWISE_TORCH = frozenset({"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "erf", "tanh", "sigmoid",
+                               "relu", "relu_", "clamp", "clamp_", "hardtanh", "hardtanh_", "gelu", "silu", "silu_",
+                               "hardswish", "hardswish_", "hardsigmoid", "leaky_relu", "pow", "sqrt", "rsqrt", "exp",
+                               "neg", "abs", "softplus", "mish", "elu"})
+_EPILOGUE = frozenset(FUSED_TORCH) | ELEMENTWISE_TORCH
+# Normalisations, softmax and reductions (the `norm` class; onnx_costs.NORM_ONNX likewise).
+NORM_TORCH = frozenset({"native_layer_norm", "native_group_norm", "_softmax", "_log_softmax", "mean", "sum", "amax",
+                        "amin", "var_mean", "var", "std",
+                        "linalg_vector_norm", "norm", "argmax", "topk", "max", "min", "prod"})
 
 
 class _Roofline:
@@ -67,9 +77,15 @@ class _Roofline:
                 aten.lift_fresh.default, aten._local_scalar_dense.default}
 
         def fused(func: Any, args: tuple) -> bool:
-            if func.overloadpacket.__name__ not in FUSED_TORCH or not args or not isinstance(args[0], torch.Tensor):
+            if func.overloadpacket.__name__ not in _EPILOGUE or not args \
+                    or not isinstance(args[0], torch.Tensor):
                 return False
-            if not owner.mac_outputs.get(args[0], False):
+            name = func.overloadpacket.__name__
+            acts = [t for t in tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim() > 1 and t.numel() > 1]
+            if name in ELEMENTWISE_TORCH and len(acts) == 1 and acts[0] is args[0] \
+                    and owner.mac_outputs.get(args[0], False):
+                return True  # an activation (with scalar operands) on a conv/matmul output
+            if name not in FUSED_TORCH or not owner.mac_outputs.get(args[0], False):
                 return False
             if func.overloadpacket.__name__.startswith("add"):  # a bias: a 1-D (or broadcast) operand
                 other = args[1] if len(args) > 1 else None
@@ -159,26 +175,33 @@ def _classify(func: Any, args: tuple, kwargs: dict, outs: list, tree_leaves: Any
 
     aten = torch.ops.aten
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    tile = 0
     if func in (aten.convolution.default, aten._convolution.default):
+        from targets.onnx_costs import conv_kind_and_tiles
+
         x, w, bias, transposed = args[0], args[1], args[2], bool(args[6])
-        macs = (x.numel() if transposed else outs[0].numel()) * math.prod(w.shape[1:])
-        acts, weights, kind = [x, *outs], [w] + ([bias] if bias is not None else []), "conv"
+        groups = int(args[8]) if len(args) > 8 else 1
+        kind, macs, tile = conv_kind_and_tiles(outs[0].numel(), tuple(w.shape), transposed, x.numel(), groups)
+        acts, weights = [x, *outs], [w] + ([bias] if bias is not None else [])
     elif func in (aten.mm.default, aten.addmm.default):  # Linear: the second matrix is the weight
         a, b = (args[1], args[2]) if func is aten.addmm.default else (args[0], args[1])
         macs = a.shape[0] * a.shape[1] * b.shape[1]
+        tile = a.shape[0] * tiled(b.shape[1]) * tiled(a.shape[1])
         acts, weights, kind = [a, *outs], [t for t in tensors if t is not a], "matmul"
     elif func in (aten.bmm.default, aten.baddbmm.default):
         a, b = (args[1], args[2]) if func is aten.baddbmm.default else (args[0], args[1])
         macs = a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+        tile = a.shape[0] * a.shape[1] * tiled(b.shape[2]) * tiled(a.shape[2])
         acts, weights, kind = [*tensors, *outs], [], "attention"
     elif func is aten.embedding.default:  # a table lookup reads the rows it gathers
         f, o = _sizes([*tensors[1:], *outs])
         return OpCost("vector", 0, f, outs[0].numel(), o)
     else:
-        macs, acts, weights, kind = 0, [*tensors, *outs], [], "vector"
+        name = func.overloadpacket.__name__
+        macs, acts, weights, kind = 0, [*tensors, *outs], [], "norm" if name in NORM_TORCH else "vector"
     f, o = _sizes(acts)
     wf, wo = _sizes(weights)
-    return OpCost(kind, int(macs), int(f), int(wf), int(o + wo))
+    return OpCost(kind, int(macs), int(f), int(wf), int(o + wo), int(tile))
 
 
 def torch_graph_cost(component: Any, sig: Any, costs: Any | None = None) -> GraphCost:
