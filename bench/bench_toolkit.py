@@ -25,17 +25,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle moving left on a dark background"
 
-# The previous release (main at 7c18b2e, before issue 26), this bench on a quiet 2-core machine
-# (the same one: 2026-12-07). `run_default` is what the README then quoted.
+# The previous release (main at 7c18b2e, before issue 26): this bench with PYTHONPATH at that tree, on
+# the same quiet 2-core machine, 2026-12-07. It has no caches: its "shapes cached" plan is a cold
+# plan of the other size, and its two runs of `run default` are the same work (140.9 s in a repeat
+# run; 153.1 s and 111.2 s in the bench: single runs vary by that much on this machine).
 PREVIOUS = {
-    "import_torch": 2.8,
-    "plan_768p_cold": 11.8,
-    "plan_768p_shapes_cached": 11.8,
-    "plan_768p_warm": 11.8,
-    "generate": 12.0,
-    "estimate": 4.5,
-    "run_default": 134.0,
-    "run_default_latents_cached": 134.0,
+    "import_torch": 2.30,
+    "plan_768p_cold": 12.02,
+    "plan_768p_shapes_cached": 8.30,
+    "plan_768p_warm": 12.57,
+    "generate": 14.90,
+    "estimate": 4.74,
+    "run_default": 140.9,
+    "run_default_latents_cached": 140.9,
 }
 
 

@@ -120,6 +120,17 @@ def plan_key(args: dict[str, Any]) -> str:
     ident["recipe_text"] = _recipe_text(args["recipe"]) if args.get("recipe") else None
     ident["model_identity"] = _model_identity(args.get("model"))
     ident["target_identity"] = _target_identity(args.get("target"))
+    if ident["recipe_text"]:  # a checkpoint directory or target file the recipe names counts by its content
+        import yaml
+
+        try:
+            data = yaml.safe_load(ident["recipe_text"])
+        except yaml.YAMLError:
+            data = None
+        if isinstance(data, dict):
+            refs = [data.get("target"), *(data.get("targets") or [])]
+            ident["recipe_model_identity"] = _model_identity(str(data["model"])) if data.get("model") else None
+            ident["recipe_target_identity"] = [_target_identity(str(t)) for t in refs if isinstance(t, str)]
     ident.pop("out_dir", None)  # where the report goes does not change it
     ident["code"] = code_version()
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:40]

@@ -153,3 +153,17 @@ def test_prompt_encodings_are_reused_until_the_text_encoder_changes(tiny):
     assert c[0] is not a[0] and not torch.equal(c[0], a[0])
     d = pipe.sampler.encode_prompts(pipe, ["a red circle"])  # with autograd on: never cached
     assert d[0] is not c[0] and torch.equal(d[0].detach(), c[0])
+
+
+def test_plan_key_follows_a_checkpoint_directory_the_recipe_names(cache_on, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "diffusion_transformer_768p").mkdir(parents=True)
+    cfg = ckpt / "diffusion_transformer_768p" / "config.json"
+    cfg.write_text('{"num_layers": 24}')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nmodel: {ckpt}\npasses:\n  - dead_component_elimination\n")
+    args = {"recipe": str(recipe), "model": None, "target": None, "frames": None, "height": None, "width": None,
+            "first_frame": None, "out_dir": None}
+    k = cache.plan_key(args)
+    cfg.write_text('{"num_layers": 18}')  # the same recipe text, another model
+    assert cache.plan_key(args) != k
