@@ -1,6 +1,7 @@
 """Benchmark: the toolkit's own commands, end to end in fresh processes (imports included).
 
     .venv/bin/python bench/bench_toolkit.py [--skip-run] [--repeats 1] [--busy 0]
+    PYTHONPATH=/path/to/other/ndopt/tree .venv/bin/python bench/bench_toolkit.py   # another version
 
 Times `import torch`, `ndopt plan --model pyramid-flow-sd3-768p` (cold: an empty cache; shapes
 cached: a new plan on a known preset; warm: the same plan again), `ndopt generate` of the README's
@@ -22,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle moving left on a dark background"
 
 # The previous release (main at 7c18b2e, before issue 26): this bench with PYTHONPATH at that tree, on
@@ -47,10 +47,12 @@ def _spin(stop: float) -> None:
 
 
 def timed(label: str, cmd: list[str], env: dict[str, str], repeats: int) -> float:
+    """Median wall time of `cmd`. It runs in a scratch directory: `python -m` puts its working directory
+    first on sys.path, so running it here would shadow a PYTHONPATH that names another ndopt tree."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run(cmd, env=env, cwd=env["NDOPT_BENCH_CWD"], capture_output=True, text=True)
         times.append(time.perf_counter() - t0)
         if r.returncode != 0:
             raise SystemExit(f"{label}: {' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
@@ -71,7 +73,8 @@ def main() -> None:
     rows: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ndopt-bench-") as d:
         d = Path(d)
-        env = {**os.environ, "NDOPT_CACHE_DIR": str(d / "cache")}
+        (d / "cwd").mkdir()
+        env = {**os.environ, "NDOPT_CACHE_DIR": str(d / "cache"), "NDOPT_BENCH_CWD": str(d / "cwd")}
         rows["import_torch"] = timed("import torch", [py, "-c", "import torch"], env, args.repeats)
 
         plan = [*ndopt, "plan", "--model", "pyramid-flow-sd3-768p", "--json"]
