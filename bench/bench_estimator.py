@@ -14,6 +14,7 @@ can expect). --fit prints the efficiencies and calibration records to paste into
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from targets import specs
 from targets.calibration import Sample, cross_validate, errors, fit_target, load_features, predict, read_tsv
 
 ONNX_CACHE = Path.home() / ".cache" / "ndopt" / "calibration-onnx"
+FEATURES = Path(__file__).resolve().parents[1] / "targets" / "calibration_features.json"
 NEODRAGON = {"latency_s": 6.7, "peak_memory_gb": 3.5}  # the paper: 49 frames 640x1024 on an 8 Elite phone
 
 
@@ -35,29 +37,36 @@ def target_of(device: str) -> str:
 
 
 def extract(onnx_dir: Path) -> None:
-    """Export every calibration model to ONNX (skeletons: graph and shapes) and write the features."""
+    """Export every calibration model to ONNX (skeletons: graph and shapes) and write the features:
+    each model as `ndopt estimate` reads its file, or, where the export or the file's shapes fail,
+    as the torch front end costs it (`ndopt plan`'s path; the file records which)."""
     import onnx
     import torch
 
-    from targets.calibration import export_graph, save_features
+    from targets.calibration import export_graph, graph_cost, save_features
     from targets.onnx_costs import onnx_graph_cost, static_graph
 
     torch.set_num_threads(1)
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    costs = {}
+    costs, sources = {}, {}
     for b in sorted({m.builder for m in read_tsv()}):
         f = onnx_dir / (b.replace(":", "__") + ".onnx")
         t0 = time.perf_counter()
-        if not f.exists():
-            export_graph(b, f)
-        # what `ndopt estimate` does with a file: shapes made static (symbolic inference where onnx's stops)
-        costs[b] = onnx_graph_cost(static_graph(onnx.load(str(f), load_external_data=False), str(f)))
-        print(f"  {b:44s} {len(costs[b].ops):5d} priced nodes, {costs[b].macs / 1e9:8.2f} GMACs "
-              f"[{time.perf_counter() - t0:.1f} s]")
-    out = Path(__file__).resolve().parents[1] / "targets" / "calibration_features.json"
-    save_features(costs, out, "per-node records of the calibration models' ONNX exports "
-                  "(bench/bench_estimator.py --extract)")
-    print(f"wrote {out}")
+        try:
+            if not f.exists():
+                export_graph(b, f)
+            # what `ndopt estimate` does with a file: shapes made static (symbolic inference, onnxsim)
+            costs[b], sources[b] = onnx_graph_cost(static_graph(onnx.load(str(f), load_external_data=False), str(f))), "onnx"
+        except Exception as e:  # any export or shape failure: the torch front end instead
+            print(f"  {b}: ONNX path failed ({type(e).__name__}: {str(e)[:120]}); torch front end")
+            costs[b], sources[b] = graph_cost(b), "torch"
+        print(f"  {b:44s} {sources[b]:5s} {len(costs[b].ops):5d} priced nodes, {costs[b].macs / 1e9:8.2f} GMACs "
+              f"[{time.perf_counter() - t0:.1f} s]", flush=True)
+    out = FEATURES
+    n_onnx = sum(v == "onnx" for v in sources.values())
+    save_features(costs, out, f"per-node records of the calibration models ({n_onnx} of {len(costs)} from their "
+                  "ONNX exports, the rest from the torch front end; bench/bench_estimator.py --extract)", sources)
+    print(f"wrote {out}: {n_onnx} of {len(costs)} graphs from ONNX")
 
 
 def main() -> None:
@@ -71,7 +80,9 @@ def main() -> None:
         extract(args.onnx_dir)
     cal = read_tsv()
     costs = load_features()
-    print(f"{len({m.model for m in cal})} models ({len({m.builder for m in cal})} graphs), "
+    sources = json.loads(FEATURES.read_text()).get("sources", {})
+    print(f"{len({m.model for m in cal})} models ({len({m.builder for m in cal})} graphs, "
+          f"{sum(v == 'onnx' for v in sources.values())} costed from their ONNX exports), "
           f"{len({m.family for m in cal})} families, {len(cal)} measurements")
     table, fitted = [], {}
     for tname in sorted({target_of(m.device) for m in cal}):
@@ -100,6 +111,9 @@ def main() -> None:
     for tname, prec, n, nf, e, cv in table:
         print(f"  {tname:20s} {prec:9s} {n:4d} {nf:8d} {cv['median']:7.1%} {cv['worst']:7.1%}   "
               f"{e['median']:.1%} / {e['worst']:.1%}")
+    print("\n| target | precision | n | median | worst |\n|---|---|---|---|---|")  # the README's table
+    for tname, prec, n, _, _, cv in table:
+        print(f"| {tname} | {prec} | {n} | {cv['median']:.0%} | {cv['worst']:.0%} |")
     if args.fit:
         print("\n# fitted efficiencies and their cross-validated errors (paste into targets/<name>.yaml)")
         for (tname, prec), eff in fitted.items():

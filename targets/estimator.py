@@ -1,7 +1,8 @@
 """Roofline latency and peak memory of a graph, a component and a video on a Snapdragon NPU.
 
 Every node is priced as `max(tiled MACs / (peak * eff[class]), weight bytes / (bandwidth *
-eff.weights) + activation bytes / (bandwidth * eff.activations) * slowdown) + node_us`, and every
+eff.weights) + activation bytes / (bandwidth * eff.activations) * slowdown) + node_us` (activations
+past the on-chip memory, `SPILL_BYTES`, at the DRAM rate `eff.weights` instead), and every
 graph pays `graph_us` once, with the target's nominal peak and DRAM bandwidth and efficiencies fitted
 on AI Hub measurements (`targets/calibration.tsv`, `ndopt calibrate`). Classes: `conv`, `dwconv`
 (depthwise / narrow grouped conv: vector units, not the matrix engine), `matmul` (a weight operand),
@@ -31,6 +32,10 @@ from targets import PRECISION_BITS, Efficiency, TargetSpec
 MAC_CLASSES = ("conv", "dwconv", "matmul", "attention")
 KINDS = (*MAC_CLASSES, "norm", "vector")
 TILE = 32  # channel granularity of the HMX matrix engine: narrower channel dims are padded to it
+# Activation bytes (inputs + outputs) of one op past which they no longer stay in the NPU's on-chip
+# memory (Hexagon's 8 MB VTCM holds one tile set of input and output): such an op moves them at DRAM
+# rates (`eff.weights`), not the on-chip rate `eff.activations` (times `eff.norm` for multi-pass ops).
+SPILL_BYTES = 16 * 2**20
 
 
 def tiled(n: int) -> int:
@@ -127,8 +132,10 @@ def op_seconds(ops: OpArrays, spec: TargetSpec, precision: str, eff: Efficiency)
     peak, bw = spec.peak_macs(precision), spec.dram_bandwidth_gbs * 1e9
     mac_eff = np.array([getattr(eff, k) if k != "dwconv" else eff.dwconv_eff for k in MAC_CLASSES] + [1.0, 1.0])
     slow = np.where(ops.kind == KINDS.index("norm"), eff.norm, 1.0)
-    t_mem = ops.weights * (wbits / 8) / (bw * eff.weights) + \
-        (ops.act * (abits / 8) + ops.other) / (bw * eff.activations) * slow
+    act = ops.act * (abits / 8) + ops.other
+    # an op whose operands outgrow the on-chip memory streams them through DRAM, as weights are
+    t_act = np.where(act > SPILL_BYTES, act / (bw * eff.weights), act / (bw * eff.activations) * slow)
+    t_mem = ops.weights * (wbits / 8) / (bw * eff.weights) + t_act
     t_mac = ops.macs / (peak * mac_eff[ops.kind])
     return np.maximum(t_mac, t_mem) + eff.node_us * 1e-6
 

@@ -1,8 +1,11 @@
 """The ONNX front end of the estimator: per-node costs and peak live activations of an ONNX graph.
 
 Reads shapes only (shape inference; weights may stay on disk). Nodes that torch expresses as views
-(reshapes, slices, transposes, constant selects) and the epilogues the NPU converter fuses into a
-conv/matmul are free, so this front end counts the nodes the torch one does (and the calibration did).
+(reshapes, slices, transposes below rank 5, constant selects), shape arithmetic (folded ahead of time
+on static shapes), the epilogues the NPU converter fuses into a conv/matmul and elementwise nodes
+that follow another elementwise node or a normalisation (one pass) are free, so this front end counts
+the nodes the torch one does (and the calibration did). Normalised rows are priced padded to the
+vector width (`VECTOR_LANES`).
 
 `static_graph` is the door for a file from a person (`ndopt estimate`): it refuses what is not an
 ONNX graph, and graphs whose dims stay unknown (symbolic inputs, data-dependent shapes) unless
@@ -38,11 +41,15 @@ FUSED_ONNX = frozenset({"BatchNormalization", "Relu", "Clip", "Gelu", "HardSwish
 # one (a decomposed GELU or SiLU after a Linear is the converter's one fused activation, as in torch).
 ELEMENTWISE_ONNX = frozenset({"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Clip", "Gelu",
                               "HardSwish", "HardSigmoid", "LeakyRelu", "Pow", "Sqrt", "Exp", "Neg", "Abs",
-                              "Softplus", "BatchNormalization", "PRelu", "Elu", "Mish"})
+                              "Softplus", "BatchNormalization", "PRelu", "Elu", "Mish", "IsNaN", "Where"})
 # Normalisations, softmax and reductions: several passes over their input (the `norm` class).
 NORM_ONNX = frozenset({"LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax", "LogSoftmax",
                        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceProd",
-                       "ReduceSumSquare", "LpNormalization", "ArgMax", "TopK"})
+                       "ReduceSumSquare", "LpNormalization", "ArgMax", "TopK", "GlobalAveragePool",
+                       "GlobalMaxPool", "GlobalLpPool"})
+ROW_NORMS_ONNX = frozenset({"LayerNormalization", "Softmax", "LogSoftmax"})  # reduce along one (last) axis
+LAYOUT_RANK = 5  # transposes of tensors with this many non-unit dims or more are copies (`_moves_data`)
+VECTOR_LANES = 128  # a normalised row is processed in chunks of 128 16-bit values (two HVX registers)
 DEPTHWISE_MAX_CHANNELS = 8  # a grouped conv with at most this many input channels per group: `dwconv`
 
 
@@ -67,6 +74,11 @@ def conv_kind_and_tiles(out_elems: int, wshape: Sequence[int], transposed: bool 
     cin_t = tiled(per_group) if per_group > 4 else per_group
     tile = (out_elems // max(cout, 1)) * tiled(cout // groups) * groups * cin_t * kernel
     return "conv", macs, max(tile, macs)
+
+
+def vector_padded(n: int) -> int:
+    """A row of `n` elements rounded up to whole vector registers (`VECTOR_LANES`)."""
+    return -(-int(n) // VECTOR_LANES) * VECTOR_LANES if n > 0 else 0
 
 
 def matmul_tiles(out_shape: Sequence[int], k: int) -> int:
@@ -132,6 +144,15 @@ def infer_shapes(model: Any, strict: bool = False) -> Any:
         return model
 
 
+def _moves_data(node: Any, types: Mapping[str, tuple[int, tuple[int, ...] | None]]) -> bool:
+    """A transpose of a rank-5+ tensor (window partitions, patch unfolds): a real copy on the NPU,
+    not a view (the converter's layouts stop at rank 4)."""
+    if node.op_type != "Transpose" or not node.input:
+        return False
+    shape = types.get(node.input[0], (0, None))[1]
+    return shape is not None and len([d for d in shape if d > 1]) >= LAYOUT_RANK
+
+
 def onnx_graph_cost(model: Any) -> GraphCost:
     """Per-node costs and the peak live activations of an ONNX graph (static shapes)."""
     model = infer_shapes(model)
@@ -150,14 +171,17 @@ def onnx_graph_cost(model: Any) -> GraphCost:
     stored = set(consts)  # the graph's own weights (folded constants are derived from them)
     ops: list[OpCost] = []
     mac_out: dict[str, str] = {}  # values a conv/matmul (+ fused epilogue) produced -> that conv/matmul's output
+    ew_out: dict[str, str] = {}  # values an elementwise node (+ fused successors) produced -> its output
     for node in g.node:
         ins = [i for i in node.input if i]
-        if ins and all(i in consts for i in ins) and node.op_type not in ("Shape", "Size"):
+        if node.op_type in ("Shape", "Size") or (ins and all(i in consts for i in ins)):
             consts.update(o for o in node.output if o)  # constant-folded by the converter: no runtime cost
             continue
-        if node.op_type in FREE_ONNX_OPS:
-            if node.op_type in ALIAS_ONNX_OPS and node.input and node.input[0] in mac_out:
-                mac_out.update(dict.fromkeys(node.output, mac_out[node.input[0]]))
+        if node.op_type in FREE_ONNX_OPS and not _moves_data(node, types):
+            if node.op_type in ALIAS_ONNX_OPS and node.input:
+                for made in (mac_out, ew_out):
+                    if node.input[0] in made:
+                        made.update(dict.fromkeys(node.output, made[node.input[0]]))
             continue
         if node.op_type == "Cast" and types.get(ins[0], (0,))[0] == types.get(node.output[0], (1,))[0]:
             continue  # a cast to the type it already has (the exporter's .float() on float32)
@@ -175,12 +199,22 @@ def onnx_graph_cost(model: Any) -> GraphCost:
             # a decomposed activation (GELU, SiLU) reading one conv/matmul output: part of its epilogue
             mac_out.update(dict.fromkeys(node.output, roots.pop()))
             continue
+        ew_roots = {ew_out.get(i) for i in ins if i not in consts and elems(i)[0] > 1}
+        if node.op_type in ELEMENTWISE_ONNX and len(ew_roots) == 1 and None not in ew_roots:
+            # elementwise after elementwise (a ReLU after a residual add, x * sigmoid(x)): one pass
+            ew_out.update(dict.fromkeys(node.output, ew_roots.pop()))
+            continue
         w_in = [i for i in ins if i in consts]
         a_in = [i for i in ins if i not in consts]
         act = sum(elems(i)[0] for i in a_in) + sum(elems(o)[0] for o in node.output)
         other = sum(elems(i)[1] for i in ins) + sum(elems(o)[1] for o in node.output)
         w = sum(elems(i)[0] for i in w_in)
         kind, macs, tile = "norm" if node.op_type in NORM_ONNX else "vector", 0, 0
+        if node.op_type in ROW_NORMS_ONNX:  # rows shorter than a vector register waste its lanes
+            shape = types.get(ins[0], (0, None))[1]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+            if shape:
+                act = act * vector_padded(int(shape[axis])) // max(int(shape[axis]), 1)
         if node.op_type in ("Conv", "ConvTranspose"):
             wshape = types.get(ins[1], (0, None))[1] or ()
             groups = next((a.i for a in node.attribute if a.name == "group"), 1)
@@ -206,6 +240,8 @@ def onnx_graph_cost(model: Any) -> GraphCost:
             w = elems(node.output[0])[0]
         if kind in MAC_CLASSES:
             mac_out.update({o: node.output[0] for o in node.output})
+        elif node.op_type in ELEMENTWISE_ONNX or kind == "norm":  # a softmax's NaN guard, a norm's affine
+            ew_out.update({o: node.output[0] for o in node.output})
         ops.append(OpCost(kind, int(macs), int(act), int(w), int(other), int(tile)))
 
     weight_elems = sum(elems(c)[0] for c in stored)
@@ -413,12 +449,28 @@ def _with_inputs(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> Any:
     return out
 
 
+def folded_values(model: Any) -> set[str]:
+    """Values the NPU converter computes ahead of time, given static shapes: initializers, constants,
+    tensor shapes and everything computed from them alone (shape arithmetic, masks, index tables)."""
+    g = model.graph
+    out = {i.name for i in g.initializer}
+    for node in g.node:
+        ins = [i for i in node.input if i]
+        if node.op_type in ("Constant", "Shape", "Size") or (ins and all(i in out for i in ins)):
+            out.update(o for o in node.output if o)
+    return out
+
+
 def _unresolved(model: Any) -> list[str]:
-    """Node outputs whose dims are not all known, as `name[dims] (OpType)` (inputs are checked before)."""
+    """Node outputs whose dims are not all known, as `name[dims] (OpType)` (inputs are checked before);
+    values folded ahead of time (`folded_values`) are not priced and need no shape."""
     g = model.graph
     known = {v.name: v for v in (*g.value_info, *g.output)}
+    folded = folded_values(model)
     left = []
     for node in g.node:
+        if all(o in folded for o in node.output if o):
+            continue
         for name in node.output:
             v = known.get(name)
             if not name or node.op_type == "Constant" or (v is not None and not v.type.HasField("tensor_type")):
@@ -427,6 +479,50 @@ def _unresolved(model: Any) -> list[str]:
             if not _static(dims):
                 left.append(f"{_show(name, dims)} ({node.op_type})")
     return left
+
+
+def _weights_as_inputs(model: Any) -> Any:
+    """A copy of the graph whose initializers without data (on disk, or stripped) are typed graph
+    inputs: shape inference and onnxsim then read their shapes, not their values (only shape
+    arithmetic needs values, and its small constants stay), so a multi-GB model costs no memory."""
+    import onnx
+
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    g = light.graph
+    empty = [i for i in g.initializer if i.data_location == onnx.TensorProto.EXTERNAL or not (
+        i.raw_data or i.float_data or i.int64_data or i.int32_data or i.double_data)]
+    names = {i.name for i in empty}
+    keep = [i for i in g.initializer if i.name not in names]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    have = {i.name for i in g.input}
+    g.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                   for i in empty if i.name not in have)
+    return light
+
+
+def _with_shapes_of(model: Any, inferred: Any) -> Any:
+    """`model` with the static shapes another inference found for its values (its nodes unchanged:
+    the estimator prices the graph as written)."""
+    import onnx
+
+    shapes = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.output) if _static(_dims(v))}
+    for init in inferred.graph.initializer:  # values onnxsim folded into constants
+        shapes.setdefault(init.name, onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for o in g.output:
+        if not _static(_dims(o)) and o.name in shapes:
+            o.type.CopyFrom(shapes[o.name].type)
+    produced = {o for n in g.node for o in n.output}
+    keep = [v for v in g.value_info if _static(_dims(v)) or v.name not in shapes]
+    known = {v.name for v in keep} | {o.name for o in g.output}
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    g.value_info.extend(v for name, v in shapes.items() if name in produced and name not in known)
+    return out
 
 
 def _symbolic_infer(model: Any) -> Any:
@@ -443,16 +539,24 @@ def _symbolic_infer(model: Any) -> Any:
     # directory before raising: let that land in a directory that is then removed
     with tempfile.TemporaryDirectory(prefix="ndopt-symshape-") as tmp, contextlib.chdir(tmp):
         try:
-            return SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+            inferred = SymbolicShapeInference.infer_shapes(_weights_as_inputs(model), auto_merge=False,
+                                                           guess_output_rank=False)
         except Exception:  # it raises on graphs it cannot follow: onnx's answer stands
             return None
+    return _with_shapes_of(model, inferred) if inferred is not None else None
+
+
+FOLD_FILL_BYTES = 1 << 30  # onnxsim runs with zero weights only below this (its copy of the model is in memory)
 
 
 def _folded(model: Any) -> Any:
-    """The graph with its shape arithmetic constant-folded by onnxsim (what the NPU converter does
-    before it sees shapes), for graphs whose sizes onnx's and onnxruntime's inference leave unknown
-    (torchvision's Swin pads by sizes computed from Shape ops); None when onnxsim is not installed or
-    fails. Weights not loaded are zeros here: only shapes are read."""
+    """The graph's shapes after onnxsim has constant-folded its shape arithmetic (what the NPU
+    converter does before it sees shapes), for graphs whose sizes onnx's and onnxruntime's inference
+    leave unknown (torchvision's Swin pads by sizes computed from Shape ops); None when onnxsim is not
+    installed or fails. onnxsim first sees the weights as graph inputs (`_weights_as_inputs`: memory
+    stays the graph's); where sizes are computed from weight-like buffers (index tables), it runs
+    again with the weights it lacks as zeros, for graphs under `FOLD_FILL_BYTES`. The graph priced is
+    the file's: only the shapes found are kept."""
     try:
         import onnxsim
     except ImportError:
@@ -460,18 +564,30 @@ def _folded(model: Any) -> Any:
     import onnx
     from onnx import numpy_helper
 
+    def simplified(m: Any) -> Any:
+        try:
+            out, _ = onnxsim.simplify(m, check_n=0, perform_optimization=False)
+            return _with_shapes_of(model, infer_shapes(out))
+        except Exception:  # onnxsim raises on graphs it cannot run: the caller's error stands
+            return None
+
+    light = _weights_as_inputs(model)
+    out = simplified(light)
+    if out is not None and not _unresolved(out):
+        return out
+    have = {i.name for i in light.graph.initializer}
+    missing = [i for i in model.graph.initializer if i.name not in have]
+    nbytes = sum(_numel(i.dims) * _onnx_itemsize(i.data_type) for i in missing)
+    if nbytes > FOLD_FILL_BYTES:
+        return out
     filled = onnx.ModelProto()
     filled.CopyFrom(model)
+    gone = {i.name for i in missing}
     for init in filled.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL or not (
-                init.raw_data or init.float_data or init.int64_data or init.int32_data or init.double_data):
+        if init.name in gone:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
             init.CopyFrom(numpy_helper.from_array(np.zeros(tuple(init.dims), dtype=dtype), init.name))
-    try:
-        out, _ = onnxsim.simplify(filled, check_n=0, perform_optimization=False)
-        return infer_shapes(out)
-    except Exception:  # onnxsim raises on graphs it cannot run: the caller's error stands
-        return None
+    return simplified(filled) or out
 
 
 def load_static_graph(path: Path, input_shapes: Mapping[str, Sequence[int]] | Iterable[str] | None = None) -> Any:

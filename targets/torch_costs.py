@@ -71,10 +71,13 @@ class _Roofline:
         self.buffers: list[list[int]] = []  # [float elements, other bytes, first step, last step]
         self.buffer_of = _IdMap()  # tensor (or a view of it) -> its buffer index
         self.mac_outputs = _IdMap()  # tensors a conv/matmul (+ an epilogue) produced -> True
+        self.ew_outputs = _IdMap()  # tensors an elementwise op (+ fused successors) produced -> its op's index
         self.step = 0
         owner = self
         free = {aten.empty.memory_format, aten.empty_strided.default, aten.detach.default,
                 aten.lift_fresh.default, aten._local_scalar_dense.default}
+
+        outs_of_call: list[Any] = []  # the outputs of the op being recorded
 
         def fused(func: Any, args: tuple) -> bool:
             if func.overloadpacket.__name__ not in _EPILOGUE or not args \
@@ -85,6 +88,11 @@ class _Roofline:
             if name in ELEMENTWISE_TORCH and len(acts) == 1 and acts[0] is args[0] \
                     and owner.mac_outputs.get(args[0], False):
                 return True  # an activation (with scalar operands) on a conv/matmul output
+            roots = {owner.ew_outputs.get(t) for t in acts}
+            if name in ELEMENTWISE_TORCH and acts and len(roots) == 1 and None not in roots:
+                for t in outs_of_call:
+                    owner.ew_outputs.set(t, next(iter(roots)))
+                return True  # elementwise after elementwise (a ReLU after a residual add): one pass
             if name not in FUSED_TORCH or not owner.mac_outputs.get(args[0], False):
                 return False
             if func.overloadpacket.__name__.startswith("add"):  # a bias: a 1-D (or broadcast) operand
@@ -113,20 +121,27 @@ class _Roofline:
                                 owner.buffer_of.set(t, b)
                             if owner.mac_outputs.get(ins[0], False):
                                 owner.mac_outputs.set(t, True)
+                            if owner.ew_outputs.get(ins[0]) is not None:
+                                owner.ew_outputs.set(t, owner.ew_outputs.get(ins[0]))
                     if getattr(func, "is_view", False):
                         return out
                 else:
                     owner.track(outs)
                 if func in free or not outs or not ins:
                     return out  # allocation and creation ops (the ONNX graph holds them as constants)
+                outs_of_call[:] = outs
                 if fused(func, args):
                     for t in outs:
-                        owner.mac_outputs.set(t, True)
+                        if owner.ew_outputs.get(t) is None:
+                            owner.mac_outputs.set(t, True)
                     return out
                 op = _classify(func, args, kwargs, outs, tree_leaves)
                 if op.kind in MAC_CLASSES:
                     for t in outs:
                         owner.mac_outputs.set(t, True)
+                elif func.overloadpacket.__name__ in ELEMENTWISE_TORCH or op.kind == "norm":  # onnx_costs likewise
+                    for t in outs:
+                        owner.ew_outputs.set(t, len(owner.ops))
                 owner.ops.append(op)
                 return out
 
@@ -173,6 +188,8 @@ def _sizes(ts: Iterable[Any]) -> tuple[int, int]:
 def _classify(func: Any, args: tuple, kwargs: dict, outs: list, tree_leaves: Any) -> OpCost:
     import torch
 
+    from targets.onnx_costs import vector_padded
+
     aten = torch.ops.aten
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     tile = 0
@@ -198,7 +215,13 @@ def _classify(func: Any, args: tuple, kwargs: dict, outs: list, tree_leaves: Any
         return OpCost("vector", 0, f, outs[0].numel(), o)
     else:
         name = func.overloadpacket.__name__
-        macs, acts, weights, kind = 0, [*tensors, *outs], [], "norm" if name in NORM_TORCH else "vector"
+        pooled = name.startswith(("_adaptive_avg_pool", "adaptive_max_pool")) and all(d == 1 for d in outs[0].shape[2:])
+        kind = "norm" if name in NORM_TORCH or pooled else "vector"  # a global pool is a reduction
+        macs, acts, weights = 0, [*tensors, *outs], []
+        if name in ("native_layer_norm", "_softmax", "_log_softmax") and tensors:  # onnx_costs.ROW_NORMS_ONNX
+            n = int(tensors[0].shape[int(args[1]) if name != "native_layer_norm" else -1]) if tensors[0].dim() else 1
+            f, o = _sizes(acts)
+            return OpCost(kind, 0, int(f * vector_padded(n) // max(n, 1)), 0, int(o))
     f, o = _sizes(acts)
     wf, wo = _sizes(weights)
     return OpCost(kind, int(macs), int(f), int(wf), int(o + wo), int(tile))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -73,6 +74,40 @@ def test_calibrate_fits_a_new_chip_from_profile_results(tmp_path):
     assert fitted.spec.calibration.calibrated and fitted.spec.efficiency["w8a16"].calibrated
     assert fitted.spec.calibration.error["w8a16"]["median"] < 0.05  # reproduces the profiles it was given
     assert not fitted.spec.efficiency["w8a8"].calibrated  # not profiled: derived, and says so
+
+
+# Small calibration models whose AI Hub latencies are published (targets/calibration.tsv): fast to export.
+PUBLISHED = ("torchvision:squeezenet1_1", "torchvision:mobilenet_v2", "torchvision:mnasnet0_5",
+             "torchvision:shufflenet_v2_x1_0", "torchvision:regnet_y_800mf")
+
+
+def test_calibrate_on_published_profiles_reproduces_the_shipped_error(tmp_path):
+    """The must-show: a profiles directory of AI Hub's published fp16 latencies on the 8 Elite (the
+    JSON a profile job returns) beside the ONNX of each model at the measured input shape; a fit of a
+    bare chip on them cross-validates within a few points of the shipped constants' error there."""
+    pytest.importorskip("scipy")
+    from targets.calibration import export_graph, read_tsv
+
+    spec = specs()["snapdragon-8-elite"]
+    rows = {m.builder: m for m in read_tsv() if m.builder in PUBLISHED and m.precision == "fp16"
+            and m.device in spec.ai_hub_devices}
+    assert sorted(rows) == sorted(PUBLISHED)
+    prof = tmp_path / "profiles"
+    prof.mkdir()
+    shipped = []
+    for m in rows.values():
+        f = export_graph(m.builder, prof / f"{m.model}.onnx", strip=False)
+        (prof / f"{m.model}.json").write_text(json.dumps(
+            {"execution_summary": {"estimated_inference_time": m.latency_ms * 1e3}, "precision": "fp16"}))
+        shipped.append(estimate_graph(onnx_graph_cost(load_static_graph(f)), spec, "fp16").latency_ms / m.latency_ms)
+    shipped_median = float(np.median(np.abs(np.array(shipped) - 1)))
+    path, out = _chip(tmp_path, calibrated=False), tmp_path / "fitted.yaml"
+    res = CliRunner().invoke(main, ["calibrate", "--target", path, "--profiles", str(prof), "--precision", "fp16",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    err = get_target(str(out)).spec.calibration.error["fp16"]
+    assert err["n"] == len(PUBLISHED)
+    assert abs(err["median"] - shipped_median) < 0.05, (err, shipped_median)  # within a few points
 
 
 def test_a_chip_from_a_file_lowers_and_its_bundle_runs(tiny, tmp_path, offline):

@@ -184,3 +184,38 @@ def test_unquantized_components_are_float_and_the_mix_is_reported():
     fp = t.estimate(small)["components"]
     assert est["components"]["dit"]["latency_ms"] < fp["dit"]["latency_ms"]  # int8 weights, faster MACs
     assert est["components"]["vae_decoder"]["latency_ms"] == fp["vae_decoder"]["latency_ms"]
+
+
+def test_activations_past_the_on_chip_memory_stream_at_dram_rates():
+    from targets.estimator import SPILL_BYTES
+
+    eff = Efficiency(conv=1, matmul=1, attention=1, weights=0.5, activations=5.0, node_us=0)
+    def ms(elems: int) -> float:
+        return estimate_graph(GraphCost((OpCost("vector", act_elems=elems),), 0, 0, elems, 0), S8, "fp16",
+                              eff).latency_ms
+    fits, spills = SPILL_BYTES // 4, SPILL_BYTES  # fp16: half the threshold, and twice it
+    assert ms(spills) / ms(fits) == pytest.approx(4 * 5.0 / 0.5)  # 4x the bytes at a tenth of the rate
+
+
+def test_onnx_front_end_fuses_folds_and_pads_as_the_npu_converter_does():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from targets.onnx_costs import vector_padded
+
+    w = numpy_helper.from_array(torch.zeros(64, 64, 3, 3).numpy(), "w")
+    g = helper.make_graph([
+        helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["y", "x"], ["r"]),  # a residual add: two activations, priced
+        helper.make_node("Relu", ["r"], ["a"]),  # after an elementwise op: the same pass
+        helper.make_node("Shape", ["a"], ["s"]),  # shape arithmetic on static shapes: folded
+        helper.make_node("Mul", ["s", "s"], ["dims"]),
+        helper.make_node("GlobalAveragePool", ["a"], ["p"]),  # a reduction
+        helper.make_node("LayerNormalization", ["t", "g", "b"], ["n"]),  # rows of 96: padded to the vector
+    ], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 56, 56]),
+             helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 100, 96])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("p", "n")]
+        + [helper.make_tensor_value_info("dims", TensorProto.INT64, None)],
+        [w, numpy_helper.from_array(torch.ones(96).numpy(), "g"), numpy_helper.from_array(torch.zeros(96).numpy(), "b")])
+    cost = onnx_graph_cost(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [o.kind for o in cost.ops] == ["conv", "vector", "norm", "norm"]
+    assert cost.ops[-1].act_elems == 2 * 100 * vector_padded(96) and vector_padded(96) > 96
