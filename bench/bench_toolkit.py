@@ -27,15 +27,15 @@ PROMPT = "a red circle moving left on a dark background"
 
 # The previous release (main at 7c18b2e, before issue 26): this bench with PYTHONPATH at that tree, on
 # the same quiet 2-core machine, 2026-12-07. It has no caches: its "shapes cached" plan is a cold
-# plan of the other size, and its two runs of `run default` are the same work (140.9 s in a repeat
-# run; 153.1 s and 111.2 s in the bench: single runs vary by that much on this machine).
+# plan of the other size, and its second `run default` is the same work as the first. `run default`
+# is a separate quiet run of that tree (140.9 s; single runs vary by about 10% here).
 PREVIOUS = {
-    "import_torch": 2.30,
-    "plan_768p_cold": 12.02,
-    "plan_768p_shapes_cached": 8.30,
-    "plan_768p_warm": 12.57,
-    "generate": 14.90,
-    "estimate": 4.74,
+    "import_torch": 2.55,
+    "plan_768p_cold": 12.34,
+    "plan_768p_shapes_cached": 10.56,
+    "plan_768p_warm": 12.65,
+    "generate": 14.23,
+    "estimate": 5.65,
     "run_default": 140.9,
     "run_default_latents_cached": 140.9,
 }
