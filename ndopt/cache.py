@@ -86,16 +86,16 @@ def code_version() -> str:
     return h.hexdigest()[:32]
 
 
-def _recipe_text(ref: str) -> str:
-    path = Path(ref)
-    if not path.is_file():
-        try:
-            path = Path(str(resources.files("recipes") / f"{ref}.yaml"))
-        except ModuleNotFoundError:
-            return f"<unresolved {ref}>"
-        if not path.is_file():
-            return f"<unresolved {ref}>"
-    return path.read_bytes().decode("utf-8", "replace")
+def recipe_text(ref: str) -> str:
+    """A recipe's text (a path or a shipped recipe's name); a placeholder when it cannot be read (the
+    plan itself then reports why)."""
+    from ndopt.errors import RecipeError
+    from ndopt.recipe_paths import resolve_recipe_path
+
+    try:
+        return resolve_recipe_path(ref).read_bytes().decode("utf-8", "replace")
+    except (RecipeError, OSError):
+        return f"<unresolved {ref}>"
 
 
 def _model_identity(ref: str | None) -> str:
@@ -111,13 +111,13 @@ def _model_identity(ref: str | None) -> str:
 
 
 def _target_identity(ref: str | None) -> str:
-    return _recipe_text(ref) if ref and Path(ref).is_file() else (ref or "-")
+    return recipe_text(ref) if ref and Path(ref).is_file() else (ref or "-")
 
 
 def plan_key(args: dict[str, Any]) -> str:
     """The key of a plan with these CLI arguments (recipe, model, target, sizes, first frame)."""
     ident = dict(args)
-    ident["recipe_text"] = _recipe_text(args["recipe"]) if args.get("recipe") else None
+    ident["recipe_text"] = recipe_text(args["recipe"]) if args.get("recipe") else None
     ident["model_identity"] = _model_identity(args.get("model"))
     ident["target_identity"] = _target_identity(args.get("target"))
     if ident["recipe_text"]:  # a checkpoint directory or target file the recipe names counts by its content

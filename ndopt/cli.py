@@ -340,10 +340,10 @@ def _plan_report_dir(recipe: str | None, out_dir: str | None) -> Any:
         return None
     import yaml
 
-    from ndopt.cache import _recipe_text
+    from ndopt.cache import recipe_text
 
     try:
-        data = yaml.safe_load(_recipe_text(recipe))
+        data = yaml.safe_load(recipe_text(recipe))
         return Path(str(data.get("output", "runs"))) / f"{data['name']}-plan"
     except Exception:  # the full path reports any problem with the recipe
         return None

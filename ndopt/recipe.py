@@ -8,7 +8,6 @@ the name of a shipped recipe (`ndopt run neodragon-8elite`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ndopt.errors import NdoptError, RecipeError
 from ndopt.passmanager import Pass, get_pass
+from ndopt.recipe_paths import resolve_recipe_path, shipped_recipes  # noqa: F401  (re-exported)
 
 Loc = tuple[Any, ...]
 MAX_RECIPE_BYTES = 1 << 20
@@ -211,26 +211,6 @@ def _pydantic_error(b: _Builder, e: ValidationError, prefix: Loc, model: type[Ba
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         msg += f" (got {err['input']!r})"
     return b.error(b.line_of(loc), f"{_fmt(loc) or 'recipe'}: {msg}")
-
-
-def shipped_recipes() -> dict[str, Path]:
-    """Recipes shipped in the `recipes` package, by name."""
-    try:
-        root = resources.files("recipes")
-    except ModuleNotFoundError:
-        return {}
-    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
-
-
-def resolve_recipe_path(ref: str | Path) -> Path:
-    path = Path(ref)
-    if path.exists():
-        return path
-    shipped = shipped_recipes()
-    if str(ref) in shipped:
-        return shipped[str(ref)]
-    raise RecipeError(f"recipe {str(ref)!r} is neither a file nor a shipped recipe; shipped: "
-                      f"{', '.join(sorted(shipped)) or '(none)'}")
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 SMALL_BYTES = 64 * 2**20  # below this a component's ops are too small to split well
@@ -103,14 +103,10 @@ def choose(work_bytes: int | None = None) -> int:
     return min(free, n)
 
 
-def weight_bytes(modules: Iterable[Any]) -> int:
-    """Bytes of the parameters and buffers of `modules` (torch modules; others count 0)."""
-    total = 0
-    for m in modules:
-        for t in [*getattr(m, "parameters", lambda: [])(), *getattr(m, "buffers", lambda: [])()]:
-            if t.device.type != "meta":
-                total += t.numel() * t.element_size()
-    return total
+def weight_bytes(module: Any) -> int:
+    """Bytes of a torch module's parameters and buffers that live on a device (meta ones count 0)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
+               if t.device.type != "meta")
 
 
 @contextlib.contextmanager
@@ -136,9 +132,9 @@ def for_pipeline(pipeline: Any) -> contextlib.AbstractContextManager[int]:
     comps = [c for c in pipeline.components.values() if c.device.type != "meta"]
     if comps and all(c.device.type == "cuda" for c in comps):
         return for_work(n=override() or 1)
-    largest = max((weight_bytes([c.module]) for c in comps if c.device.type == "cpu"), default=0)
+    largest = max((weight_bytes(c.module) for c in comps if c.device.type == "cpu"), default=0)
     return for_work(largest)
 
 
 def for_module(module: Any) -> contextlib.AbstractContextManager[int]:
-    return for_work(weight_bytes([module]))
+    return for_work(weight_bytes(module))

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ndopt import threads
 from ndopt.errors import LoweringError
 from ndopt.io import atomic_dir, atomic_write_json
 from ndopt.ir.component import Component
@@ -178,7 +179,7 @@ class SnapdragonTarget:
                 for lg in lowered:  # QDQ graph and encodings of every graph of a quantized component
                     comp = pipeline[lg.plan.component]
                     if is_quantized(comp):
-                        with _threads_for(comp):
+                        with threads.for_module(comp.module):
                             quantized[lg.plan.name] = lower_quantized(comp, lg.plan, example_inputs(lg.plan),
                                                                       tmp, self.spec.legality)
             for name, lgs in by_component.items():  # one weights file per component, shared by all its graphs
@@ -266,7 +267,7 @@ class SnapdragonTarget:
             # an AIMET sim (the quantization pass): the graph is the float model, its quantizer
             # encodings travel beside it (QNN's float graph + encodings flow); numerics vs that float model
             component = component.with_module(reference)
-        with _threads_for(component):
+        with threads.for_module(component.module):
             model = export_graph(component, plan, example, self.spec.opset)
             model, simplified = simplify(model, plan.name)
             model, report = legalize(model, self.spec.legality, plan.name)
@@ -346,13 +347,6 @@ def _raise_on_failures(target: str, lowered: list[LoweredGraph]) -> None:
                             f"(max abs err {n.max_abs_err:.3g} > atol {n.atol} + rtol {n.rtol}*|ref|); "
                             "a legalization rewrite or the export changed the math: run with --debug and "
                             "compare the graph before and after `targets.legality.legalize`")
-
-
-def _threads_for(component: Component) -> Any:
-    """Threads for exporting and checking one component (ndopt.threads: by its size and the machine's load)."""
-    from ndopt import threads
-
-    return threads.for_module(component.module)
 
 
 def precision_label(precisions: Iterable[str]) -> str:

@@ -169,17 +169,17 @@ def test_probe_reuses_an_unchanged_sampled_pipeline_and_resamples_a_changed_one(
 def test_fingerprint_sees_in_place_and_structural_changes(tiny):
     import copy
 
-    from ndopt.ir.fingerprint import module_fingerprint
+    from ndopt.ir.fingerprint import module_identity
 
     dit = copy.deepcopy(tiny["dit"].module)
-    fp = module_fingerprint(dit)
-    assert module_fingerprint(dit) == fp
+    fp = module_identity(dit)
+    assert module_identity(dit) == fp
     with torch.no_grad():
         dit.proj_out.weight.add_(0.0)  # an in-place write, even of the same values
-    assert module_fingerprint(dit) != fp
-    fp = module_fingerprint(dit)
+    assert module_identity(dit) != fp
+    fp = module_identity(dit)
     dit.transformer_blocks = dit.transformer_blocks[:-1]
-    assert module_fingerprint(dit) != fp
-    fp = module_fingerprint(dit)
+    assert module_identity(dit) != fp
+    fp = module_identity(dit)
     dit.some_flag = True
-    assert module_fingerprint(dit) != fp
+    assert module_identity(dit) != fp

@@ -17,7 +17,7 @@ import torch
 from ndopt import threads
 from ndopt.errors import FidelityError
 from ndopt.eval.metrics import latent_metrics, pixel_psnr
-from ndopt.ir.fingerprint import sampled_fingerprint
+from ndopt.ir.fingerprint import sampled_identity
 from ndopt.ir.pipeline import Pipeline
 
 log = logging.getLogger("ndopt")
@@ -90,7 +90,7 @@ class FidelityInstrument:
         if self.reference is None:
             self.reference = self.probe.outputs(pipeline)
             self._previous = self.reference
-            self._sampled = (pipeline, sampled_fingerprint(pipeline))
+            self._sampled = (pipeline, sampled_identity(pipeline))
 
     def after(self, index, p, before, result, ctx, record) -> None:
         if ctx.plan:
@@ -99,7 +99,7 @@ class FidelityInstrument:
         if not result.modified:
             record["fidelity"] = {"contract": kind, "skipped": "pass did not modify the pipeline"}
             return
-        fp = sampled_fingerprint(result.pipeline)
+        fp = sampled_identity(result.pipeline)
         same = self._sampled is not None and self._sampled[1] == fp
         out = self._previous if same else self.probe.outputs(result.pipeline)
         self.reused += same

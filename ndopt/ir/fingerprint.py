@@ -4,7 +4,8 @@ A fingerprint is a hashable value that changes whenever a pass could have change
 a different module object, a submodule added, removed or replaced, a parameter or buffer replaced
 or modified in place (tensor identity, storage and torch's in-place version counter), a plain
 attribute (flag, size, mode) changed, a hook added, or an fx graph rewritten. It is not a hash of
-the weights: computing one costs microseconds per tensor, not a pass over the data.
+the weights (that is `ndopt.train.data.module_fingerprint`, a cache key across processes): computing
+one costs microseconds per tensor, not a pass over the data, and it holds only within one process.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _tensor(t: Any) -> Any:
             0 if t.device.type == "meta" else t.data_ptr(), t._version)
 
 
-def module_fingerprint(module: nn.Module) -> tuple:
+def module_identity(module: nn.Module) -> tuple:
     """Identity of `module`'s computation: structure, tensors (by identity and version) and attributes."""
     parts: list[Any] = []
     for name, m in module.named_modules(remove_duplicate=False):
@@ -47,10 +48,10 @@ def module_fingerprint(module: nn.Module) -> tuple:
     return tuple(parts)
 
 
-def sampled_fingerprint(pipeline: Any) -> tuple:
+def sampled_identity(pipeline: Any) -> tuple:
     """Identity of what sampling `pipeline` computes: the components its call plan calls (name, role,
     entry point, module fingerprint), its schedule and its sampler. Components nothing calls (a text
     encoder a pass left behind) do not count."""
     called = sorted({s.component for s in pipeline.call_plan() if s.count})
-    comps = tuple((n, pipeline[n].role, pipeline[n].entry, module_fingerprint(pipeline[n].module)) for n in called)
+    comps = tuple((n, pipeline[n].role, pipeline[n].entry, module_identity(pipeline[n].module)) for n in called)
     return comps, pipeline.schedule, (type(pipeline.sampler).__qualname__, id(pipeline.sampler))

@@ -247,9 +247,9 @@ class PyramidFlowSampler:
         guided = pipeline.schedule.guidance.mode != "none"
         key = None
         if not torch.is_grad_enabled():
-            from ndopt.ir.fingerprint import module_fingerprint
+            from ndopt.ir.fingerprint import module_identity
 
-            key = (te.name, module_fingerprint(te.module), tuple(prompts), guided, self.prompt_suffix,
+            key = (te.name, module_identity(te.module), tuple(prompts), guided, self.prompt_suffix,
                    self.negative_prompt)
             hit = _encoded.get(key)
             if hit is not None and hit[0]() is te.module:  # a weak reference: a freed encoder's entry is dead
