@@ -109,7 +109,7 @@ class SnapdragonTarget:
 
         if precision is not None:
             self.spec.check_precision(precision)
-        costs = CostModel()  # fresh: every signature runs once under the recording mode
+        costs = CostModel(disk=False)  # fresh: every signature runs once under the recording mode
         seen: dict[Any, tuple[Estimate, float]] = {}
         comps: dict[str, dict[str, Any]] = {}
         sigs = []

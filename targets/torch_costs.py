@@ -237,7 +237,10 @@ def torch_graph_cost(component: Any, sig: Any, costs: Any | None = None) -> Grap
     nodes of the twin that ran, so the nodes are those of an unmemoized run (a test checks it)."""
     from ndopt.ir.cost import CostModel
 
-    costs = costs if costs is not None else CostModel()
+    costs = costs if costs is not None else CostModel(disk=False)
+    if costs.disk:
+        raise ValueError("torch_graph_cost needs a CostModel(disk=False): a shape run read from the disk cache "
+                         "records no nodes")
     rec = _Roofline()
     handles = _replay_skipped_blocks(component.module, rec)
     try:

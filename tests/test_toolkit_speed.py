@@ -135,6 +135,25 @@ def test_shape_cache_gives_the_same_costs_and_sees_structure(cache_on):
     assert len(list((cache_on / "shapes").glob("*.json"))) > n
 
 
+def test_estimates_with_a_warm_shape_cache_equal_the_cold_ones(cache_on, monkeypatch):
+    """The estimator records every op of each call: a shape run answered from the disk cache records
+    none, so the estimate must not read it (it once priced the text encoder and decoder at 0 ms)."""
+    from ndopt.frontends import load_model
+    from ndopt.ir.cost import CostModel
+    from ndopt.target import get_target
+
+    target = get_target("snapdragon-8-elite")
+    CostModel().pipeline_cost(load_model("pyramid-flow-tiny", meta=True))  # warms the shape cache
+    assert list((cache_on / "shapes").glob("*.json"))
+    warm = target.estimate(load_model("pyramid-flow-tiny", meta=True))
+    for name, row in warm["components"].items():
+        assert row["latency_ms"] > 0, (name, row)
+    monkeypatch.setenv("NDOPT_CACHE", "0")
+    cold = target.estimate(load_model("pyramid-flow-tiny", meta=True))
+    assert {k: r["latency_ms"] for k, r in warm["components"].items()} == \
+        {k: r["latency_ms"] for k, r in cold["components"].items()}
+
+
 # ---- prompt encodings ----------------------------------------------------------------------------------
 def test_prompt_encodings_are_reused_until_the_text_encoder_changes(tiny):
     import copy

@@ -234,8 +234,9 @@ class CostModel:
     The cache is keyed by module identity and signature, so costing a pipeline after a pass
     recomputes only the components the pass changed."""
 
-    def __init__(self, memoize_blocks: bool = True) -> None:
+    def __init__(self, memoize_blocks: bool = True, disk: bool = True) -> None:
         self.memoize_blocks = memoize_blocks
+        self.disk = disk  # False: every signature really runs (a recording mode around it must see the ops)
         self._cache: dict[tuple[int, Any], ShapeRun] = {}
         self._needs_fake: set[int] = set()
         self._structure: dict[int, str] = {}  # module id -> structure digest (the on-disk shape cache's key)
@@ -247,7 +248,7 @@ class CostModel:
             component = component.with_module(ref)
         key = (id(component.module), component.entry, sig.args, tuple(sorted(map(str, sig.static_dict.items()))))
         disk_key = None
-        if key not in self._cache and component.device.type == "meta" and disk_cache.enabled():
+        if key not in self._cache and component.device.type == "meta" and self.disk and disk_cache.enabled():
             disk_key = _disk_key(component, key[1:], self.memoize_blocks, self._structure)
             hit = _from_json(disk_cache.load_json("shapes", disk_key))
             if hit is not None:

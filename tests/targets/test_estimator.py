@@ -37,8 +37,8 @@ def test_onnx_and_torch_front_ends_agree(dit_graph):
     comp, plan, model = dit_graph
     o = onnx_graph_cost(model)
     with npu_friendly(comp.module):
-        t = torch_graph_cost(comp, plan.signature, CostModel())
-        full = torch_graph_cost(comp, plan.signature, CostModel(memoize_blocks=False))
+        t = torch_graph_cost(comp, plan.signature, CostModel(disk=False))
+        full = torch_graph_cost(comp, plan.signature, CostModel(memoize_blocks=False, disk=False))
     # the same MACs in every class, from an ONNX graph and from a shapes-only torch run
     assert o.macs_by_class() == t.macs_by_class() and t.macs_by_class()["attention"] > 0
     # skipped repeated blocks are replayed: the memoized run has the unmemoized run's nodes
