@@ -134,8 +134,10 @@ def run(recipe: str, model: str | None, target: str | None, out: str | None) -> 
 @click.option("--frames", type=int, help="Video frames: 1 + 8k, as for `ndopt generate` (default: the preset's).")
 @click.option("--height", type=int, help="Video height the DiT generates (Neodragon: 320).")
 @click.option("--width", type=int, help="Video width the DiT generates (Neodragon: 512).")
-@click.option("--first-frame", type=click.Choice(["generate", "external"]),
-              help="external: Neodragon's hybrid mode, the first frame comes from an image model.")
+@click.option("--first-frame", type=click.Choice(["generate", "external", "image-model"]),
+              help="image-model: Neodragon's hybrid pipeline (an image model's first frame, the DiT's frames "
+                   "upscaled 2x by QuickSRNet: the video is twice --height x --width); external: the DiT's side "
+                   "alone, its first frame from outside.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Report directory (default: <output>/<recipe>-plan).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--no-cache", is_flag=True, help="Compute everything again (default: a repeated plan is answered from "
@@ -294,11 +296,15 @@ def calibrate(target: str, profiles_dir: str, precision: str, out: str | None) -
               "schedules or step-distilled students, whose steps are fixed.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1), help="Noise seed (numpy's default_rng: the same noise "
               "for --model and --bundle).")
+@click.option("--first-frame", type=click.Choice(["generate", "image-model"]), default="generate", show_default=True,
+              help="image-model: Neodragon's hybrid pipeline: an image model makes the first frame, the DiT the "
+                   "rest, QuickSRNet upscales every frame 2x (the video is twice --height x --width).")
 @click.option("--format", "fmt", type=click.Choice(["mp4", "gif", "png"]), help="Default: from --out's suffix.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @_errors
 def generate(model: str | None, bundle: str | None, provider: str | None, prompt: str, frames: int | None,
-             height: int | None, width: int | None, steps: str | None, seed: int, fmt: str | None, out: str) -> None:
+             height: int | None, width: int | None, steps: str | None, seed: int, first_frame: str, fmt: str | None,
+             out: str) -> None:
     """Generate a video from a prompt, with a model (torch) or a lowered bundle (its runtime)."""
     from ndopt.progress import progress
     from ndopt.runner import generate as gen
@@ -309,6 +315,8 @@ def generate(model: str | None, bundle: str | None, provider: str | None, prompt
             raise click.UsageError("--model and --bundle exclude each other: give one")
         fixed = [f"--{n}" for n, v in (("frames", frames), ("height", height), ("width", width), ("steps", steps))
                  if v is not None]
+        if first_frame != "generate":
+            fixed.append("--first-frame")
         if fixed:
             raise click.UsageError(f"{', '.join(fixed)}: a bundle's shapes and steps are fixed when it is lowered")
         with progress("generating (bundle)", None) as advance:
@@ -322,10 +330,11 @@ def generate(model: str | None, bundle: str | None, provider: str | None, prompt
     total = None
     if model in _preset_names():  # the bar's length from the meta-device schedule (no weights built)
         total = generation_pipeline(model, frames=frames, height=height, width=width, steps=steps,
-                                    meta=True).schedule.steps_per_video
+                                    meta=True, first_frame=first_frame).schedule.steps_per_video
+        total += first_frame != "generate"  # the image model's frame
     with progress("generating", total) as advance:
         path = gen(model, prompt, out, frames=frames, height=height, width=width, seed=seed, fmt=fmt, steps=steps,
-                   progress=advance)
+                   first_frame=first_frame, progress=advance)
     click.echo(f"wrote {path}")
 
 

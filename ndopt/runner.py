@@ -19,7 +19,7 @@ from ndopt import threads
 from ndopt import validate as V
 from ndopt.errors import NdoptError
 from ndopt.eval.probe import FidelityInstrument, FidelityProbe, ProbeSettings
-from ndopt.frontends import load_model
+from ndopt.frontends import HYBRID, hybrid_pipeline, load_model
 from ndopt.ir.cost import CostModel, PipelineCost
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.verify import verify
@@ -263,8 +263,10 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
          frames: int | None = None) -> dict[str, Any]:
     """A recipe's structural effect on the meta-device model: params, FLOPs, calls per video.
 
-    `height`/`width` change the video size the sampler generates (Neodragon runs its DiT at 320x512),
-    `first_frame="external"` is Neodragon's hybrid mode (the first frame comes from an image model).
+    `height`/`width` change the video size the DiT generates (Neodragon runs its DiT at 320x512);
+    `first_frame="image-model"` is Neodragon's hybrid mode (an image model makes the first frame, a 2x
+    super-resolution network upscales every frame: ndopt.frontends.neodragon.hybrid), "external" the
+    DiT's side of it alone (the first frame comes from outside the pipeline).
     With a recipe, a report (`plan.json`, `report.md`, cost and estimate plots) is written to
     `report_dir` (default `<recipe output>/<name>-plan`)."""
     if recipe is None and model is None:
@@ -288,10 +290,12 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
                  max_latent_frames=V.MAX_PLAN_LATENT_FRAMES)
     if latent_frames is not None or height is not None or width is not None:
         sch = sch.with_frames(latent_frames or sch.latent_frames, height, width)
-    if first_frame:
+    if first_frame and first_frame != HYBRID:
         sch = replace(sch, first_frame=first_frame)
     if sch != pipeline.schedule:
         pipeline = pipeline.replace(schedule=sch)
+    if first_frame == HYBRID:
+        pipeline = hybrid_pipeline(pipeline)
     costs = CostModel()
     verify(pipeline, costs=costs)
     base = costs.pipeline_cost(pipeline)
@@ -384,18 +388,26 @@ def _meta_model(model: str, seed: int = 0) -> Pipeline | None:
 
 
 def generation_pipeline(model: str, *, frames: int = 9, height: int | None = None, width: int | None = None,
-                        steps: str | tuple[int, ...] | None = None, seed: int = 0, meta: bool = False) -> Pipeline:
-    """The model (preset, student, saved RUN/model or checkpoint) with the video's frames, size and steps.
+                        steps: str | tuple[int, ...] | None = None, seed: int = 0, meta: bool = False,
+                        first_frame: str = "generate") -> Pipeline:
+    """The model (preset, student, saved RUN/model or checkpoint) with the video's frames, size and steps,
+    in Neodragon's hybrid mode with `first_frame="image-model"` (sizes are then the DiT's).
 
     Every value is checked before the weights load (on the meta-device model where there is one), and
     the video's memory against this machine before anything is sampled."""
+    if first_frame not in ("generate", HYBRID):
+        raise NdoptError(f"--first-frame {first_frame!r}: generate or {HYBRID}")
+
+    def mode(p: Pipeline) -> Pipeline:
+        return hybrid_pipeline(p, seed=seed) if first_frame == HYBRID else p
+
     skeleton = _meta_model(model, seed)
     if skeleton is not None:
-        skeleton = _sized(skeleton, frames, height, width, steps)
+        skeleton = mode(_sized(skeleton, frames, height, width, steps))
         if meta:
             return skeleton
         V.check_memory(skeleton, "generate")
-    pipeline = _sized(load_model(model, seed=seed, meta=meta), frames, height, width, steps)
+    pipeline = mode(_sized(load_model(model, seed=seed, meta=meta), frames, height, width, steps))
     if not meta and skeleton is None:
         V.check_memory(pipeline, "generate")
     return pipeline
@@ -403,7 +415,7 @@ def generation_pipeline(model: str, *, frames: int = 9, height: int | None = Non
 
 def generate(model: str, prompt: str, out: str | Path, *, frames: int = 9, height: int | None = None,
              width: int | None = None, seed: int = 0, fmt: str | None = None, steps: str | tuple[int, ...] | None = None,
-             progress: Any = None) -> Path:
+             first_frame: str = "generate", progress: Any = None) -> Path:
     """Text to video: writes an .mp4 (or .gif, or a .png strip of the frames) atomically.
 
     The noise comes from `numpy.random.default_rng(seed)`, as in the bundle runtime
@@ -415,7 +427,8 @@ def generate(model: str, prompt: str, out: str | Path, *, frames: int = 9, heigh
 
     V.check_text(prompt, "--prompt")
     fmt = V.check_output_file(out, "--out", fmt)
-    pipeline = generation_pipeline(model, frames=frames, height=height, width=width, steps=steps, seed=seed)
+    pipeline = generation_pipeline(model, frames=frames, height=height, width=width, steps=steps, seed=seed,
+                                   first_frame=first_frame)
     with torch.no_grad(), threads.for_pipeline(pipeline):
         latents = pipeline.sampler.sample(pipeline, [prompt], generator=np.random.default_rng(seed), progress=progress)
         video = pipeline.sampler.decode(pipeline, latents)

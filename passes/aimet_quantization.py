@@ -70,7 +70,7 @@ from passes.aimet_sim import (
 
 log = logging.getLogger("ndopt")
 
-ROLES = ("text_encoder", "context_adapter", "dit", "vae_decoder")
+ROLES = ("text_encoder", "context_adapter", "dit", "vae_decoder", "image_model", "super_resolution")
 DEFAULT_AIMET_CONFIG = "htp_v79"  # without a target: the Snapdragon 8 Elite's (the paper's first target)
 PRECISION_BITS = {"w8a16": (8, 16), "w4a16": (4, 16)}  # (weight, activation) bits; names as targets' precisions
 # Captions of the tiny teacher's training distribution (ndopt/train/tiny_teacher.yaml; no held-out
@@ -349,6 +349,7 @@ class AimetQuantization(Pass):
         from aimet_torch.common.defs import QuantScheme
         from aimet_torch.quantsim import QuantizationSimModel
 
+        from ndopt.frontends.pyramid_flow.tiny_decoder import MemBlock
         from ndopt.frontends.pyramid_flow.vae_layers import CausalConv3d
 
         cfg = self.config
@@ -361,8 +362,10 @@ class AimetQuantization(Pass):
             mask_fill = cfg.attention_mask_fill if cfg.attention_mask_fill is not None else attention_mask_fill(module)
         names = tuple(records[0])
         call = EntryCall(module, comp.entry, names)
-        # CausalConv3d keeps its streaming state in Python attributes: tracing would freeze it
-        report = aq.make_quantizable(module, lambda _: call(**records[0]), eager=(CausalConv3d,), mask_fill=mask_fill)
+        # CausalConv3d and MemBlock keep their streaming state (chunked decode) in Python attributes:
+        # tracing would freeze it
+        report = aq.make_quantizable(module, lambda _: call(**records[0]), eager=(CausalConv3d, MemBlock),
+                                     mask_fill=mask_fill)
         seconds = {"prepare": time.perf_counter() - t}
         t = time.perf_counter()
         scheme = QuantScheme.min_max if cfg.quant_scheme == "min_max" else QuantScheme.post_training_tf_enhanced

@@ -216,6 +216,9 @@ class DecoderSwap(Pass):
             torch.manual_seed(seed)
             with torch.device(old.device):
                 module = build_decoder(self.config.decoder, scale, channels)
+        window = getattr(old.module, "window_size", None)  # decode in the chunks the pipeline decoded in
+        if window is not None and hasattr(module, "window_size"):
+            module.window_size = window
         z = old.port("z").spec
         ins = (Port("z", TensorSpec((z.shape[0], channels, *z.shape[2:]), z.dtype)),)
         new = replace(old.with_module(module, latent_channels=channels, decoder_kind=self.config.decoder,

@@ -51,6 +51,15 @@ HOST_OPS = {
     "call": "run a graph on named buffers (or `count` times per video, for samplers without a program)",
     "postprocess": "clamp the decoded video, then (x + offset) * scale rounded half to even -> uint8 frames",
     "external_first_frame": "hybrid mode: the first latent frame comes from an image model outside the bundle",
+    "lcm_init": "the image model's initial latents: N(0, I) of `shape` from the bundle's RNG times `sigma`",
+    "lcm_step": "one LCM step of the image model: out = graph(inputs); x0 = x0.sample * latents + x0.output * out; "
+                "denoised = c_out * x0 + c_skip * latents; then, unless last, latents = next.alpha * denoised + "
+                "next.sigma * N(0, I) (else latents = denoised)",
+    "encode_first_frame": "hybrid mode: the image model's frame area-downsampled by `factor`, encoded by the VAE "
+                          "encoder graph, normalized (z - shift) * scale: the first generated latent frame",
+    "per_frame": "run a graph on each frame of `input` along `axis` (super-resolution), concatenated -> output; "
+                 "the input is clamped to `clamp` before and the output after",
+    "release": "free the sessions (weights) of these components: the memory plan's phase ended",
 }
 
 # The tokenizers behind the text encoder's graph inputs (`SD3TextEncoder.tokenize`, also DT5's):
@@ -87,9 +96,17 @@ def program(pipeline: Pipeline, plans: list[GraphPlan]) -> list[dict[str, Any]]:
     return [{"op": "call", "graph": p.name, "component": p.component, "count": p.calls_per_video} for p in plans]
 
 
-def _tokenize_op(pipeline: Pipeline, guided: bool) -> dict[str, Any]:
+def _encoder(tok: Any, file: str, ids: str, mask: str | None, max_length: int, inputs: dict[str, Any]) -> dict[str, Any]:
+    """One tokenizer of a tokenize op: how the runtime pads and truncates, as the tokenizer does."""
     from targets.lowering import boundary_dtype
 
+    return {"tokenizer": file, "ids": ids, "mask": mask, "max_length": int(max_length), "padding": "max_length",
+            "padding_side": tok.padding_side, "pad_id": int(tok.pad_token_id), "pad_token": tok.pad_token,
+            "truncation": True, "truncation_side": tok.truncation_side, "add_special_tokens": True,
+            "dtype": boundary_dtype(inputs[ids].spec.dtype) if ids in inputs else "int32"}
+
+
+def _tokenize_op(pipeline: Pipeline, guided: bool) -> dict[str, Any]:
     te = pipeline.by_role("text_encoder")[0]
     smp, cfg = pipeline.sampler, te.module.config
     toks = getattr(te.module, "tokenizers", None)
@@ -97,14 +114,8 @@ def _tokenize_op(pipeline: Pipeline, guided: bool) -> dict[str, Any]:
         raise LoweringError(f"component {te.name!r} has no tokenizers, so the bundle cannot tokenize prompts; load "
                             "the text encoder with its tokenizers (tiny_tokenizers() or from_pretrained_dir)")
     inputs = {p.name: p for p in te.inputs}
-    encoders = []
-    for attr, ids, mask, length in TEXT_INPUTS:
-        tok = getattr(toks, attr)
-        encoders.append({"tokenizer": tokenizer_file(attr), "ids": ids, "mask": mask,
-                         "max_length": int(getattr(cfg, length)), "padding": "max_length",
-                         "padding_side": tok.padding_side, "pad_id": int(tok.pad_token_id), "pad_token": tok.pad_token,
-                         "truncation": True, "truncation_side": tok.truncation_side, "add_special_tokens": True,
-                         "dtype": boundary_dtype(inputs[ids].spec.dtype) if ids in inputs else "int32"})
+    encoders = [_encoder(getattr(toks, attr), tokenizer_file(attr), ids, mask, getattr(cfg, length), inputs)
+                for attr, ids, mask, length in TEXT_INPUTS]
     made = {e["ids"] for e in encoders} | {e["mask"] for e in encoders if e["mask"]}
     if set(inputs) - made:
         raise LoweringError(f"text encoder {te.name!r} takes {sorted(inputs)}; the tokenize op makes {sorted(made)} "
@@ -131,7 +142,8 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
 
     sch = pipeline.schedule
     guided = sch.guidance.mode != "none"
-    prog: list[dict[str, Any]] = []
+    hybrid = sch.first_frame == "image-model"
+    prog: list[dict[str, Any]] = image_model_program(pipeline, graphs) if hybrid else []
     text = pipeline.by_role("text_encoder")
     prompts = ["uncond", "cond"] if guided else ["cond"]
     if text:
@@ -150,7 +162,7 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
                  "dtype": "float32", "rng": RNG, "downsample": sizes[-2::-1], "interpolation": INTERPOLATION_BILINEAR,
                  "gain": 2.0, "output": "noise"})  # upstream: x2 per halving keeps unit variance
     fpu = sch.temporal.frame_per_unit
-    if sch.first_frame != "generate":
+    if sch.first_frame == "external":
         prog.append({"op": "external_first_frame", "output": "generated[0]",
                      "note": "hybrid mode: the first latent frame comes from an image model outside this bundle"})
     calls = unroll(pipeline)
@@ -163,7 +175,8 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
             if n:
                 prog.append({"op": "frame_end", "unit": calls[n - 1]["unit"], "input": "latents",
                              "output": "generated"})
-            prog.append({"op": "frame_start", "unit": unit, "first": 0 if unit == 0 else 1 + (unit - 1) * fpu,
+            first = (unit - 1) * fpu if hybrid else 0 if unit == 0 else 1 + (unit - 1) * fpu  # upstream's i2v
+            prog.append({"op": "frame_start", "unit": unit, "first": first,
                          "frames": 1 if unit == 0 else fpu, "axis": 2, "input": "noise", "output": "latents"})
             if unit:
                 prog.append({"op": "history", "unit": unit, "input": "generated", "axis": 2,
@@ -210,9 +223,96 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
         out = dec[0].outputs[0].name
         prog.append({"op": "call", "graph": graphs[(dec[0].name, "video")], "component": dec[0].name,
                      "inputs": {"z": "z"}, "outputs": {p.name: p.name for p in dec[0].outputs}})
+        for sr in pipeline.by_role("super_resolution"):  # per frame, as the sampler upscales
+            prog.append({"op": "per_frame", "graph": graphs[(sr.name, "frame")], "component": sr.name,
+                         "input": out, "axis": 2, "input_name": sr.inputs[0].name, "output_name": sr.outputs[0].name,
+                         "frames": _video_frames(pipeline), "output": "upscaled", "clamp": [-1.0, 1.0]})
+            out = "upscaled"
         prog.append({"op": "postprocess", "input": out, "output": "frames", "clamp": [-1.0, 1.0],
                      "offset": 1.0, "scale": 127.5, "round": "half_to_even", "dtype": "uint8",
                      "layout": "[1, 3, F, H, W] -> F x [H, W, 3]"})
+    if getattr(pipeline.sampler, "memory_policy", "auto") == "sequential":
+        prog = with_releases(prog)
+    return prog
+
+
+def _video_frames(pipeline: Pipeline) -> int:
+    from ndopt.frontends.pyramid_flow.sampler import VAE_TEMPORAL
+
+    return 1 + VAE_TEMPORAL * (pipeline.schedule.latent_frames - 1)
+
+
+def with_releases(prog: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The program with a `release` op after each component's last use: the memory plan's sequential
+    phases (each phase's weights are loaded at its first call and freed when it ends)."""
+    last: dict[str, int] = {}
+    for i, op in enumerate(prog):
+        if op.get("component"):
+            last[op["component"]] = i
+    out: list[dict[str, Any]] = []
+    for i, op in enumerate(prog):
+        out.append(op)
+        done = [c for c, j in last.items() if j == i]
+        if done:
+            out.append({"op": "release", "components": done})
+    return out
+
+
+def image_model_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
+    """The hybrid pipeline's first frame (HybridSampler.first_frame + encode_first_frame) written out:
+    tokenize, the image text encoders, LCM's steps with diffusers' LCMScheduler constants, the image
+    decoder, then the VAE encoder on the downsampled frame -> the first generated latent frame."""
+    from ndopt.frontends.neodragon.hybrid import IMAGE_COMPONENTS
+    from ndopt.frontends.pyramid_flow import vae as vae_mod
+
+    sch, smp = pipeline.schedule, pipeline.sampler
+    cfg = smp.image
+    te, unet, dec = (pipeline[n] for n in IMAGE_COMPONENTS)
+    enc = pipeline["vae_encoder"]
+    toks = getattr(te.module, "tokenizers", None)
+    if toks is None:
+        raise LoweringError(f"component {te.name!r} has no tokenizers, so the bundle cannot tokenize prompts")
+    inputs = {p.name: p for p in te.inputs}
+    encoders = [_encoder(tok, tokenizer_file(f"image_{attr}"), ids, None, cfg.clip_max_length, inputs)
+                for tok, attr, ids in zip(toks, ("tokenizer", "tokenizer_2"), ("clip_l_ids", "clip_g_ids"))]
+    prog: list[dict[str, Any]] = [
+        {"op": "tokenize", "texts": [{"name": "image", "text": None, "suffix": ""}], "encoders": encoders,
+         "output": "image_tokens"},
+        {"op": "call", "graph": graphs[(te.name, "prompt")], "component": te.name,
+         "inputs": {p.name: f"image_tokens.image.{p.name}" for p in te.inputs},
+         "outputs": {p.name: f"image_text.{p.name}" for p in te.outputs}}]
+    oh, ow = sch.height * smp.sr_scale, sch.width * smp.sr_scale
+    lh, lw = cfg.latent_size(oh, ow)
+    shape = [1, int(cfg.unet["in_channels"]), lh, lw]
+    scheduler = cfg.make_scheduler()
+    scheduler.set_timesteps(timesteps=list(cfg.timesteps))
+    steps = [int(t) for t in scheduler.timesteps]
+    prog.append({"op": "lcm_init", "shape": shape, "dtype": "float32", "rng": RNG,
+                 "sigma": float(scheduler.init_noise_sigma), "output": "image_latents"})
+    acp = scheduler.alphas_cumprod
+    kind = scheduler.config.prediction_type
+    for i, t in enumerate(steps):
+        a, b = float(acp[t].sqrt()), float((1 - acp[t]).sqrt())
+        x0 = {"epsilon": {"sample": 1 / a, "output": -b / a}, "sample": {"sample": 0.0, "output": 1.0},
+              "v_prediction": {"sample": a, "output": -b}}[kind]
+        c_skip, c_out = (float(v) for v in scheduler.get_scalings_for_boundary_condition_discrete(t))
+        nxt = None
+        if i + 1 < len(steps):
+            an = acp[steps[i + 1]]
+            nxt = {"alpha": float(an.sqrt()), "sigma": float((1 - an).sqrt()), "timestep": steps[i + 1]}
+        prog.append({"op": "lcm_step", "index": i, "timestep": t, "graph": graphs[(unet.name, "lcm")],
+                     "component": unet.name, "output_name": unet.outputs[0].name, "latents": "image_latents",
+                     "inputs": {"sample": "image_latents", "timestep": {"fill": float(t)},
+                                "encoder_hidden_states": "image_text.prompt_embeds",
+                                "text_embeds": "image_text.pooled_prompt_embeds",
+                                "time_ids": {"value": [[oh, ow, 0, 0, oh, ow]]}},
+                     "x0": x0, "c_skip": c_skip, "c_out": c_out, "next": nxt, "rng": RNG})
+    prog.append({"op": "call", "graph": graphs[(dec.name, "image")], "component": dec.name,
+                 "inputs": {"latents": "image_latents"}, "outputs": {dec.outputs[0].name: "image"}})
+    prog.append({"op": "encode_first_frame", "input": "image", "factor": int(smp.sr_scale),
+                 "interpolation": {"mode": "area"}, "graph": graphs[(enc.name, "first_frame")],
+                 "component": enc.name, "input_name": enc.inputs[0].name, "output_name": enc.outputs[0].name,
+                 "normalize": {"shift": vae_mod.IMAGE_SHIFT, "scale": vae_mod.IMAGE_SCALE}, "output": "generated"})
     return prog
 
 
@@ -234,15 +334,19 @@ def write_assets(pipeline: Pipeline, directory: Path) -> dict[str, Any]:
     toks = getattr(te[0].module, "tokenizers", None) if te else None
     if toks is None:
         return {}
+    found = [(tokenizer_file(attr), getattr(toks, attr)) for attr, *_ in TEXT_INPUTS]
+    image = pipeline.components.get("image_text_encoder")  # the hybrid pipeline's image model
+    if image is not None and getattr(image.module, "tokenizers", None) is not None:
+        found += [(tokenizer_file(f"image_{attr}"), tok)
+                  for attr, tok in zip(("tokenizer", "tokenizer_2"), image.module.tokenizers)]
     out: dict[str, Any] = {}
-    for attr, *_ in TEXT_INPUTS:
-        tok = getattr(toks, attr)
+    for rel, tok in found:
+        attr = rel.split("/")[0]
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is None:
             raise LoweringError(f"text encoder {te[0].name!r}: its {attr} ({type(tok).__name__}) is not a fast "
                                 "tokenizer, so it cannot be saved as tokenizer.json for the runtime; load it with "
                                 "use_fast=True (PreTrainedTokenizerFast)")
-        rel = tokenizer_file(attr)
         path = Path(directory) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         backend.save(str(path))
@@ -258,6 +362,10 @@ def graph_calls(prog: list[dict[str, Any]]) -> dict[str, int]:
             out[op["graph"]] = out.get(op["graph"], 0) + len(op["calls"])
         elif op["op"] == "call":
             out[op["graph"]] = out.get(op["graph"], 0) + int(op.get("count", 1))
+        elif op["op"] in ("lcm_step", "encode_first_frame"):
+            out[op["graph"]] = out.get(op["graph"], 0) + 1
+        elif op["op"] == "per_frame":
+            out[op["graph"]] = out.get(op["graph"], 0) + int(op["frames"])
     return out
 
 

@@ -180,28 +180,37 @@ def relative_errors(pred: Sequence[float], meas: Sequence[float]) -> np.ndarray:
 
 # ---- a video ---------------------------------------------------------------------------------
 def memory_plan(phases: Sequence[tuple[str, Sequence[str]]], weights: dict[str, float], activations: dict[str, float],
-                state: float, budget: float) -> dict[str, Any]:
-    """Peak bytes of a video: every component resident if that fits the budget, else one phase's
-    components at a time (weights loaded per phase). `weights` and `activations` are per component
-    (activations: the largest of its graphs); `state` is what lives across phases (text embeddings,
-    noise, generated latents)."""
+                state: float, budget: float, policy: str = "auto") -> dict[str, Any]:
+    """Peak bytes of a video under a residency policy. `phases` run in order; `weights` and
+    `activations` are per component (activations: the largest of its graphs); `state` is what lives
+    across phases (text embeddings, noise, generated latents, the finished frames).
+
+    - "all_resident": every component's weights stay loaded for the whole video;
+    - "sequential": each phase loads its components' weights and frees the previous phase's (text
+      encoding before the DiT, the image model freed before the DiT, ...): the peak is the largest
+      phase, at the price of reading each phase's weights from storage once per video;
+    - "auto": all resident if that fits the budget, else sequential.
+    """
+    if policy not in ("auto", "all_resident", "sequential"):
+        raise ValueError(f"memory policy {policy!r}: one of auto, all_resident, sequential")
     all_resident = sum(weights.values()) + max(activations.values(), default=0.0) + state
     rows = []
     for name, comps in phases:
         rows.append({"phase": name, "components": list(comps),
                      "weights_mb": sum(weights.get(c, 0.0) for c in comps) / 2**20,
                      "activations_mb": max((activations.get(c, 0.0) for c in comps), default=0.0) / 2**20})
-    if all_resident <= budget:
+    if policy == "all_resident" or (policy == "auto" and all_resident <= budget):
         policy, peak = "all_resident", all_resident
         for r in rows:
             r["resident_mb"] = sum(weights.values()) / 2**20 + r["activations_mb"] + state / 2**20
     else:
-        policy = "load_per_phase"
+        policy = "sequential"
         for r in rows:
             r["resident_mb"] = r["weights_mb"] + r["activations_mb"] + state / 2**20
         peak = max((r["resident_mb"] for r in rows), default=0.0) * 2**20
     return {"policy": policy, "peak_mb": round(peak / 2**20, 3), "budget_mb": round(budget / 2**20, 1),
             "fits": peak <= budget, "state_mb": round(state / 2**20, 3),
+            "all_resident_mb": round(all_resident / 2**20, 3),
             "weights_mb": {k: round(v / 2**20, 3) for k, v in weights.items()},
             "activations_mb": {k: round(v / 2**20, 3) for k, v in activations.items()},
             "phases": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows]}

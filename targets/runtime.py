@@ -135,6 +135,9 @@ class State:
     sessions: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, np.ndarray] = field(default_factory=dict)
     checked: set[str] = field(default_factory=set)
+    released: set[str] = field(default_factory=set)
+    providers_used: set[str] = field(default_factory=set)  # components whose phase ended (sessions freed)
+    opened: list[str] = field(default_factory=list)  # graphs in the order their sessions opened
     at: int = 0  # the program index being run (what errors name)
 
     def session(self, graph: str) -> Any:
@@ -160,6 +163,8 @@ class State:
                 ep_options = {**ep_options, "enable_htp_fp16_precision": "1"}
             providers = [(ep, ep_options)] + ([CPU] if ep != CPU else [])  # CPU takes what QNN cannot
             self.sessions[graph] = ort.InferenceSession(str(path), opts, providers=providers)
+            self.opened.append(graph)
+            self.providers_used.add(self.sessions[graph].get_providers()[0])
         return self.sessions[graph]
 
     def check_weights(self, component: str, data: str | None, field: str) -> None:
@@ -363,10 +368,69 @@ def external_first_frame(s: State, op: dict[str, Any]) -> None:
                         "mode), which this bundle does not hold")
 
 
+def lcm_init(s: State, op: dict[str, Any]) -> None:
+    s.buffers[op["output"]] = s.rng.standard_normal(tuple(op["shape"]), dtype=np.float32) * np.float32(op["sigma"])
+
+
+def _feed(s: State, src: Any, shape: list[int], dtype: Any) -> np.ndarray:
+    if isinstance(src, dict) and "value" in src:
+        return np.asarray(src["value"], dtype=dtype)
+    return _source(s, src, shape, dtype)
+
+
+def lcm_step(s: State, op: dict[str, Any]) -> None:
+    sess = s.session(op["graph"])
+    specs = {i.name: (i.shape, DTYPES[_ort_dtype(i.type)]) for i in sess.get_inputs()}
+    feeds = {name: _feed(s, src, *specs[name]) for name, src in op["inputs"].items()}
+    out = s.run(op["graph"], feeds)[op["output_name"]].astype(np.float32)
+    latents = s.buffers[op["latents"]]
+    x0 = np.float32(op["x0"]["sample"]) * latents + np.float32(op["x0"]["output"]) * out
+    denoised = (np.float32(op["c_out"]) * x0 + np.float32(op["c_skip"]) * latents).astype(np.float32)
+    nxt = op["next"]
+    if nxt is None:
+        s.buffers[op["latents"]] = denoised
+        return
+    noise = s.rng.standard_normal(denoised.shape, dtype=np.float32)
+    s.buffers[op["latents"]] = (np.float32(nxt["alpha"]) * denoised + np.float32(nxt["sigma"]) * noise).astype(np.float32)
+
+
+def encode_first_frame(s: State, op: dict[str, Any]) -> None:
+    image = s.buffers[op["input"]].astype(np.float32)  # [1, 3, 1, H, W]
+    k = int(op["factor"])
+    if op["interpolation"]["mode"] != "area":
+        raise LoweringError(f"interpolation {op['interpolation']} is not one encode_first_frame implements (area)")
+    b, c, f, h, w = image.shape
+    small = image.reshape(b, c, f, h // k, k, w // k, k).mean(axis=(4, 6), dtype=np.float32)
+    z = s.run(op["graph"], {op["input_name"]: small})[op["output_name"]].astype(np.float32)
+    n = op["normalize"]
+    s.lists[op["output"]] = [((z - np.float32(n["shift"])) * np.float32(n["scale"])).astype(np.float32)]
+
+
+def per_frame(s: State, op: dict[str, Any]) -> None:
+    lo, hi = op["clamp"]  # the decoded video is clamped before upscaling, the upscaled one after
+    x = np.clip(s.buffers[op["input"]], lo, hi)
+    outs = []
+    for f in range(int(op["frames"])):
+        index = [slice(None)] * x.ndim
+        index[op["axis"]] = slice(f, f + 1)
+        outs.append(s.run(op["graph"], {op["input_name"]: x[tuple(index)]})[op["output_name"]])
+    s.buffers[op["output"]] = np.clip(np.concatenate(outs, axis=op["axis"]).astype(np.float32), lo, hi)
+
+
+def release(s: State, op: dict[str, Any]) -> None:
+    """The end of a memory-plan phase: its components' sessions (and their weights) are freed."""
+    gone = set(op["components"])
+    for graph in [g for g in s.sessions if s.manifest["graphs"][g]["component"] in gone]:
+        del s.sessions[graph]
+    s.released.update(gone)
+
+
 HANDLERS: dict[str, Callable[[State, dict[str, Any]], None]] = {
     "tokenize": tokenize, "init_noise": init_noise, "frame_start": frame_start, "history": history,
     "stage_start": stage_start, "denoise_step": denoise_step, "frame_end": frame_end, "denormalize": denormalize,
     "call": call, "postprocess": postprocess, "external_first_frame": external_first_frame,
+    "lcm_init": lcm_init, "lcm_step": lcm_step, "encode_first_frame": encode_first_frame, "per_frame": per_frame,
+    "release": release,
 }
 
 
@@ -392,7 +456,7 @@ def generate(bundle_dir: Path, prompt: str, *, seed: int = 0, provider: str | No
         handler(s, op)
         if progress is not None and op["op"] == "denoise_step":
             progress(f"step {op['index'] + 1}/{steps} (frame {op['unit'] + 1}, stage {op['stage'] + 1})")
-    used = "+".join(sorted({sess.get_providers()[0] for sess in s.sessions.values()})) or s.provider[0]
+    used = "+".join(sorted(s.providers_used)) or s.provider[0]  # sessions of ended phases are freed
     post = next((op for op in man["program"] if op["op"] == "postprocess"), None)
     video = s.buffers[post["input"]] if post else None
     frames = s.lists[post["output"]] if post else None

@@ -133,10 +133,11 @@ class SnapdragonTarget:
                          "latency_ms": round(est.latency_ms, 4), "peak_memory_mb": round(est.peak_memory_mb, 3)})
         total = sum(r["latency_ms"] for r in comps.values())
         precisions = {n: r["precision"] for n, r in comps.items()}
-        plan = memory_plan([(n, [n]) for n in pipeline.topo_order() if n in comps],
+        plan = memory_plan(_phases(pipeline, comps),
                            {n: r["weights_mb"] * 2**20 for n, r in comps.items()},
                            {n: r["peak_activations_mb"] * 2**20 for n, r in comps.items()},
-                           _state_bytes(pipeline, precisions.values()), self.spec.memory_budget_gb * 2**30)
+                           _state_bytes(pipeline, precisions.values()), self.spec.memory_budget_gb * 2**30,
+                           policy=_memory_policy(pipeline))
         for r in comps.values():
             r["share"] = round(r["latency_ms"] / total, 4) if total else 0.0
             for k in ("latency_ms", "flops_per_video", "weights_mb", "peak_activations_mb"):
@@ -299,10 +300,11 @@ class SnapdragonTarget:
                 row["weights_mb"] = max(row["weights_mb"],
                                         (sw.unique_float_elems * wbits / 8 + sw.unique_other_bytes) / 2**20)
         total = sum(r["latency_ms"] for r in comps.values())
-        plan = memory_plan([(n, [n]) for n in pipeline.topo_order() if n in comps],
+        plan = memory_plan(_phases(pipeline, comps),
                            {n: r["weights_mb"] * 2**20 for n, r in comps.items()},
                            {n: r["activations_mb"] * 2**20 for n, r in comps.items()},
-                           _state_bytes(pipeline, precisions.values()), self.spec.memory_budget_gb * 2**30)
+                           _state_bytes(pipeline, precisions.values()), self.spec.memory_budget_gb * 2**30,
+                           policy=_memory_policy(pipeline))
         plan["weight_sharing"] = ("weights counted once per component: its graphs share one external-data file "
                                   "(<component>.weights.bin) and, on the device, one linked QNN context")
         return {"precision": precision_label(precisions.values()), "precisions": dict(precisions),
@@ -355,22 +357,40 @@ def precision_label(precisions: Iterable[str]) -> str:
     return found.pop() if len(found) == 1 else ("mixed" if found else FLOAT_PRECISION)
 
 
+def _phases(pipeline: Pipeline, names: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """One phase per component, in the order the call plan first calls them (the order they run)."""
+    names, order = set(names), []
+    for sig in pipeline.call_plan():
+        if sig.component in names and sig.component not in order:
+            order.append(sig.component)
+    return [(n, [n]) for n in order]
+
+
+def _memory_policy(pipeline: Pipeline) -> str:
+    """The sampler's residency policy (the hybrid pipeline runs its phases sequentially), else auto."""
+    return str(getattr(pipeline.sampler, "memory_policy", "auto"))
+
+
 def _state_bytes(pipeline: Pipeline, precisions: Iterable[str]) -> float:
-    """What lives across phases: the latents of the whole video (noise and generated frames) and the
-    text encoder's outputs, at the widest activation width of the components' precisions."""
+    """What lives across phases: the latents of the whole video (noise and generated frames), the
+    text encoders' outputs at the widest activation width of the components' precisions, and the
+    finished frames (8-bit RGB) of a pipeline that upscales frame by frame."""
     from targets import PRECISION_BITS
 
     abits = max((PRECISION_BITS[p][1] for p in precisions), default=16)
-    total = 0
+    total, frames = 0, 0
     for sig in pipeline.call_plan():
         comp = pipeline[sig.component]
+        env = sig.env_dict
         if comp.role == "vae_decoder":
             total += 2 * sum(s.numel() for _, s in sig.args if not isinstance(s, tuple))  # noise + generated
-        elif comp.role == "text_encoder":
-            env = sig.env_dict
+        elif comp.role in ("text_encoder", "image_model") and comp.name != "image_unet" and sig.key == "prompt":
             for p in comp.outputs:
                 total += sig.count * p.spec.bind(env).numel() if p.spec.bind(env).is_concrete else 0
-    return total * abits / 8
+        elif comp.role == "super_resolution":
+            for p in comp.outputs:
+                frames += sig.count * p.spec.bind(env).numel() if p.spec.bind(env).is_concrete else 0
+    return total * abits / 8 + frames
 
 
 __all__ = ["EXTERNAL_DATA_BYTES", "SnapdragonTarget"]

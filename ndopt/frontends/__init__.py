@@ -56,3 +56,14 @@ def load_model(ref: str, *, device: torch.device | str = "cpu", seed: int = 0, m
         raise CheckpointError(f"{ref}: a model is a preset name, a saved pipeline (RUN/model) or an upstream "
                               "checkpoint directory, not a file")
     raise NdoptError(f"unknown model {ref!r}: not a preset ({', '.join(preset_names())}) and no such directory")
+
+
+HYBRID = "image-model"  # `--first-frame image-model`: Neodragon's hybrid pipeline
+
+
+def hybrid_pipeline(pipeline: Pipeline, **kwargs: object) -> Pipeline:
+    """The pipeline in Neodragon's hybrid mode: an image model's first frame, 2x super-resolution
+    (ndopt.frontends.neodragon.hybrid.attach; keyword arguments go there)."""
+    from ndopt.frontends.neodragon.hybrid import attach
+
+    return attach(pipeline, **kwargs)  # type: ignore[arg-type]

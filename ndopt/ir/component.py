@@ -19,6 +19,7 @@ ROLES = (
     "vae_encoder",
     "vae_decoder",
     "super_resolution",
+    "image_model",  # the hybrid pipeline's first-frame image model (its text encoders, UNet and decoder)
 )
 
 

@@ -69,7 +69,8 @@ class Schedule:
     width: int = 640
     gamma: float = 1 / 3  # block-noise correlation (REFERENCE.md)
     folded: bool = False  # constants precomputed and the call list unrolled (schedule_folding)
-    first_frame: Literal["generate", "external"] = "generate"  # external: hybrid mode (image model)
+    # hybrid mode: "external" (an image from outside the pipeline) or "image-model" (its image_model components)
+    first_frame: Literal["generate", "external", "image-model"] = "generate"
 
     @property
     def units(self) -> int:

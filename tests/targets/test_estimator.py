@@ -101,7 +101,7 @@ def test_memory_plan_keeps_everything_resident_when_it_fits():
     fits = memory_plan([("t", ["t"]), ("d", ["d"])], w, a, 5.0, budget=1000.0)
     assert fits["policy"] == "all_resident" and fits["peak_mb"] == pytest.approx(355 / 2**20, abs=1e-3)
     tight = memory_plan([("t", ["t"]), ("d", ["d"])], w, a, 5.0, budget=300.0)
-    assert tight["policy"] == "load_per_phase" and tight["peak_mb"] == pytest.approx(255 / 2**20, abs=1e-3)
+    assert tight["policy"] == "sequential" and tight["peak_mb"] == pytest.approx(255 / 2**20, abs=1e-3)
 
 
 @pytest.mark.slow

@@ -266,11 +266,18 @@ class PyramidFlowSampler:
         return out
 
     def sample(self, pipeline: Pipeline, prompts: list[str], *, generator: Generators,
-               progress: Progress | None = None) -> torch.Tensor:
+               progress: Progress | None = None, first_latent: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompts -> normalized latents. In hybrid mode (`first_frame` not "generate") the first latent
+        frame is given (`first_latent`, [B, C, 1, h, w] in the DiT's latent space: an image encoded by
+        the VAE and normalized as upstream's `generate_i2v`) and unit k >= 1 draws the noise of frame
+        k - 1, as upstream's image-to-video loop does."""
         sch = pipeline.schedule
-        if sch.first_frame != "generate":
-            raise NdoptError("this pipeline's first frame comes from an external image model (hybrid mode); "
-                             "sampling it needs that model, which ndopt does not bundle yet")
+        hybrid = sch.first_frame != "generate"
+        if hybrid and first_latent is None:
+            raise NdoptError("this pipeline's first frame comes from an image model (hybrid mode): generate "
+                             "with `--first-frame image-model`, which adds ndopt's image model")
+        if not hybrid and first_latent is not None:
+            raise NdoptError("a first latent frame was given but the schedule generates its first frame")
         dit = pipeline.by_role("dit")[0]
         check_resolution(sch, dit.module.config.patch_size)
         device = dit.device
@@ -291,9 +298,14 @@ class PyramidFlowSampler:
         generated: list[torch.Tensor] = []
         fpu = sch.temporal.frame_per_unit
         folded = folded_schedule(pipeline) if folded_time(dit) else None
-        for unit in range(sch.units):
-            lo = 0 if unit == 0 else 1 + (unit - 1) * fpu
-            hi = 1 if unit == 0 else 1 + unit * fpu
+        if hybrid:
+            want = (bsz, c, 1, h, w)
+            if tuple(first_latent.shape) != want:
+                raise NdoptError(f"first latent frame is {list(first_latent.shape)}, the schedule needs {list(want)}")
+            generated.append(first_latent.to(device, dtype))
+        for unit in range(1 if hybrid else 0, sch.units):
+            lo = (unit - 1) * fpu if hybrid else 0 if unit == 0 else 1 + (unit - 1) * fpu
+            hi = lo + (fpu if unit else 1)
             latents = noise[:, :, lo:hi]
             history = self._history(torch.cat(generated, dim=2), unit, sch) if unit else [[] for _ in sch.stages]
             for s, stage in enumerate(sch.stages):

@@ -74,12 +74,25 @@ class MemBlock(nn.Module):
                                   _conv(n_out, n_out))
         self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
         self.act = nn.ReLU()
+        self._streaming = False
+        self._last: Tensor | None = None  # streaming: the previous chunk's last frame (the causal cache)
+
+    def start_stream(self) -> None:
+        self._streaming, self._last = True, None
+
+    def end_stream(self) -> None:
+        self._streaming, self._last = False, None
 
     def forward(self, x: Tensor, frames: int) -> Tensor:
         """x: [B*T, C, H, W] frames of B clips of T frames each."""
         bt, c, h, w = x.shape
         clips = x.reshape(bt // frames, frames, c, h, w)
-        past = F.pad(clips, (0, 0, 0, 0, 0, 0, 1, 0))[:, :frames].reshape(bt, c, h, w)
+        if self._streaming and self._last is not None:  # a later chunk: its first frame's past is cached
+            past = torch.cat([self._last, clips[:, :-1]], dim=1).reshape(bt, c, h, w)
+        else:
+            past = F.pad(clips, (0, 0, 0, 0, 0, 0, 1, 0))[:, :frames].reshape(bt, c, h, w)
+        if self._streaming:
+            self._last = clips[:, -1:]
         return self.act(self.conv(torch.cat([x, past], dim=1)) + self.skip(x))
 
 
@@ -97,10 +110,15 @@ class TGrow(nn.Module):
 
 
 class TinyVideoDecoder(nn.Module):
-    """The `vae_decoder` component: raw latents [B, C, t, h, w] -> video [B, 3, 8t - 7, 8h, 8w]."""
+    """The `vae_decoder` component: raw latents [B, C, t, h, w] -> video [B, 3, 8t - 7, 8h, 8w].
 
-    def __init__(self, config: TinyDecoderConfig = TinyDecoderConfig()) -> None:
+    `window_size` (latent frames per chunk after the first chunk's window_size + 1, None = whole
+    clip) decodes chunk by chunk: each MemBlock caches its last frame for the next chunk, so the
+    result equals the whole-clip decode with a chunk's activations (the memory plan's decode)."""
+
+    def __init__(self, config: TinyDecoderConfig = TinyDecoderConfig(), window_size: int | None = None) -> None:
         super().__init__()
+        self.window_size = window_size
         self.config = c = config
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
         blocks: list[nn.Module] = [SoftClamp(), _conv(c.latent_channels, c.n_f[0]), nn.ReLU()]
@@ -117,6 +135,24 @@ class TinyVideoDecoder(nn.Module):
         self._time_stride = tuple(b.stride if isinstance(b, TGrow) else 1 for b in blocks)
 
     def forward(self, z: Tensor) -> Tensor:
+        w = self.window_size
+        if w is None or z.shape[2] <= w + 1:
+            return self._decode(z, trim=True)
+        if w < 1:
+            raise ValueError(f"tiny decoder: window_size must be >= 1, got {w}")
+        starts = [0, *range(w + 1, z.shape[2], w)]
+        ends = [*starts[1:], z.shape[2]]
+        mem = [m for m in self.modules() if isinstance(m, MemBlock)]
+        for m in mem:
+            m.start_stream()
+        try:
+            chunks = [self._decode(z[:, :, a:b], trim=a == 0) for a, b in zip(starts, ends, strict=True)]
+        finally:
+            for m in mem:
+                m.end_stream()
+        return torch.cat(chunks, dim=2)
+
+    def _decode(self, z: Tensor, trim: bool) -> Tensor:
         b, c, t, h, w = z.shape
         x = self.post_quant_conv(z.transpose(1, 2).reshape(b * t, c, h, w))
         frames = t
@@ -124,5 +160,5 @@ class TinyVideoDecoder(nn.Module):
             x = block(x, frames) if takes_frames else block(x)
             frames *= stride
         _, oc, oh, ow = x.shape
-        video = x.reshape(b, frames, oc, oh, ow)[:, self.frames_to_trim:]
+        video = x.reshape(b, frames, oc, oh, ow)[:, self.frames_to_trim if trim else 0:]
         return video.transpose(1, 2)
