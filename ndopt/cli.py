@@ -177,12 +177,16 @@ def plan(recipe: str | None, model: str | None, target: str | None, frames: int 
         t.add_row(s["name"], f"{s['params_total'] / 1e9:.3f}B", str(s["dit_calls_per_video"]),
                   f"{s['flops_per_video'] / 1e12:.1f}T")
     console.print(t)
-    for name, p in result["params"].items():
-        console.print(f"  {name}: {p / 1e6:.1f}M params, {result['calls_per_video'][name]} calls/video")
+    final = result.get("final", result)
+    total = sum(final["params"].values())
+    console.print(f"  params: {total / 1e9:.3f}B" + (" after the passes" if "final" in result else ""))
+    for name, p in final["params"].items():
+        console.print(f"  {name}: {p / 1e6:.1f}M params, {final['calls_per_video'][name]} calls/video")
     for name, e in (result.get("estimates") or {}).items():
         if isinstance(e, dict) and "latency_s" in e:
             console.print(f"  {name}: ~{e['latency_s']:.2f} s per video, peak {e['peak_memory_mb'] / 1024:.2f} GB "
                           f"({e.get('precision', '-')})")
+            _print_estimate(console, name, e)
     if result.get("paths"):
         console.print(f"  report: {result['paths'].get('md')}")
 
@@ -336,6 +340,29 @@ def generate(model: str | None, bundle: str | None, provider: str | None, prompt
         path = gen(model, prompt, out, frames=frames, height=height, width=width, seed=seed, fmt=fmt, steps=steps,
                    first_frame=first_frame, progress=advance)
     click.echo(f"wrote {path}")
+
+
+def _print_estimate(console: Any, target: str, e: dict[str, Any]) -> None:
+    """Latency per component and the memory plan's phases of one target's estimate."""
+    from rich.table import Table
+
+    t = Table(title=f"{target}: latency per component", title_justify="left")
+    for col in ("component", "precision", "calls", "ms", "share", "weights MB", "activations MB"):
+        t.add_column(col, justify="left" if col in ("component", "precision") else "right")
+    for name, r in e.get("components", {}).items():
+        t.add_row(name, r["precision"], str(r["calls_per_video"]), f"{r['latency_ms']:.1f}", f"{r['share']:.1%}",
+                  f"{r['weights_mb']:.1f}", f"{r['peak_activations_mb']:.1f}")
+    console.print(t)
+    mp = e.get("memory_plan") or {}
+    if mp.get("phases"):
+        m = Table(title=f"{target}: memory plan ({mp['policy']}), peak {mp['peak_mb'] / 1024:.2f} GB of "
+                        f"{mp['budget_mb'] / 1024:.1f} GB", title_justify="left")
+        for col in ("phase", "weights MB", "activations MB", "resident GB"):
+            m.add_column(col, justify="left" if col == "phase" else "right")
+        for ph in mp["phases"]:
+            m.add_row(ph["phase"], f"{ph['weights_mb']:.1f}", f"{ph['activations_mb']:.1f}",
+                      f"{ph['resident_mb'] / 1024:.2f}")
+        console.print(m)
 
 
 def _plan_report_dir(recipe: str | None, out_dir: str | None) -> Any:

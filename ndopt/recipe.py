@@ -58,6 +58,9 @@ class RecipeModel(_Strict):
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
     output: str = "runs"
     seed: int = Field(0, ge=0, le=2**63 - 1)
+    # image-model: Neodragon's hybrid pipeline (an image model's first frame, 2x super-resolution),
+    # built around the model before the passes run (ndopt.frontends.neodragon.hybrid)
+    first_frame: Literal["generate", "image-model"] = "generate"
 
     @model_validator(mode="after")
     def _one_target_field(self) -> RecipeModel:

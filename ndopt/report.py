@@ -84,6 +84,13 @@ def _estimate_lines(estimates: dict[str, Any] | None) -> list[str]:
             act = v.get("peak_activations_mb", v.get("activations_mb", 0.0))
             lines.append(f"| {c} | {v.get('calls_per_video', '-')} | {v['latency_ms'] / 1000:.3f} | "
                          f"{share:.1%} | {v.get('weights_mb', 0):.1f} | {act:.1f} |")
+        mp = e.get("memory_plan") or {}
+        if mp.get("phases"):
+            lines += ["", f"Memory plan: {mp['policy']} (everything resident: "
+                          f"{mp.get('all_resident_mb', 0) / 1024:.2f} GB; across phases: {mp.get('state_mb', 0):.0f} MB)", "",
+                      "| phase | weights (MB) | activations (MB) | resident (GB) |", "|---|---|---|---|"]
+            lines += [f"| {ph['phase']} | {ph['weights_mb']:.1f} | {ph['activations_mb']:.1f} | "
+                      f"{ph['resident_mb'] / 1024:.2f} |" for ph in mp["phases"]]
     return lines
 
 

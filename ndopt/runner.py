@@ -57,11 +57,12 @@ def _ratios(first: dict[str, Any], last: dict[str, Any]) -> dict[str, float]:
 def _load_recipe_model(r: Recipe, override: str | None, **kwargs: Any) -> Pipeline:
     """The recipe's model; a failure names the recipe's `model` line unless it came from --model."""
     try:
-        return load_model(r.spec.model, seed=r.spec.seed, **kwargs)
+        pipeline = load_model(r.spec.model, seed=r.spec.seed, **kwargs)
     except NdoptError as e:
         if override:
             raise
         raise r.error("model", str(e)) from None
+    return hybrid_pipeline(pipeline, seed=r.spec.seed) if r.spec.first_frame == HYBRID else pipeline
 
 
 def _recipe(ref: str | Path | Recipe) -> Recipe:
@@ -166,6 +167,8 @@ def preflight(r: Recipe) -> None:
     skeleton = _meta_model(r.spec.model, r.spec.seed)
     if skeleton is None:  # a saved pipeline or a checkpoint directory: checked after loading
         return
+    if r.spec.first_frame == HYBRID:
+        skeleton = hybrid_pipeline(skeleton, seed=r.spec.seed)
     p = r.spec.probe
     if p.enabled:
         try:
@@ -294,7 +297,7 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
         sch = replace(sch, first_frame=first_frame)
     if sch != pipeline.schedule:
         pipeline = pipeline.replace(schedule=sch)
-    if first_frame == HYBRID:
+    if first_frame == HYBRID and pipeline.schedule.first_frame != HYBRID:
         pipeline = hybrid_pipeline(pipeline)
     costs = CostModel()
     verify(pipeline, costs=costs)

@@ -71,6 +71,7 @@ from passes.aimet_sim import (
 log = logging.getLogger("ndopt")
 
 ROLES = ("text_encoder", "context_adapter", "dit", "vae_decoder", "image_model", "super_resolution")
+OPTIONAL_ROLES = ("vae_encoder",)  # quantized by default only where the call plan calls it (hybrid mode)
 DEFAULT_AIMET_CONFIG = "htp_v79"  # without a target: the Snapdragon 8 Elite's (the paper's first target)
 PRECISION_BITS = {"w8a16": (8, 16), "w4a16": (4, 16)}  # (weight, activation) bits; names as targets' precisions
 # Captions of the tiny teacher's training distribution (ndopt/train/tiny_teacher.yaml; no held-out
@@ -183,9 +184,9 @@ class AimetQuantization(Pass):
 
         @model_validator(mode="after")
         def _roles(self) -> AimetQuantization.Config:
-            bad = [r for r in self.components or () if r not in ROLES]
+            bad = [r for r in self.components or () if r not in ROLES + OPTIONAL_ROLES]
             if bad:
-                raise ValueError(f"components {bad} are not quantizable roles; choose from {list(ROLES)}")
+                raise ValueError(f"components {bad} are not quantizable roles; choose from {list(ROLES + OPTIONAL_ROLES)}")
             return self
 
     # ---- selection and bookkeeping --------------------------------------------------------------
@@ -198,6 +199,9 @@ class AimetQuantization(Pass):
                                 f"(it has roles {sorted({c.role for c in pipeline.components.values()})}); "
                                 "remove them from `components`")
         chosen = [c for c in pipeline.components.values() if c.role in (roles or ROLES)]
+        if roles is None:  # the VAE encoder too where the pipeline calls it (hybrid mode's first frame)
+            called = {s.component for s in pipeline.call_plan()}
+            chosen += [c for c in pipeline.by_role("vae_encoder") if c.name in called]
         if not chosen:
             raise PassError(f"aimet_quantization: pipeline {pipeline.name!r} has none of the roles {list(roles or ROLES)}")
         order = pipeline.topo_order()

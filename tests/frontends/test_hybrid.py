@@ -130,8 +130,8 @@ def test_plan_of_the_hybrid_neodragon_chain_fits_3_gb(tmp_path):
     phases run one at a time in the order they are called, and every component is priced."""
     from ndopt.runner import plan
 
-    r = plan("recipes/neodragon-8elite.yaml", model="pyramid-flow-sd3-384p", frames=49, height=320, width=512,
-             first_frame="image-model", report_dir=tmp_path)
+    r = plan("recipes/neodragon-hybrid-8elite.yaml", model="pyramid-flow-sd3-384p", frames=49, height=320,
+             width=512, report_dir=tmp_path)  # the recipe says `first_frame: image-model`
     est = r["estimates"]["snapdragon-8-elite"]
     mp = est["memory_plan"]
     assert mp["policy"] == "sequential" and est["peak_memory_mb"] <= 3.0 * 1024, mp
@@ -149,3 +149,50 @@ def test_plan_of_the_hybrid_neodragon_chain_fits_3_gb(tmp_path):
     params = r["final"]["params"]
     assert 4.5e9 < sum(params.values()) < 5.3e9  # Neodragon: 4.945B (the bench states what each side counts)
     assert 1.2e9 < params["image_unet"] < 1.4e9  # SSD-1B's UNet: 1.3B on its model card
+
+
+# ---- lowering and the bundle runtime --------------------------------------------------------------
+@pytest.mark.slow
+def test_hybrid_pipeline_lowers_to_both_targets_and_its_bundle_gives_the_torch_video(hybrid, tmp_path):
+    """Every graph (image model, SR and the rest) passes legality and onnxruntime-vs-torch numerics on
+    both targets; the bundle's program runs the image model, the DiT and SR phase by phase (each
+    phase's sessions released when it ends) and gives the torch sampler's video."""
+    import json
+
+    from ndopt.target import get_target
+    from targets import runtime
+    from targets.bundle import graph_calls
+
+    expected = {s.component for s in hybrid.call_plan()}
+    for name in ("snapdragon-8-elite", "snapdragon-x-elite"):
+        out = tmp_path / name
+        r = get_target(name).lower(hybrid, out)
+        assert r["status"] == "ok"
+        assert {g.split("__")[0] for g in r["graphs"]} == expected
+        for g, v in r["graphs"].items():
+            assert v["legal"] and v["numerics_ok"], (name, g, v)
+    man = json.loads((tmp_path / "snapdragon-8-elite" / "manifest.json").read_text())
+    assert man["memory_plan"]["policy"] == "sequential"
+    assert [p["phase"] for p in man["memory_plan"]["phases"]][:3] == ["image_text_encoder", "image_unet", "image_decoder"]
+    released = [c for op in man["program"] if op["op"] == "release" for c in op["components"]]
+    assert sorted(released) == sorted(expected)  # every phase ends with its weights freed
+    assert graph_calls(man["program"])["super_resolution__frame"] == 9
+    res = runtime.generate(tmp_path / "snapdragon-8-elite", PROMPT, seed=0, provider="cpu")
+    with torch.no_grad():
+        lat = hybrid.sampler.sample(hybrid, [PROMPT], generator=np.random.default_rng(0))
+        video = hybrid.sampler.decode(hybrid, lat)
+    assert np.abs(res.latents - lat.numpy()).max() < 1e-3
+    assert res.video.shape == (1, 3, 9, 128, 128) and np.abs(res.video - video.numpy()).max() < 1e-3
+
+
+def test_recipe_first_frame_is_checked_and_names_its_line(tmp_path):
+    from ndopt.errors import NdoptError
+    from ndopt.recipe import load_recipe
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("name: r\nmodel: pyramid-flow-tiny\nfirst_frame: image_model\npasses: [cfg_folding]\n")
+    with pytest.raises(NdoptError, match=r"r.yaml:3.*first_frame"):
+        load_recipe(bad)
+    good = tmp_path / "g.yaml"
+    good.write_text("name: g\nmodel: pyramid-flow-tiny\nfirst_frame: image-model\npasses: [cfg_folding]\n")
+    assert load_recipe(good).spec.first_frame == "image-model"

@@ -201,8 +201,13 @@ def attach(pipeline: Pipeline, *, image_model: str | None = None, super_resoluti
     `image_model` / `super_resolution` name presets (default: the trained tiny ones for a tiny
     pipeline, SSD-1B + LCM and QuickSRNet Small for a real-size one); real-size presets are built
     on the meta device (plans), as the pipeline's own components are."""
+    from diffusers.utils import logging as diffusers_logging
+
     from ndopt.frontends.neodragon import image_model as im
     from ndopt.frontends.neodragon import quicksrnet as qs
+
+    # diffusers warns per attention call when a quantization sim passes its kwargs through (AIMET)
+    diffusers_logging.set_verbosity_error()
 
     if pipeline.schedule.first_frame == MODE:
         return pipeline
