@@ -39,7 +39,7 @@ def print_plan(target: str, result: dict) -> dict:
           f"DiT at {result['resolution'][0]}x{result['resolution'][1]}, video 2x that")
     print(f"params: {total / 1e9:.3f}B (Neodragon {NEODRAGON['params_b']}B, ratio {total / 1e9 / NEODRAGON['params_b']:.3f})")
     for name, p in params.items():
-        print(f"  {name:20s} {p / 1e6:10.1f}M")
+        print(f"  {name:20s} {p / 1e6:12.3f}M")
     print(f"{'component':20s} {'precision':9s} {'calls':>5s} {'latency ms':>11s} {'share':>6s} {'weights MB':>11s} "
           f"{'act. MB':>9s}")
     for name, r in est["components"].items():

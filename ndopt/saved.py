@@ -124,6 +124,9 @@ def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[
     directory = Path(directory)
     t0 = time.perf_counter()
     base_ref = base_reference(pipeline, base)
+    hybrid = hybrid_reference(pipeline)
+    if hybrid:
+        base_ref = {**base_ref, "hybrid": hybrid}
     records: dict[str, torch.Tensor] = {}
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "ndopt_version": _version(), "name": pipeline.name,
@@ -246,15 +249,38 @@ def _build_base(directory: Path, manifest: dict[str, Any], device: torch.device 
     """The base model: a preset built on `device`, or a checkpoint base built on the meta device (its
     weights come from the file, read onto `device` and assigned)."""
     base = manifest["base"]
+    seed = int(manifest.get("seed", 0))
     if base["kind"] == "preset":
         from ndopt.frontends import load_model
 
-        return load_model(base["name"], device=device, seed=int(manifest.get("seed", 0)))
-    if base["kind"] == "checkpoint":
+        pipeline = load_model(base["name"], device=device, seed=seed)
+    elif base["kind"] == "checkpoint":
         from ndopt.saved_upstream import base_dir, build_from_configs
 
-        return build_from_configs(base_dir(directory, base), base.get("variants") or ["768p"])
-    raise CheckpointError(f"{directory / MANIFEST}: unknown base kind {base['kind']!r}")
+        pipeline = build_from_configs(base_dir(directory, base), base.get("variants") or ["768p"])
+    else:
+        raise CheckpointError(f"{directory / MANIFEST}: unknown base kind {base['kind']!r}")
+    hybrid = base.get("hybrid")
+    if hybrid:  # Neodragon's hybrid mode: its image model and SR joined the base before the passes
+        from ndopt.frontends import hybrid_pipeline
+
+        if not isinstance(hybrid, dict) or not {"image_model", "super_resolution"} <= set(hybrid):
+            raise CheckpointError(f"{directory / MANIFEST}: base.hybrid must name image_model and "
+                                  f"super_resolution, got {hybrid!r}")
+        pipeline = hybrid_pipeline(pipeline, image_model=str(hybrid["image_model"]),
+                                   super_resolution=str(hybrid["super_resolution"]), seed=seed,
+                                   decode_window=hybrid.get("decode_window"))
+    return pipeline
+
+
+def hybrid_reference(pipeline: Pipeline) -> dict[str, Any] | None:
+    """What rebuilds a hybrid pipeline's extra components around its base (None for other pipelines)."""
+    if pipeline.schedule.first_frame != "image-model" or "super_resolution" not in pipeline.components:
+        return None
+    dec = pipeline.by_role("vae_decoder")
+    return {"image_model": str(getattr(pipeline.sampler, "image_preset", "")),
+            "super_resolution": str(pipeline["super_resolution"].attrs.get("preset", "")),
+            "decode_window": dec[0].attrs.get("decode_window") if dec else None}
 
 
 def load_saved(directory: str | Path, *, device: torch.device | str = "cpu", check_summary: bool = True) -> Pipeline:
