@@ -107,9 +107,8 @@ def test_hybrid_video_is_twice_the_dits_size_and_starts_with_the_image(hybrid):
 
 
 def test_generate_first_frame_image_model_from_the_cli(tmp_path):
-    from click.testing import CliRunner
-
     import imageio.v3 as iio
+    from click.testing import CliRunner
 
     from ndopt.cli import main
 
