@@ -123,8 +123,10 @@ def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[
 
     directory = Path(directory)
     t0 = time.perf_counter()
-    base_ref = base_reference(pipeline, base)
     hybrid = hybrid_reference(pipeline)
+    if hybrid and base is None:  # hybrid.attach names the pipeline <base>-hybrid
+        base = pipeline.name.removesuffix("-hybrid")
+    base_ref = base_reference(pipeline, base)
     if hybrid:
         base_ref = {**base_ref, "hybrid": hybrid}
     records: dict[str, torch.Tensor] = {}

@@ -195,3 +195,16 @@ def test_recipe_first_frame_is_checked_and_names_its_line(tmp_path):
     good = tmp_path / "g.yaml"
     good.write_text("name: g\nmodel: pyramid-flow-tiny\nfirst_frame: image-model\npasses: [cfg_folding]\n")
     assert load_recipe(good).spec.first_frame == "image-model"
+
+
+def test_a_saved_hybrid_pipeline_reloads_and_samples_the_same(hybrid, tmp_path):
+    from ndopt.ir.pipeline import Pipeline
+
+    hybrid.save_pretrained(tmp_path / "model")
+    back = Pipeline.from_pretrained(tmp_path / "model")
+    assert back.schedule.first_frame == MODE and sorted(back.components) == sorted(hybrid.components)
+    assert back["vae_decoder"].module.window_size == 1
+    with torch.no_grad():
+        a = hybrid.sampler.sample(hybrid, [PROMPT], generator=np.random.default_rng(5))
+        b = back.sampler.sample(back, [PROMPT], generator=np.random.default_rng(5))
+    assert torch.allclose(a, b, atol=1e-6)
