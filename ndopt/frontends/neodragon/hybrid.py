@@ -28,7 +28,6 @@ from ndopt.frontends.pyramid_flow.sampler import (
     Generators,
     Progress,
     PyramidFlowSampler,
-    randn,
 )
 from ndopt.frontends.pyramid_flow.vae import normalize_latents
 from ndopt.ir.component import Component
