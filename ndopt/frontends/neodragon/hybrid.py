@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -133,9 +134,13 @@ class HybridSampler(PyramidFlowSampler):
         sch, cfg = pipeline.schedule, self._settings()
         te, unet, dec = (pipeline[n] for n in IMAGE_COMPONENTS)
         model = ImageModel(te.module, unet.module, _Frame(dec), cfg, cfg.make_scheduler())
-        image = generate_image(model, list(prompts), generator=generator,
-                               height=sch.height * self.sr_scale, width=sch.width * self.sr_scale)
-        return image.float()
+        size = {"height": sch.height * self.sr_scale, "width": sch.width * self.sr_scale}
+        if isinstance(generator, (torch.Generator, np.random.Generator)):
+            return generate_image(model, list(prompts), generator=generator, **size).float()
+        if len(generator) != len(prompts):  # one generator per prompt: each row's frame from its own
+            raise NdoptError(f"{len(generator)} generators for {len(prompts)} prompts: give one per prompt")
+        return torch.cat([generate_image(model, [p], generator=g, **size).float()
+                          for p, g in zip(prompts, generator, strict=True)])
 
     def sample(self, pipeline: Pipeline, prompts: list[str], *, generator: Generators,
                progress: Progress | None = None, first_latent: Tensor | None = None) -> Tensor:
