@@ -1,5 +1,6 @@
-"""The estimates plot of a plan or run report: latency per video and peak memory, per target,
-split by component. `ndopt/report.py` calls `plot_estimates(run_dir, estimates)`.
+"""The estimates plots of a plan or run report: latency per video and peak memory, per target,
+split by component, and (for a sequential memory plan) what each phase keeps resident.
+`ndopt/report.py` calls `plot_estimates(run_dir, estimates)`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,41 @@ def plot_estimates(run_dir: Path, estimates: dict[str, dict[str, Any]], name: st
     ax_t.legend(fontsize=8)
     ax_m.legend(fontsize=8)
     fig.suptitle("NPU estimates per video")
+    fig.tight_layout()
+    path = Path(run_dir) / f"{name}.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return {name: path, **plot_memory_phases(run_dir, rows)}
+
+
+def plot_memory_phases(run_dir: Path, estimates: dict[str, dict[str, Any]], name: str = "memory") -> dict[str, Path]:
+    """`<run_dir>/<name>.png`: per target, each phase's resident memory (weights, activations, what
+    lives across phases) against the budget, for sequential memory plans; {} when none is."""
+    rows = {t: e["memory_plan"] for t, e in estimates.items()
+            if (e.get("memory_plan") or {}).get("policy") == "sequential" and e["memory_plan"].get("phases")}
+    if not rows:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.8), squeeze=False)
+    for ax, (target, mp) in zip(axes[0], rows.items()):
+        phases = [ph["phase"] for ph in mp["phases"]]
+        w = [ph["weights_mb"] / 1024 for ph in mp["phases"]]
+        a = [ph["activations_mb"] / 1024 for ph in mp["phases"]]
+        st = [mp["state_mb"] / 1024] * len(phases)
+        ax.bar(phases, w, color=COLORS[0], label="weights")
+        ax.bar(phases, a, bottom=w, color=COLORS[1], label="activations")
+        ax.bar(phases, st, bottom=[x + y for x, y in zip(w, a)], color=COLORS[6], label="across phases")
+        ax.axhline(mp["budget_mb"] / 1024, color="black", linestyle="--", linewidth=1, label="budget")
+        ax.axhline(mp["peak_mb"] / 1024, color=COLORS[2], linewidth=1, label=f"peak {mp['peak_mb'] / 1024:.2f} GB")
+        ax.set_title(f"{target}: one phase resident at a time", fontsize=9)
+        ax.set_ylabel("resident memory (GB)")
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(run_dir) / f"{name}.png"
     with atomic_path(path) as tmp:
