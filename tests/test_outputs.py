@@ -44,7 +44,9 @@ def float_run(tmp_path_factory):
     import ndopt
 
     tmp = tmp_path_factory.mktemp("f")
-    report = ndopt.run(_recipe(tmp), out=tmp / "run")
+    with pytest.MonkeyPatch.context() as mp:  # no test here reads the report's PNG plots (test_cli.py's do)
+        mp.setattr("ndopt.report.plot_report", lambda run_dir, report: {})
+        report = ndopt.run(_recipe(tmp), out=tmp / "run")
     return {"report": report, "run": tmp / "run", "model": Path(report["model"]["path"]),
             "bundle": Path(report["lowering"][TARGET]["bundle"])}
 

@@ -155,7 +155,7 @@ def test_bad_config(tiny, tmp_path):
     with pytest.raises(ValidationError, match="precision"):
         AimetQuantization({"precision": "w2a16"})
     with pytest.raises(ValidationError, match="not quantizable roles"):
-        AimetQuantization({"components": ["vae_encoder"]})
+        AimetQuantization({"components": ["unet"]})  # not a role (vae_encoder is: the hybrid first frame)
     with pytest.raises(ValidationError, match="sets nothing"):
         AimetQuantization({"overrides": [{"pattern": "dit.proj_out"}]})
     with pytest.raises(ValidationError, match="hexagon"):
@@ -177,19 +177,24 @@ def test_override_keeps_proj_out_at_16_bits(w4):
 
 
 @pytest.mark.slow
-def test_w4_sequential_mse_searches_the_weight_encodings(tiny, tmp_path):
+def test_w4_sequential_mse_searches_the_weight_encodings(tiny, w4, tmp_path):
     """`seq_mse`: AIMET's sequential MSE picks each layer's W4 weight scales by the layer's output error
     on the recorded calls, instead of min/max. Measured on the teacher (DiT only, 8 prompts at 6-6-6):
-    latent PSNR 30.6 -> 31.5 dB. Here a short calibration: it ran, the scales moved, the floor holds."""
+    latent PSNR 30.6 -> 31.5 dB. Here a short calibration: it ran, the scales moved, the floor holds.
+    The min/max scales are the w4 fixture's DiT's: without seq_mse, weight encodings are the weights'
+    min/max whatever the calibration (`aimet_support.frozen_weight_encodings`), so a second W4 run
+    without it would give the same ones; proj_out, which w4 keeps at 16 bits, is left out."""
     cal = {**CALIBRATION, "prompts": CALIBRATION["prompts"][:2], "steps": [1, 1, 1]}
+    cfg = _config(precision="w4a16", components=["dit"], seq_mse=True, seq_mse_candidates=5, calibration=cal)
+    res = AimetQuantization(cfg).run(_small(tiny), PassContext(run_dir=tmp_path))
+    assert res.metrics["components"]["dit"].get("seq_mse")
+    assert res.metrics["fidelity"]["latent_psnr"] >= W4_LATENT_PSNR_DB
+    assert not w4[1]["metrics"]["components"]["dit"].get("seq_mse")
     scales = {}
-    for sm in (False, True):
-        cfg = _config(precision="w4a16", components=["dit"], seq_mse=sm, seq_mse_candidates=5, calibration=cal)
-        res = AimetQuantization(cfg).run(_small(tiny), PassContext(run_dir=tmp_path / str(sm)))
-        m = res.metrics["components"]["dit"]
-        assert bool(m.get("seq_mse")) == sm and res.metrics["fidelity"]["latent_psnr"] >= W4_LATENT_PSNR_DB
-        state = res.pipeline["dit"].module.quantizer_state
-        scales[sm] = {k: v for k, v in state.items() if k.endswith("param_quantizers.weight.max")}
+    for sm, pipe in ((False, w4[0]), (True, res.pipeline)):
+        state = pipe["dit"].module.quantizer_state
+        scales[sm] = {k: v for k, v in state.items()
+                      if k.endswith("param_quantizers.weight.max") and ".proj_out." not in k}
     assert scales[True].keys() == scales[False].keys() and scales[True]
     moved = sum(not torch.equal(scales[True][k], scales[False][k]) for k in scales[True])
     assert moved >= len(scales[True]) // 2, (moved, len(scales[True]))
