@@ -18,10 +18,8 @@ StableDiffusionXLPipeline + LCMScheduler loop step for step.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,6 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ndopt.errors import CheckpointError, NdoptError
 from ndopt.frontends.pyramid_flow.checkpoint import load_into
+from ndopt.frontends.pyramid_flow.presets import build_device
 from ndopt.frontends.pyramid_flow.text import tiny_tokenizers
 
 log = logging.getLogger("ndopt")
@@ -265,17 +264,6 @@ def bundled_weights(name: str = TINY) -> Path | None:
     return Path(str(f)) if f.is_file() else None
 
 
-@contextlib.contextmanager
-def _build_device(device: torch.device | str, seed: int) -> Iterator[None]:
-    if str(device) == "meta":
-        with torch.device("meta"):
-            yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            yield
-
 
 def build_image_model(preset: str, device: torch.device | str = "cpu", seed: int = 0, *,
                       weights: bool | Path | str = True) -> ImageModel:
@@ -289,7 +277,7 @@ def build_image_model(preset: str, device: torch.device | str = "cpu", seed: int
     if preset == TINY:  # one shipped tokenizer for both encoders (the real ones need SDXL's tokenizer files)
         tok = tiny_tokenizers().tokenizer
         tokenizers = (tok, tok)
-    with _build_device(device, seed):
+    with build_device(device, seed):
         text = ImageTextEncoder(config, tokenizers)
         unet = ImageUNet(config)
         decoder = ImageDecoder(config)

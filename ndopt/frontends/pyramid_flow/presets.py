@@ -74,7 +74,7 @@ def preset_specs() -> dict[str, PresetSpec]:
 
 
 @contextlib.contextmanager
-def _build_device(device: torch.device | str, seed: int) -> Iterator[None]:
+def build_device(device: torch.device | str, seed: int) -> Iterator[None]:
     """Build modules on `device`; on a real device with a fixed seed (deterministic init)."""
     if str(device) == "meta":
         with torch.device("meta"):
@@ -182,7 +182,7 @@ def build_preset(name: str, device: torch.device | str = "cpu", seed: int = 0) -
     if name not in specs:
         raise KeyError(name)
     spec = specs[name]
-    with _build_device(device, seed):
+    with build_device(device, seed):
         text = text_mod.SD3TextEncoder(spec.text, text_mod.tiny_tokenizers() if name.endswith("tiny") else None)
         dit = dit_mod.PyramidMMDiT(spec.dit)
         vae = vae_mod.CausalVideoVAE(spec.vae)
