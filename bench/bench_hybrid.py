@@ -57,12 +57,14 @@ def print_plan(target: str, result: dict) -> dict:
     return est
 
 
-def unet_cross_check(plans: dict[str, dict]) -> None:
+def unet_cross_check(plans: dict[str, dict], video: tuple[int, int]) -> None:
     """SD UNets: AI Hub's measured latency vs the estimator, in sample and with the family held out."""
+    from ndopt.frontends.neodragon.image_model import preset_config
     from targets import specs
     from targets.calibration import Sample, fit_target, load_features, predict, read_tsv
     from targets.calibration_models import FAMILIES
 
+    grid = preset_config("ssd-1b-lcm").latent_size(*video)
     cal = read_tsv()
     costs = load_features()
     print("\n== image model cross-check: Stable Diffusion UNets (AI Hub, qai-hub-models perf.yaml) vs the estimator")
@@ -86,9 +88,8 @@ def unet_cross_check(plans: dict[str, dict]) -> None:
             per_step = u["latency_ms"] / u["calls_per_video"]
             sd15 = next((m for m in unets if m.model == "sd15_unet"), None)
             ratio = f", {per_step / sd15.latency_ms:.2f}x SD1.5's measured step" if sd15 else ""
-            print(f"  {tname:20s} SSD-1B UNet at 80x128 latents ({u['precision']}): {per_step:.1f} ms per step, "
-                  f"{u['calls_per_video']} steps{ratio} (SD1.5 runs 64x64 latents, 0.86B params; SSD-1B 1.33B "
-                  f"params at 2.5x the latent pixels)")
+            print(f"  {tname:20s} SSD-1B UNet at {grid[0]}x{grid[1]} latents ({u['precision']}): {per_step:.1f} ms "
+                  f"per step, {u['calls_per_video']} steps{ratio} (the measured SD UNets run 64x64 latents)")
 
 
 def main() -> None:
@@ -103,7 +104,7 @@ def main() -> None:
         result = plan_chain(recipe, args.frames, args.height, args.width)
         estimates[target] = print_plan(target, result)
         print(f"[{time.perf_counter() - t0:.1f} s to plan]")
-    unet_cross_check(estimates)
+    unet_cross_check(estimates, (2 * args.height, 2 * args.width))
 
 
 if __name__ == "__main__":

@@ -181,3 +181,17 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     if backup is not None:
         _remove(backup)
     logger.debug("atomic_dir: wrote %s", path)
+
+
+def package_weights(package: str, name: str) -> Path:
+    """Where `package` ships the weights file `name` (`<package>/weights/<name>`), present or not:
+    what the bundled presets load and what a training script's `--install` writes."""
+    from importlib import resources
+
+    return Path(str(resources.files(package))) / "weights" / name
+
+
+def shipped_weights(package: str, name: str) -> Path | None:
+    """`package_weights` if the file is installed, else None."""
+    path = package_weights(package, name)
+    return path if path.is_file() else None

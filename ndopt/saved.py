@@ -124,8 +124,10 @@ def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[
     directory = Path(directory)
     t0 = time.perf_counter()
     hybrid = hybrid_reference(pipeline)
-    if hybrid and base is None:  # hybrid.attach names the pipeline <base>-hybrid
-        base = pipeline.name.removesuffix("-hybrid")
+    if hybrid and base is None:  # hybrid.attach names the pipeline after its base
+        from ndopt.frontends.neodragon.hybrid import SUFFIX
+
+        base = pipeline.name.removesuffix(SUFFIX)
     base_ref = base_reference(pipeline, base)
     if hybrid:
         base_ref = {**base_ref, "hybrid": hybrid}
@@ -277,7 +279,9 @@ def _build_base(directory: Path, manifest: dict[str, Any], device: torch.device 
 
 def hybrid_reference(pipeline: Pipeline) -> dict[str, Any] | None:
     """What rebuilds a hybrid pipeline's extra components around its base (None for other pipelines)."""
-    if pipeline.schedule.first_frame != "image-model" or "super_resolution" not in pipeline.components:
+    from ndopt.frontends import HYBRID
+
+    if pipeline.schedule.first_frame != HYBRID or "super_resolution" not in pipeline.components:
         return None
     dec = pipeline.by_role("vae_decoder")
     return {"image_model": str(getattr(pipeline.sampler, "image_preset", "")),

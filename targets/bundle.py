@@ -135,6 +135,7 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
     from ndopt.frontends.pyramid_flow.sampler import (
         block_noise_cholesky,
         folded_time,
+        frame_count,
         history_clips,
         stage_hw,
         unroll,
@@ -226,7 +227,7 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
         for sr in pipeline.by_role("super_resolution"):  # per frame, as the sampler upscales
             prog.append({"op": "per_frame", "graph": graphs[(sr.name, "frame")], "component": sr.name,
                          "input": out, "axis": 2, "input_name": sr.inputs[0].name, "output_name": sr.outputs[0].name,
-                         "frames": _video_frames(pipeline), "output": "upscaled", "clamp": [-1.0, 1.0]})
+                         "frames": frame_count(sch.latent_frames), "output": "upscaled", "clamp": [-1.0, 1.0]})
             out = "upscaled"
         prog.append({"op": "postprocess", "input": out, "output": "frames", "clamp": [-1.0, 1.0],
                      "offset": 1.0, "scale": 127.5, "round": "half_to_even", "dtype": "uint8",
@@ -234,12 +235,6 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
     if getattr(pipeline.sampler, "memory_policy", "auto") == "sequential":
         prog = with_releases(prog)
     return prog
-
-
-def _video_frames(pipeline: Pipeline) -> int:
-    from ndopt.frontends.pyramid_flow.sampler import VAE_TEMPORAL
-
-    return 1 + VAE_TEMPORAL * (pipeline.schedule.latent_frames - 1)
 
 
 def with_releases(prog: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -135,9 +135,7 @@ class State:
     sessions: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, np.ndarray] = field(default_factory=dict)
     checked: set[str] = field(default_factory=set)
-    released: set[str] = field(default_factory=set)
-    providers_used: set[str] = field(default_factory=set)  # components whose phase ended (sessions freed)
-    opened: list[str] = field(default_factory=list)  # graphs in the order their sessions opened
+    providers_used: set[str] = field(default_factory=set)  # what ran, including sessions since released
     at: int = 0  # the program index being run (what errors name)
 
     def session(self, graph: str) -> Any:
@@ -163,7 +161,6 @@ class State:
                 ep_options = {**ep_options, "enable_htp_fp16_precision": "1"}
             providers = [(ep, ep_options)] + ([CPU] if ep != CPU else [])  # CPU takes what QNN cannot
             self.sessions[graph] = ort.InferenceSession(str(path), opts, providers=providers)
-            self.opened.append(graph)
             self.providers_used.add(self.sessions[graph].get_providers()[0])
         return self.sessions[graph]
 
@@ -312,17 +309,23 @@ def _source(s: State, src: Any, shape: list[int], dtype: Any) -> np.ndarray:
         return np.concatenate([s.buffers[b] for b in src["concat"]], axis=0)
     if "fill" in src:
         return np.full(shape, src["fill"], dtype=dtype)
+    if "value" in src:
+        return np.asarray(src["value"], dtype=dtype)
     row = s.table(src["table"])[src["row"]]
     return np.broadcast_to(row, (shape[0], *row.shape))
 
 
+def _feeds(s: State, graph: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A graph call's inputs from their sources (buffers, concatenations, fills, values, table rows),
+    shaped and typed as the graph declares them."""
+    specs = {i.name: (i.shape, DTYPES[_ort_dtype(i.type)]) for i in s.session(graph).get_inputs()}
+    return {name: _source(s, src, *specs[name]) for name, src in inputs.items()}
+
+
 def denoise_step(s: State, op: dict[str, Any]) -> None:
-    sess = s.session(op["graph"])
-    specs = {i.name: (i.shape, DTYPES[_ort_dtype(i.type)]) for i in sess.get_inputs()}
     v = {}
     for call in op["calls"]:
-        feeds = {name: _source(s, src, *specs[name]) for name, src in call["inputs"].items()}
-        v[call["prompt"]] = s.run(op["graph"], feeds)[call["output"]].astype(np.float32)
+        v[call["prompt"]] = s.run(op["graph"], _feeds(s, op["graph"], call["inputs"]))[call["output"]].astype(np.float32)
     g = op["guidance"]
     if g["mode"] == "cfg_batched":
         v["uncond"], v["cond"] = np.split(v.pop("uncond+cond"), 2, axis=0)
@@ -372,17 +375,8 @@ def lcm_init(s: State, op: dict[str, Any]) -> None:
     s.buffers[op["output"]] = s.rng.standard_normal(tuple(op["shape"]), dtype=np.float32) * np.float32(op["sigma"])
 
 
-def _feed(s: State, src: Any, shape: list[int], dtype: Any) -> np.ndarray:
-    if isinstance(src, dict) and "value" in src:
-        return np.asarray(src["value"], dtype=dtype)
-    return _source(s, src, shape, dtype)
-
-
 def lcm_step(s: State, op: dict[str, Any]) -> None:
-    sess = s.session(op["graph"])
-    specs = {i.name: (i.shape, DTYPES[_ort_dtype(i.type)]) for i in sess.get_inputs()}
-    feeds = {name: _feed(s, src, *specs[name]) for name, src in op["inputs"].items()}
-    out = s.run(op["graph"], feeds)[op["output_name"]].astype(np.float32)
+    out = s.run(op["graph"], _feeds(s, op["graph"], op["inputs"]))[op["output_name"]].astype(np.float32)
     latents = s.buffers[op["latents"]]
     x0 = np.float32(op["x0"]["sample"]) * latents + np.float32(op["x0"]["output"]) * out
     denoised = (np.float32(op["c_out"]) * x0 + np.float32(op["c_skip"]) * latents).astype(np.float32)
@@ -422,7 +416,6 @@ def release(s: State, op: dict[str, Any]) -> None:
     gone = set(op["components"])
     for graph in [g for g in s.sessions if s.manifest["graphs"][g]["component"] in gone]:
         del s.sessions[graph]
-    s.released.update(gone)
 
 
 HANDLERS: dict[str, Callable[[State, dict[str, Any]], None]] = {

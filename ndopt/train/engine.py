@@ -428,3 +428,20 @@ def plot_history(path: Path, history: list[dict[str, float]], title: str) -> Pat
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
+
+
+# ---- training scripts (`python -m ndopt.train.teacher`, the hybrid pipeline's train_sr / train_image_model) ----
+def add_script_options(ap: Any, install: str) -> None:
+    """The options every training script shares: `--install` (what it installs) and `--threads`."""
+    ap.add_argument("--install", action="store_true", help=install)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 on a shared machine: OpenMP threads spin badly when oversubscribed)")
+
+
+def start_script(args: Any) -> None:
+    """Logging to the console and torch's thread count, before a training script's work."""
+    from ndopt.progress import setup_logging
+
+    setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)

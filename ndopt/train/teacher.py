@@ -194,30 +194,25 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
 
 def main(argv: list[str] | None = None) -> int:
     from ndopt.frontends.pyramid_flow.presets import save_bundled
-    from ndopt.progress import setup_logging
+    from ndopt.train.engine import add_script_options, start_script
 
     ap = argparse.ArgumentParser(prog="python -m ndopt.train.teacher", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, cache, report)")
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (smoke runs: 0.01)")
-    ap.add_argument("--install", action="store_true",
-                    help="also write the weights into the package (the tiny preset's default weights)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1 on a shared machine: OpenMP threads spin badly when oversubscribed)")
+    add_script_options(ap, "also write the weights into the package (the tiny preset's default weights)")
     args = ap.parse_args(argv)
-    setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_script(args)
     pipe, _report = train_teacher(load_config(args.config), args.out, scale=args.scale, device=args.device)
     pipe = pipe.replace()  # modules are back in eval mode; save from CPU
     weights = args.out / f"{PRESET}.safetensors"
     save_bundled(weights, _to_cpu(pipe))
     log.info("teacher: weights %s (%.1f MB)", weights, weights.stat().st_size / 1e6)
     if args.install:
-        from importlib import resources
+        from ndopt.io import package_weights
 
-        target = Path(str(resources.files("ndopt.frontends.pyramid_flow"))) / "weights" / f"{PRESET}.safetensors"
+        target = package_weights("ndopt.frontends.pyramid_flow", f"{PRESET}.safetensors")
         save_bundled(target, _to_cpu(pipe))
         log.info("teacher: installed as the tiny preset's weights: %s", target)
     return 0

@@ -14,6 +14,7 @@ tiny preset gets the image model and QuickSRNet trained by ndopt on the procedur
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,19 +24,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ndopt.errors import NdoptError
+from ndopt.frontends import HYBRID
 from ndopt.frontends.pyramid_flow.sampler import (
     VAE_SPATIAL,
-    VAE_TEMPORAL,
     Generators,
     Progress,
     PyramidFlowSampler,
+    frame_count,
 )
 from ndopt.frontends.pyramid_flow.vae import normalize_latents
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import SINK, Pipeline
 from ndopt.ir.spec import CallSignature, Port, TensorSpec
 
-MODE = "image-model"  # Schedule.first_frame of a hybrid pipeline
+MODE = HYBRID  # Schedule.first_frame of a hybrid pipeline
+SUFFIX = "-hybrid"  # a hybrid pipeline's name: its base's, then this
 SR_SCALE = 2
 DECODE_WINDOW = 1  # latent frames per decoder chunk after the first (the causal cache carries the rest)
 IMAGE_COMPONENTS = ("image_text_encoder", "image_unet", "image_decoder")
@@ -113,9 +116,8 @@ class HybridSampler(PyramidFlowSampler):
                                               ("w", sch.width // VAE_SPATIAL))))
         plan.extend(super().call_plan(pipeline))
         for sr in pipeline.by_role("super_resolution"):
-            frames = 1 + VAE_TEMPORAL * (sch.latent_frames - 1)
             plan.append(CallSignature(sr.name, "frame", (("frames", TensorSpec((1, 3, 1, sch.height, sch.width))),),
-                                      frames, env=(("B", 1), ("F", 1), ("H", sch.height), ("W", sch.width),
+                                      frame_count(sch.latent_frames), env=(("B", 1), ("F", 1), ("H", sch.height), ("W", sch.width),
                                                    ("H2", oh), ("W2", ow))))
         return plan
 
@@ -224,16 +226,15 @@ def attach(pipeline: Pipeline, *, image_model: str | None = None, super_resoluti
     image_model = image_model or ("image-model-tiny" if tiny else "ssd-1b-lcm")
     super_resolution = super_resolution or ("quicksrnet-small-tiny" if tiny else "quicksrnet-small")
     model = im.build_image_model(image_model, device=device, seed=seed)
-    if super_resolution == qs.TINY_SR:
-        net = qs.load_tiny_sr("cpu") if not meta else qs.QuickSRNet(qs.PRESETS["quicksrnet-small"])
-    elif super_resolution in qs.PRESETS:
+    if super_resolution == qs.TINY_SR and not meta:
+        net = qs.load_tiny_sr(device)
+    else:  # the shipped tiny net's architecture is the small preset's
+        config = qs.PRESETS.get("quicksrnet-small" if super_resolution == qs.TINY_SR else super_resolution)
+        if config is None:
+            raise NdoptError(f"unknown super-resolution preset {super_resolution!r}; one of "
+                             f"{[*qs.PRESETS, qs.TINY_SR]}")
         with torch.device(device):
-            net = qs.QuickSRNet(qs.PRESETS[super_resolution])
-    else:
-        raise NdoptError(f"unknown super-resolution preset {super_resolution!r}; one of "
-                         f"{[*qs.PRESETS, qs.TINY_SR]}")
-    if meta and next(net.parameters()).device.type != "meta":
-        net = net.to("meta")
+            net = qs.QuickSRNet(config)
     for m in (model.text_encoder, model.unet, model.decoder, net):
         m.eval().requires_grad_(False)
     return with_components(pipeline, model.text_encoder, model.unet, FirstFrameDecoder(model.decoder),
@@ -251,6 +252,7 @@ def with_components(pipeline: Pipeline, text: nn.Module, unet: nn.Module, decode
     lat = TensorSpec(("B", int(config.unet["in_channels"]), "h", "w"))
     frame = TensorSpec(("B", 3, "F", "H", "W"))
     up = TensorSpec(("B", 3, "F", "H2", "W2"))
+    scale = int(getattr(sr, "scale", SR_SCALE))
     comps = {
         "image_text_encoder": Component(
             "image_text_encoder", "image_model", text, (Port("clip_l_ids", ids), Port("clip_g_ids", ids)),
@@ -267,7 +269,7 @@ def with_components(pipeline: Pipeline, text: nn.Module, unet: nn.Module, decode
             attrs={"preset": image_preset, "config": config, "part": "vae_decoder"}),
         "super_resolution": Component(
             "super_resolution", "super_resolution", sr, (Port("frames", frame),), (Port("video", up),),
-            attrs={"preset": sr_preset, "scale": getattr(sr, "scale", SR_SCALE)}),
+            attrs={"preset": sr_preset, "scale": scale}),
     }
     g = pipeline.graph.copy()
     for name, c in comps.items():
@@ -289,26 +291,13 @@ def with_components(pipeline: Pipeline, text: nn.Module, unet: nn.Module, decode
     if decode_window is not None:
         for d in pipeline.by_role("vae_decoder"):
             if hasattr(d.module, "window_size"):
-                mod = _shallow_copy(d.module)
+                mod = copy.copy(d.module)  # shares the parameters; the original keeps its own window
                 mod.window_size = decode_window
                 swapped[d.name] = d.with_module(mod, decode_window=decode_window)
     sch = replace(pipeline.schedule, first_frame=MODE)
     base = pipeline.sampler
     sampler = HybridSampler(prompt_suffix=base.prompt_suffix, negative_prompt=base.negative_prompt,
-                            image=config, image_preset=image_preset, sr_scale=int(getattr(sr, "scale", SR_SCALE)))
+                            image=config, image_preset=image_preset, sr_scale=scale)
     sink = (Port("video", up),)
     out = pipeline.replace(schedule=sch, graph=g, **comps, **swapped)
-    return replace(out, sampler=sampler, sink=sink, name=f"{pipeline.name}-hybrid")
-
-
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object sharing the parameters (so the original pipeline keeps its own settings)."""
-    import copy
-
-    return copy.copy(module)
-
-
-def output_size(pipeline: Pipeline) -> tuple[int, int]:
-    """The video's size: the DiT's times the SR scale in hybrid mode."""
-    scale = getattr(pipeline.sampler, "sr_scale", 1) if pipeline.by_role("super_resolution") else 1
-    return pipeline.schedule.height * scale, pipeline.schedule.width * scale
+    return replace(out, sampler=sampler, sink=sink, name=pipeline.name + SUFFIX)

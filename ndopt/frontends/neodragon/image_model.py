@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from ndopt.errors import CheckpointError, NdoptError
 from ndopt.frontends.pyramid_flow.checkpoint import load_into
 from ndopt.frontends.pyramid_flow.presets import build_device
 from ndopt.frontends.pyramid_flow.text import tiny_tokenizers
+from ndopt.io import shipped_weights
 
 log = logging.getLogger("ndopt")
 
@@ -260,8 +260,8 @@ class ImageModel:
 
 
 def bundled_weights(name: str = TINY) -> Path | None:
-    f = resources.files(__package__) / "weights" / f"{name}.safetensors"
-    return Path(str(f)) if f.is_file() else None
+    """The shipped weights `weights/<name>.safetensors` of this package, if installed."""
+    return shipped_weights(__package__, f"{name}.safetensors")
 
 
 

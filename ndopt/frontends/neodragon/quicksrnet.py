@@ -199,10 +199,9 @@ def evaluate_sr(net: QuickSRNet, lr: Tensor, hr: Tensor, batch: int = 64) -> dic
 # ---- weights -----------------------------------------------------------------------------------
 def sr_weights_path(name: str = TINY_SR) -> Path | None:
     """The shipped weights `weights/<name>.safetensors` in this package, if installed."""
-    from importlib import resources
+    from ndopt.io import shipped_weights
 
-    f = resources.files("ndopt.frontends.neodragon") / "weights" / f"{name}.safetensors"
-    return Path(str(f)) if f.is_file() else None
+    return shipped_weights(__package__, f"{name}.safetensors")
 
 
 def save_weights(path: Path, net: QuickSRNet, metadata: dict[str, str] | None = None) -> Path:

@@ -36,7 +36,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from diffusers import AutoencoderKL
 from torch import Tensor
 
 from ndopt.frontends.neodragon import image_model as im
-from ndopt.io import atomic_path, atomic_write_json
+from ndopt.io import atomic_path, atomic_write_json, package_weights
 from ndopt.train.data import Example, ProceduralConfig, ProceduralVideos, module_fingerprint, sample_seed
 from ndopt.train.engine import TrainConfig, Trainer
 from ndopt.train.objectives import LossOutput, StepInfo, foreground_mask, pixel_loss
@@ -314,7 +313,7 @@ def save_weights(model: im.ImageModel, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ndopt.progress import setup_logging
+    from ndopt.train.engine import add_script_options, start_script
 
     ap = argparse.ArgumentParser(prog="python -m ndopt.frontends.neodragon.train_image_model",
                                  description=__doc__.split("\n\n")[0])
@@ -325,12 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=4096, help="training frames encoded for the UNet phase")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the steps and pool (smoke runs: 0.01)")
     ap.add_argument("--eval-prompts", type=int, default=32)
-    ap.add_argument("--install", action="store_true", help="also write the weights into the package")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1 on a shared machine: OpenMP threads spin badly when oversubscribed)")
+    add_script_options(ap, "also write the weights into the package")
     args = ap.parse_args(argv)
-    setup_logging()
-    torch.set_num_threads(args.threads)
+    start_script(args)
+
     def scaled(n: int) -> int:
         return max(1, round(n * args.scale))
 
@@ -339,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = save_weights(model, args.out / f"{im.TINY}.safetensors")
     log.info("image-model: weights %s (%.1f MB)", weights, weights.stat().st_size / 1e6)
     if args.install:
-        target = Path(str(resources.files(im.__package__))) / "weights" / f"{im.TINY}.safetensors"
+        target = package_weights(im.__package__, f"{im.TINY}.safetensors")
         save_weights(model, target)
         log.info("image-model: installed as the tiny preset's weights: %s", target)
     return 0

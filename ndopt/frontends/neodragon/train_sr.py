@@ -155,7 +155,7 @@ def train_sr(out: Path, *, preset: str = "quicksrnet-small", config: TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ndopt.progress import setup_logging
+    from ndopt.train.engine import add_script_options, start_script
 
     ap = argparse.ArgumentParser(prog="python -m ndopt.frontends.neodragon.train_sr", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, weights, report.json)")
@@ -167,14 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=500)
     ap.add_argument("--eval-clips", type=int, default=16, help="held-out clips (9 frames each) for the report")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--install", action="store_true", help="also write the weights into the package's weights/")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1 on a shared machine: OpenMP threads spin badly when oversubscribed)")
+    add_script_options(ap, "also write the weights into the package's weights/")
     args = ap.parse_args(argv)
-    setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_script(args)
     cfg = default_config(args.steps, args.batch_size, args.checkpoint_every, args.seed)
     net, report, _ = train_sr(args.out, preset=args.preset, config=cfg, frames_per_clip=args.frames_per_clip,
                               crop=args.crop, eval_clips=args.eval_clips, device=args.device)
@@ -183,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['held_out']['frames']} frames: SR {report['held_out']['psnr_sr_db']:.2f} dB vs bicubic "
           f"{report['held_out']['psnr_bicubic_db']:.2f} dB ({report['held_out']['gain_db']:+.2f} dB)")
     if args.install:
-        from importlib import resources
+        from ndopt.io import package_weights
 
-        name = Path(report["weights"]).name
-        target = Path(str(resources.files("ndopt.frontends.neodragon"))) / "weights" / name
+        target = package_weights("ndopt.frontends.neodragon", Path(report["weights"]).name)
         save_weights(target, net, {"preset": args.preset, "steps": str(report["train"]["steps"])})
         log.info("train_sr: installed %s", target)
     return 0

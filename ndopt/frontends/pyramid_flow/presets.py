@@ -141,10 +141,9 @@ def assemble(name: str, text: torch.nn.Module, dit: torch.nn.Module, vae: torch.
 
 def bundled_weights(name: str) -> Path | None:
     """The shipped weights of a preset (`weights/<name>.safetensors` in this package), if any."""
-    from importlib import resources
+    from ndopt.io import shipped_weights
 
-    f = resources.files("ndopt.frontends.pyramid_flow") / "weights" / f"{name}.safetensors"
-    return Path(str(f)) if f.is_file() else None
+    return shipped_weights(__package__, f"{name}.safetensors")
 
 
 def _load_bundled(path: Path, text: torch.nn.Module, dit: torch.nn.Module, vae: torch.nn.Module) -> None:

@@ -30,6 +30,11 @@ from ndopt.ir.spec import CallSignature, TensorSpec
 VAE_SPATIAL = 8
 VAE_TEMPORAL = 8
 
+
+def frame_count(latent_frames: int) -> int:
+    """Video frames of `latent_frames` causal-VAE latent frames: the first alone, then 8 per latent frame."""
+    return 1 + VAE_TEMPORAL * (latent_frames - 1)
+
 Progress = Callable[[str], None]
 
 
@@ -225,7 +230,7 @@ class PyramidFlowSampler:
         for dec in pipeline.by_role("vae_decoder"):
             h, w = stage_hw(sch, len(sch.stages) - 1)
             t = sch.latent_frames
-            frames = 1 + VAE_TEMPORAL * (t - 1)
+            frames = frame_count(t)
             z = TensorSpec((1, int(dec.attrs.get("latent_channels", 16)), t, h, w))
             plan.append(CallSignature(dec.name, "video", (("z", z),), 1,
                                       env=(("B", 1), ("t", t), ("h", h), ("w", w), ("F", frames),
