@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from targets import specs
 from targets.calibration import Sample, cross_validate, errors, fit_target, load_features, predict, read_tsv
+from targets.spec import specs
 
 ONNX_CACHE = Path.home() / ".cache" / "ndopt" / "calibration-onnx"
 FEATURES = Path(__file__).resolve().parents[1] / "targets" / "calibration_features.json"

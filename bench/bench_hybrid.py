@@ -60,9 +60,9 @@ def print_plan(target: str, result: dict) -> dict:
 def unet_cross_check(plans: dict[str, dict], video: tuple[int, int]) -> None:
     """SD UNets: AI Hub's measured latency vs the estimator, in sample and with the family held out."""
     from ndopt.frontends.neodragon.image_model import preset_config
-    from targets import specs
     from targets.calibration import Sample, fit_target, load_features, predict, read_tsv
     from targets.calibration_models import FAMILIES
+    from targets.spec import specs
 
     grid = preset_config("ssd-1b-lcm").latent_size(*video)
     cal = read_tsv()

@@ -55,7 +55,7 @@ def quantize(precision: str, prompts: int, steps: int, out: Path) -> None:
     f = m["fidelity"]
     print(f"fidelity vs float (probe prompts): latent PSNR {f['latent_psnr']:.2f} dB, decoded PSNR "
           f"{f['pixel_psnr']:.2f} dB; pass total {total:.1f} s on {torch.get_num_threads()} thread(s)")
-    from ndopt.train.prompt_following import teacher_prompt_following
+    from ndopt.train.teacher_eval import teacher_prompt_following
 
     pf, pf_float = teacher_prompt_following(res.pipeline), teacher_prompt_following(pipe)
     print(f"prompt following (tiny teacher's held-out test, 16 prompts): {pf.rate:.3f} quantized vs "

@@ -35,6 +35,6 @@ def plan(recipe=None, **kwargs):
 
 
 def load_model(ref, **kwargs):
-    from ndopt.frontends import load_model as _load
+    from ndopt.model import load_model as _load
 
     return _load(ref, **kwargs)

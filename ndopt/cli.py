@@ -221,14 +221,21 @@ def estimate(onnx_model: str, target: str, precision: str, input_shapes: tuple[s
 
 
 @main.command()
+@click.argument("name", required=False)
 @_errors
-def passes() -> None:
-    """List the registered passes (built-in and from installed plugins)."""
+def passes(name: str | None) -> None:
+    """List the registered passes (built-in and from installed plugins); with NAME, that pass's
+    documentation: its contract, the facts it requires, provides and invalidates, and every config
+    key with its type, default and description."""
+    from ndopt.passinfo import describe, summary
     from ndopt.passmanager import available_passes
 
-    for name, cls in available_passes().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        click.echo(f"{name:32s} {cls.fidelity.kind:8s} {doc}  [{cls.__module__}]")
+    if name is not None:
+        click.echo(describe(name), nl=False)
+        return
+    for n, cls in available_passes().items():
+        click.echo(f"{n:28s} {cls.fidelity.kind:8s} {summary(cls)}  [{cls.__module__}]")
+    click.echo("\n`ndopt passes NAME` shows a pass's config keys, defaults and requirements.")
 
 
 @main.command()
@@ -386,7 +393,7 @@ def _plan_report_dir(recipe: str | None, out_dir: str | None) -> Any:
 
 
 def _preset_names() -> list[str]:
-    from ndopt.frontends import preset_names
+    from ndopt.model import preset_names
 
     return preset_names()
 

@@ -91,8 +91,11 @@ def target_info(names: Sequence[str]) -> TargetInfo | None:
 
 @dataclass
 class PassContext:
-    """What a pass may use: where to write, which device/dtype, seeded randomness, plan mode, and
-    the target the run is for (`target`: None when no target is known, e.g. a pass run by hand)."""
+    """What a pass may use: where to write (`pass_dir`), which device/dtype, seeded randomness, plan
+    mode, and the target the run is for (`target`: None when no target is known, e.g. a pass run by hand).
+
+    The PassManager enters each pass (`enter_pass`) before calling it: `pass_index` is its position in
+    the run (from 1; 0 outside a manager) and `pass_dir` its directory."""
 
     run_dir: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -101,6 +104,8 @@ class PassContext:
     plan: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     target: TargetInfo | None = None
+    pass_index: int = 0
+    pass_name: str = ""
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)  # a str from a script or notebook is fine
@@ -116,8 +121,15 @@ class PassContext:
         """An integer seed drawn from `generator(offset)` (for `torch.manual_seed` around module init)."""
         return int(torch.randint(0, 2**62, (1,), generator=self.generator(offset)))
 
-    def pass_dir(self, index: int, name: str) -> Path:
-        d = self.run_dir / "passes" / f"{index:02d}_{name}"
+    def enter_pass(self, index: int, name: str) -> None:
+        """Make pass `index` (from 1), named `name`, the current one (what `pass_dir` names)."""
+        self.pass_index, self.pass_name = index, name
+
+    @property
+    def pass_dir(self) -> Path:
+        """The current pass's directory, created: `run_dir/passes/NN_name` for the pass the PassManager
+        runs; `run_dir` itself for a pass run by hand, outside a manager."""
+        d = self.run_dir / "passes" / f"{self.pass_index:02d}_{self.pass_name}" if self.pass_index else self.run_dir
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -275,7 +287,7 @@ class SummaryArtifacts:
     def after(self, index, p, before, result, ctx, record) -> None:
         from ndopt.io import atomic_write_text
 
-        path = ctx.pass_dir(index, p.name) / "pipeline.txt"
+        path = ctx.pass_dir / "pipeline.txt"
         atomic_write_text(path, result.pipeline.summary())
         record.setdefault("artifacts", {})["summary"] = str(path)
 
@@ -307,7 +319,7 @@ class PassManager:
             missing = [f for f in p.requires if f not in pipeline.facts]
             if missing:  # facts can vanish at run time (a pass invalidated them)
                 raise PassError(f"pass {p.name!r} requires {missing}, which the pipeline no longer has")
-            ctx.options["pass_index"] = index  # passes name their directory with ctx.pass_dir(index, name)
+            ctx.enter_pass(index, p.name)  # ctx.pass_dir: this pass's directory
             for inst in self.instruments:
                 inst.before(index, p, pipeline, ctx)
             log.info("pass %d/%d: %s", index, len(self.passes), p.name)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ndopt.estimate_plots import plot_estimates
 from ndopt.io import atomic_path, atomic_write_json, atomic_write_text, jsonable
 
 
@@ -60,13 +61,7 @@ def _lowering_estimates(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plot_estimates(run_dir: Path, estimates: dict[str, Any] | None) -> dict[str, Path]:
-    if not estimates:
-        return {}
-    try:
-        from targets.plot import plot_estimates
-    except ImportError:  # a build without the bundled targets package: no estimates plot
-        return {}
-    return plot_estimates(run_dir, estimates)
+    return plot_estimates(run_dir, estimates) if estimates else {}
 
 
 def _estimate_lines(estimates: dict[str, Any] | None) -> list[str]:

@@ -19,10 +19,10 @@ from ndopt import threads
 from ndopt import validate as V
 from ndopt.errors import NdoptError
 from ndopt.eval.probe import FidelityInstrument, FidelityProbe, ProbeSettings
-from ndopt.frontends import HYBRID, hybrid_pipeline, load_model
 from ndopt.ir.cost import CostModel, PipelineCost
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.verify import verify
+from ndopt.model import HYBRID, hybrid_pipeline, load_model, video_frames
 from ndopt.passmanager import PassContext, PassManager, PassRecord, target_info
 from ndopt.recipe import Recipe, load_recipe
 from ndopt.report import write_plan_report, write_report
@@ -130,6 +130,7 @@ def _run(recipe: str | Path | Recipe, *, model: str | None, target: str | None, 
     stage = "passes"
     try:
         final, _ = manager.run(pipeline, ctx, on_pass_done=on_pass_done)
+        del pipeline  # the unoptimized components (T5-XXL, the teacher DiT) are not needed past here
         stage = "saving the model"
         report["final_summary"] = final.summary()
         report["model"] = save_model(final, run_dir, r, report)
@@ -187,7 +188,7 @@ def preflight(r: Recipe) -> None:
         try:
             manager.run(skeleton, ctx)
         except NdoptError as e:
-            i = int(ctx.options.get("pass_index", 0) or 0)
+            i = ctx.pass_index
             line = r.passes[i - 1].line if 0 < i <= len(r.passes) else 1
             raise type(e)(f"{r.source}:{line}: {e} (checked on the model's structure, before loading weights)"
                           ) from None
@@ -199,7 +200,7 @@ def _where(stage: str, ctx: PassContext, passes: list[Any]) -> str:
     """Where a run stopped: `pass 5/9 (block_pruning)`, `saving the model` or `lowering`."""
     if stage != "passes":
         return stage
-    i = int(ctx.options.get("pass_index", 0) or 0)
+    i = ctx.pass_index
     return f"pass {i}/{len(passes)} ({passes[i - 1].name})" if 0 < i <= len(passes) else "setup"
 
 
@@ -268,7 +269,7 @@ def plan(recipe: str | Path | Recipe | None = None, *, model: str | None = None,
 
     `height`/`width` change the video size the DiT generates (Neodragon runs its DiT at 320x512);
     `first_frame="image-model"` is Neodragon's hybrid mode (an image model makes the first frame, a 2x
-    super-resolution network upscales every frame: ndopt.frontends.neodragon.hybrid), "external" the
+    super-resolution network upscales every frame: the frontend's `hybrid`), "external" the
     DiT's side of it alone (the first frame comes from outside the pipeline).
     With a recipe, a report (`plan.json`, `report.md`, cost and estimate plots) is written to
     `report_dir` (default `<recipe output>/<name>-plan`)."""
@@ -425,7 +426,6 @@ def generate(model: str, prompt: str, out: str | Path, *, frames: int = 9, heigh
     (`generate_bundle`), so the same seed draws the same noise on both paths."""
     import numpy as np
 
-    from ndopt.frontends.pyramid_flow.sampler import video_frames
     from ndopt.media import write_video
 
     V.check_text(prompt, "--prompt")
@@ -444,7 +444,6 @@ def generate_bundle(bundle: str | Path, prompt: str, out: str | Path, *, seed: i
 
     The runtime is the bundle's target's (`run_bundle`), found through the target registry from the
     manifest's `target.name` (the core imports no target, STYLE rule 1)."""
-    from ndopt.frontends.pyramid_flow.sampler import video_frames
     from ndopt.media import write_video
     from ndopt.target import get_target
 

@@ -6,8 +6,9 @@ model and the summary); the weights in `model.safetensors` (or shards and an ind
 huggingface_hub). Modules are not pickled: `load_saved` rebuilds the base model and *replays*
 the provenance with each pass's plan form (its structural effect only), loads the weights
 strictly, lets passes with a `restore` hook rebuild what they wrap (AIMET sims), and checks the
-rebuilt pipeline's summary equals the saved one. The upstream DiT layout (`upstream/`) is written
-beside it when the DiT still has upstream's structure (`ndopt.saved_upstream`).
+rebuilt pipeline's summary equals the saved one. The model frontend that built the pipeline
+(`Pipeline.frontend`, recorded as `frontend`; absent in older files: pyramid-flow) rebuilds the base
+and writes the upstream DiT layout (`upstream/`) where the DiT still has upstream's structure.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ndopt.io import atomic_dir, atomic_write_json
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import AppliedPass, Pipeline
 from ndopt.ir.spec import Port
+from ndopt.model import DEFAULT_FRONTEND, HYBRID, frontend, hybrid_pipeline, interface_for
 from ndopt.saved_codec import Refused, Unencodable, class_path, decode, encode
 from ndopt.saved_weights import (
     RESERVED,
@@ -119,21 +121,20 @@ def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[
     from huggingface_hub import save_torch_state_dict
 
     from ndopt.io import jsonable
-    from ndopt.saved_upstream import base_reference, copy_base_configs
 
+    iface = interface_for(pipeline)
     directory = Path(directory)
     t0 = time.perf_counter()
     hybrid = hybrid_reference(pipeline)
-    if hybrid and base is None:  # hybrid.attach names the pipeline after its base
-        from ndopt.frontends.neodragon.hybrid import SUFFIX
-
-        base = pipeline.name.removesuffix(SUFFIX)
-    base_ref = base_reference(pipeline, base)
+    if hybrid and base is None:  # hybrid mode names the pipeline after its base
+        base = iface.hybrid_base(pipeline)
+    base_ref = iface.base_reference(pipeline, base)
     if hybrid:
         base_ref = {**base_ref, "hybrid": hybrid}
     records: dict[str, torch.Tensor] = {}
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "ndopt_version": _version(), "name": pipeline.name,
+        "frontend": pipeline.frontend,
         "base": base_ref, "seed": seed,
         "components": {n: _component_record(c, records) for n, c in pipeline.components.items()},
         "graph": {"nodes": [[n, _record(dict(d), records, f"{RESERVED}graph.{n}")] for n, d in pipeline.graph.nodes(data=True)],
@@ -161,7 +162,7 @@ def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[
     weights.update(records)
     with atomic_dir(directory) as tmp:
         if base_ref["kind"] == "checkpoint":
-            copy_base_configs(Path(base_ref["source"]), tmp / base_ref["path"])
+            iface.copy_base_configs(Path(base_ref["source"]), tmp / base_ref["path"])
         with quiet_hub():
             save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         states = {}
@@ -178,9 +179,7 @@ def save_pipeline(pipeline: Pipeline, directory: str | Path, *, recipe: Mapping[
                 if (tmp / sub / name).is_dir():
                     q["state"] = f"{sub}/{name}"
         if upstream:
-            from ndopt.saved_upstream import write_upstream_dit
-
-            manifest["upstream"] = write_upstream_dit(pipeline, tmp / "upstream")
+            manifest["upstream"] = iface.write_upstream(pipeline, tmp / "upstream")
         files = sorted(p.name for p in tmp.glob("model*.safetensors"))
         for f in tmp.glob("model*"):
             f.chmod(0o644)  # huggingface_hub writes through private temp files (0600): others read a run
@@ -254,20 +253,18 @@ def _build_base(directory: Path, manifest: dict[str, Any], device: torch.device 
     weights come from the file, read onto `device` and assigned)."""
     base = manifest["base"]
     seed = int(manifest.get("seed", 0))
+    iface = frontend(str(manifest.get("frontend", DEFAULT_FRONTEND)))
     if base["kind"] == "preset":
-        from ndopt.frontends import load_model
-
-        pipeline = load_model(base["name"], device=device, seed=seed)
+        pipeline = iface.load(base["name"], device=device, seed=seed)
+        if pipeline is None:
+            raise CheckpointError(f"{directory / MANIFEST}: base preset {base['name']!r} is not a preset of the "
+                                  f"model frontend {iface.name!r}; load it with the ndopt that wrote it")
     elif base["kind"] == "checkpoint":
-        from ndopt.saved_upstream import base_dir, build_from_configs
-
-        pipeline = build_from_configs(base_dir(directory, base), base.get("variants") or ["768p"])
+        pipeline = iface.build_from_configs(base_dir(directory, base), base.get("variants") or ["768p"])
     else:
         raise CheckpointError(f"{directory / MANIFEST}: unknown base kind {base['kind']!r}")
     hybrid = base.get("hybrid")
     if hybrid:  # Neodragon's hybrid mode: its image model and SR joined the base before the passes
-        from ndopt.frontends import hybrid_pipeline
-
         if not isinstance(hybrid, dict) or not {"image_model", "super_resolution"} <= set(hybrid):
             raise CheckpointError(f"{directory / MANIFEST}: base.hybrid must name image_model and "
                                   f"super_resolution, got {hybrid!r}")
@@ -277,10 +274,13 @@ def _build_base(directory: Path, manifest: dict[str, Any], device: torch.device 
     return pipeline
 
 
+def base_dir(directory: Path, base: dict[str, Any]) -> Path:
+    """A saved checkpoint base's copied configs (`base.path`, which must stay inside the saved directory)."""
+    return inside(directory, base.get("path", "base"), f"{MANIFEST} base.path")
+
+
 def hybrid_reference(pipeline: Pipeline) -> dict[str, Any] | None:
     """What rebuilds a hybrid pipeline's extra components around its base (None for other pipelines)."""
-    from ndopt.frontends import HYBRID
-
     if pipeline.schedule.first_frame != HYBRID or "super_resolution" not in pipeline.components:
         return None
     dec = pipeline.by_role("vae_decoder")
@@ -307,7 +307,7 @@ def load_saved(directory: str | Path, *, device: torch.device | str = "cpu", che
         ctx = PassContext(run_dir=Path(scratch), plan=True, device=pipeline.device, seed=int(manifest.get("seed", 0)))
         _set_target(ctx, manifest)
         for i, (applied, p) in enumerate(passes, 1):
-            ctx.options["pass_index"] = i
+            ctx.enter_pass(i, applied.name)
             ctx.options["replay_metrics"] = dict(applied.metrics)  # what the run did (e.g. which blocks went)
             try:
                 result = p.plan(pipeline, ctx)
@@ -320,7 +320,7 @@ def load_saved(directory: str | Path, *, device: torch.device | str = "cpu", che
         for i, (applied, p) in enumerate(passes, 1):
             restore = getattr(p, "restore", None)
             if applied.modified and callable(restore):
-                ctx.options["pass_index"] = i
+                ctx.enter_pass(i, applied.name)
                 sub = manifest.get("pass_state", {}).get(applied.name, getattr(p, "state_subdir", applied.name))
                 pipeline = restore(pipeline, ctx, inside(directory, sub, f"{MANIFEST} pass_state.{applied.name}"))
     if check_summary:
@@ -400,7 +400,8 @@ def _restore_records(pipeline: Pipeline, manifest: dict[str, Any], weights: Mapp
     out = pipeline.replace(graph=g, schedule=checked(manifest["schedule"], "schedule"), analyses=analyses, **comps)
     provenance = tuple(AppliedPass(p["name"], p["config"], p["modified"], p["metrics"]) for p in manifest["provenance"])
     return replace(out, name=manifest["name"], sampler=checked(manifest["sampler"], "sampler"),
-                   facts=frozenset(manifest["facts"]), provenance=provenance, inputs=tuple(manifest["inputs"]))
+                   facts=frozenset(manifest["facts"]), provenance=provenance, inputs=tuple(manifest["inputs"]),
+                   frontend=str(manifest.get("frontend", DEFAULT_FRONTEND)))
 
 
 def check_same_summary(rebuilt: str, saved: str, directory: Path) -> None:

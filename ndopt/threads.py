@@ -103,12 +103,6 @@ def choose(work_bytes: int | None = None) -> int:
     return min(free, n)
 
 
-def weight_bytes(module: Any) -> int:
-    """Bytes of a torch module's parameters and buffers that live on a device (meta ones count 0)."""
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
-               if t.device.type != "meta")
-
-
 @contextlib.contextmanager
 def for_work(work_bytes: int | None = None, n: int | None = None) -> Iterator[int]:
     """torch's intra-op threads set for one piece of work (`n` if given, else `choose(work_bytes)`),
@@ -129,12 +123,16 @@ def for_work(work_bytes: int | None = None, n: int | None = None) -> Iterator[in
 def for_pipeline(pipeline: Any) -> contextlib.AbstractContextManager[int]:
     """Threads for running a pipeline: sized by its largest component on the CPU (a GPU pipeline's
     host threads only launch kernels: one suffices)."""
+    from ndopt.precision import weight_bytes
+
     comps = [c for c in pipeline.components.values() if c.device.type != "meta"]
     if comps and all(c.device.type == "cuda" for c in comps):
         return for_work(n=override() or 1)
-    largest = max((weight_bytes(c.module) for c in comps if c.device.type == "cpu"), default=0)
+    largest = max((weight_bytes(c.module, skip_meta=True) for c in comps if c.device.type == "cpu"), default=0)
     return for_work(largest)
 
 
 def for_module(module: Any) -> contextlib.AbstractContextManager[int]:
-    return for_work(weight_bytes(module))
+    from ndopt.precision import weight_bytes
+
+    return for_work(weight_bytes(module, skip_meta=True))

@@ -10,9 +10,9 @@ low-power blockwise quantization (LPBQ: 4-bit weights in blocks along the input 
 block's scale a 4-bit multiple of a per-channel float scale).
 
 - Attention that quantizes: the DiT copy runs the explicit matmul-softmax attention and every
-  functional op inside its blocks becomes an AIMET module (`passes.aimet_support`), so each matmul
+  functional op inside its blocks becomes an AIMET module (`passes._aimet.support`), so each matmul
   and softmax gets an encoding; the op census in the metrics lists any float op that remains
-  (`passes.aimet_sim`). The attention mask fills masked scores with a finite value below every
+  (`passes._aimet.sim`). The attention mask fills masked scores with a finite value below every
   reachable score instead of finfo.min, which would stretch the scores' 16-bit encoding to 1e38.
 - Calibration from the pipeline itself: the float pipeline samples the calibration prompts and
   forward hooks record every input of every component at every call (each stage, step, CFG
@@ -47,12 +47,16 @@ from torch import nn
 from ndopt.errors import PassError
 from ndopt.eval.probe import DEFAULT_PROMPTS, FidelityProbe, ProbeOutput
 from ndopt.io import atomic_dir, atomic_write_json
+from ndopt.ir.component import QUANTIZED_BY_DEFAULT as ROLES
+from ndopt.ir.component import QUANTIZED_WHEN_CALLED as OPTIONAL_ROLES
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
+from ndopt.precision import PRECISION_BITS
+from ndopt.model import ModelInterface, interface_for
 from ndopt.passmanager import Lossy, Pass, PassConfig, PassContext, PassResult, register
-from passes import aimet_state
-from passes import aimet_support as aq
-from passes.aimet_sim import (
+from passes._aimet import state as aimet_state
+from passes._aimet import support as aq
+from passes._aimet.sim import (
     BLOCKWISE_WEIGHTS,
     EntryCall,
     QuantizedComponent,
@@ -70,10 +74,7 @@ from passes.aimet_sim import (
 
 log = logging.getLogger("ndopt")
 
-ROLES = ("text_encoder", "context_adapter", "dit", "vae_decoder", "image_model", "super_resolution")
-OPTIONAL_ROLES = ("vae_encoder",)  # quantized by default only where the call plan calls it (hybrid mode)
 DEFAULT_AIMET_CONFIG = "htp_v79"  # without a target: the Snapdragon 8 Elite's (the paper's first target)
-PRECISION_BITS = {"w8a16": (8, 16), "w4a16": (4, 16)}  # (weight, activation) bits; names as targets' precisions
 # Captions of the tiny teacher's training distribution (ndopt/train/tiny_teacher.yaml; no held-out
 # pair): whole-word tokens for the tiny preset, plain English for the real tokenizers. Calibration
 # wants in-distribution prompts: on the teacher, 8 of these at 6-6-6 steps keep W8A16 at 37 dB and
@@ -88,11 +89,6 @@ CALIBRATION_PROMPTS = (
     "a pink circle moving down on a dark background",
     "a large green ring moving left on a light background",
 )
-
-
-def pass_index(pipeline: Pipeline) -> int:
-    """This pass's position in the run (the PassManager numbers pass dirs from 1, in provenance order)."""
-    return len(pipeline.provenance) + 1
 
 
 def attention_mask_fill(dit: nn.Module, margin: float = 24.0) -> float:
@@ -120,10 +116,10 @@ class Override(PassConfig):
     `dit.proj_out`, `dit.transformer_blocks.*.norm1*`, `vae_decoder.*`; the modules the pass
     creates for functional ops are named `module_<op>`, e.g. `dit.*.attn.module_softmax`)."""
 
-    pattern: str
-    weights: Literal[4, 8, 16] | None = None
-    activations: Literal[8, 16] | None = None
-    float: bool = False  # no quantizers at all (the NPU runs it in float, slowly)
+    pattern: str = Field(description="fnmatch pattern on `<component>.<module path>`, e.g. `dit.proj_out`")
+    weights: Literal[4, 8, 16] | None = Field(None, description="weight bits of the matching modules")
+    activations: Literal[8, 16] | None = Field(None, description="activation bits of the matching modules")
+    float: bool = Field(False, description="no quantizers at all (the NPU runs the modules in float, slowly)")
 
     @model_validator(mode="after")
     def _something(self) -> Override:
@@ -135,10 +131,13 @@ class Override(PassConfig):
 class Calibration(PassConfig):
     """What the float pipeline samples to record calibration inputs (None: the pipeline's own)."""
 
-    prompts: list[str] = Field(default_factory=lambda: list(CALIBRATION_PROMPTS), min_length=1)
-    latent_frames: int | None = Field(default=None, ge=1)
-    steps: list[int] | None = None  # per pyramid stage, first frame
-    video_steps: list[int] | None = None  # per pyramid stage, later frames (default: steps)
+    prompts: list[str] = Field(default_factory=lambda: list(CALIBRATION_PROMPTS), min_length=1,
+                               description="prompts the float pipeline samples (the teacher's caption distribution)")
+    latent_frames: int | None = Field(default=None, ge=1, description="latent frames sampled (null: the pipeline's)")
+    steps: list[int] | None = Field(None, description="sampling steps per pyramid stage, first frame (null: the "
+                                                      "pipeline's)")
+    video_steps: list[int] | None = Field(None, description="sampling steps per pyramid stage, later frames (null: "
+                                                            "as steps)")
 
 
 @dataclass
@@ -165,22 +164,33 @@ class AimetQuantization(Pass):
     provides = ("quantized",)
 
     class Config(PassConfig):
-        precision: Literal["w8a16", "w4a16"] = "w8a16"  # REFERENCE.md: W8A16 is the Hexagon standard
+        precision: Literal["w8a16", "w4a16"] = Field(  # REFERENCE.md: W8A16 is the Hexagon standard
+            "w8a16", description="int8 weights and int16 activations, or int4 LPBQ weights and int16 activations")
         # None: the target's (`aimet_config` in its YAML: 8 Elite htp_v79, X Elite htp_v73); set it only
         # to pin a version (recipe loading refuses one that disagrees with the recipe's target)
-        hexagon: Literal["v68", "v69", "v73", "v75", "v79", "v81"] | None = None
-        components: list[str] | None = None  # roles; None: every one of ROLES the pipeline has
-        quant_scheme: Literal["min_max", "tf_enhanced"] = "min_max"
-        per_channel: bool = True  # weight encodings per output channel (False: AIMET's HTP default, per tensor)
-        block_size: int = Field(default=64, ge=4)  # LPBQ block along the input dim (W4A16 only)
-        overrides: list[Override] = Field(default_factory=list)
-        calibration: Calibration = Field(default_factory=Calibration)
-        attention_mask_fill: float | None = None  # None: below every reachable score (q/k RMSNorm bound)
-        seq_mse: bool = False  # AIMET's sequential MSE weight encodings (for 4 bits; slow)
-        seq_mse_candidates: int = Field(default=20, ge=2)
-        export: Literal["first", "all", "none"] = "first"  # call signatures exported as QDQ ONNX
-        evaluate: bool = True  # latent / pixel PSNR vs the float pipeline in the metrics
-        eval_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
+        hexagon: Literal["v68", "v69", "v73", "v75", "v79", "v81"] | None = Field(
+            None, description="pin the HTP version of AIMET's config (null: the target's `aimet_config`)")
+        components: list[str] | None = Field(
+            None, description="roles to quantize (null: every role the pipeline has; the VAE encoder where the "
+                              "call plan calls it)")
+        quant_scheme: Literal["min_max", "tf_enhanced"] = Field("min_max", description="AIMET's encoding "
+                                                                "analysis for activations and weights")
+        per_channel: bool = Field(True, description="weight encodings per output channel (false: AIMET's HTP "
+                                                    "default, per tensor)")
+        block_size: int = Field(default=64, ge=4, description="LPBQ block along the input dimension (w4a16 only)")
+        overrides: list[Override] = Field(default_factory=list, description="precisions of the modules matching "
+                                                                            "a pattern, in order (the last match wins)")
+        calibration: Calibration = Field(default_factory=Calibration, description="what the float pipeline "
+                                                                                  "samples for calibration")
+        attention_mask_fill: float | None = Field(None, description="masked attention scores' value (null: "
+                                                                    "below every reachable score, from q/k RMSNorm)")
+        seq_mse: bool = Field(False, description="AIMET's sequential MSE weight encodings (for 4 bits; slow)")
+        seq_mse_candidates: int = Field(default=20, ge=2, description="candidate scales sequential MSE tries")
+        export: Literal["first", "all", "none"] = Field("first", description="call signatures exported as QDQ "
+                                                                             "ONNX under the pass directory")
+        evaluate: bool = Field(True, description="latent and pixel PSNR vs the float pipeline in the metrics")
+        eval_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1,
+                                        description="prompts of that evaluation")
 
         @model_validator(mode="after")
         def _roles(self) -> AimetQuantization.Config:
@@ -297,6 +307,7 @@ class AimetQuantization(Pass):
         self._check_overrides(self._selected(pipeline))
         if not pending:
             return PassResult(pipeline, modified=False, metrics={"already_quantized": True})
+        self._model = interface_for(pipeline)
         cfg = self.config
         aimet_config, source = self.aimet_config(ctx)
         calib = self._calibration_pipeline(pipeline)
@@ -312,7 +323,7 @@ class AimetQuantization(Pass):
                                                    "calls": {n: len(r) for n, r in records.items()},
                                                    "seconds": round(time.perf_counter() - t0, 2)},
                                    "components": {}}
-        d = ctx.pass_dir(pass_index(pipeline), self.name)
+        d = ctx.pass_dir
         with aq.quiet_aimet(d / aq.AIMET_LOG):  # AIMET's thousands of warnings: a file and a count
             built = [self._build(c, records[c.name], aimet_config) for c in pending]
             self._check_overrides(pending, {b.comp.name: b.sim for b in built})
@@ -348,13 +359,12 @@ class AimetQuantization(Pass):
                 raise PassError(f"aimet_quantization: calibration steps: {e}") from None
         return pipeline.replace(schedule=sch)
 
+    _model: ModelInterface | None = None  # the pipeline's model interface: `run` and `restore` set it
+
     def _build(self, comp: Component, records: list[dict[str, Any]], aimet_config: str) -> _Built:
         """Copy, make quantizable, wrap in a QuantizationSimModel; LPBQ and overrides applied."""
         from aimet_torch.common.defs import QuantScheme
         from aimet_torch.quantsim import QuantizationSimModel
-
-        from ndopt.frontends.pyramid_flow.tiny_decoder import MemBlock
-        from ndopt.frontends.pyramid_flow.vae_layers import CausalConv3d
 
         cfg = self.config
         wbits, abits = PRECISION_BITS[cfg.precision]
@@ -362,13 +372,13 @@ class AimetQuantization(Pass):
         module = copy.deepcopy(comp.module)  # the input pipeline's module is never touched
         mask_fill = None
         if comp.role == "dit":
-            module.set_attention_impl("matmul")
+            self._model.require("set_attention", user=self.name).set_attention(module, "matmul")
             mask_fill = cfg.attention_mask_fill if cfg.attention_mask_fill is not None else attention_mask_fill(module)
         names = tuple(records[0])
         call = EntryCall(module, comp.entry, names)
-        # CausalConv3d and MemBlock keep their streaming state (chunked decode) in Python attributes:
-        # tracing would freeze it
-        report = aq.make_quantizable(module, lambda _: call(**records[0]), eager=(CausalConv3d, MemBlock),
+        # the model's streaming modules (Pyramid-Flow: CausalConv3d, MemBlock) keep their state (chunked
+        # decode) in Python attributes: tracing would freeze it
+        report = aq.make_quantizable(module, lambda _: call(**records[0]), eager=self._model.eager_modules(),
                                      mask_fill=mask_fill)
         seconds = {"prepare": time.perf_counter() - t}
         t = time.perf_counter()
@@ -525,7 +535,7 @@ class AimetQuantization(Pass):
                 artifacts[f"{name}_{key}_onnx"] = d / e["file"]
         return artifacts
 
-    # ---- a saved pipeline (ndopt.saved: RUN/model/quantization/<component>/; passes.aimet_state) ----
+    # ---- a saved pipeline (ndopt.saved: RUN/model/quantization/<component>/; passes._aimet.state) ----
     state_subdir = "quantization"
 
     def save_state(self, pipeline: Pipeline, directory: Path) -> dict[str, dict[str, str]]:
@@ -534,4 +544,5 @@ class AimetQuantization(Pass):
 
     def restore(self, pipeline: Pipeline, ctx: PassContext, state: Path) -> Pipeline:
         """The sims `save_state` described, rebuilt over the replayed float components (`aimet_state`)."""
+        self._model = interface_for(pipeline)
         return aimet_state.restore_sims(self, pipeline, ctx, state)

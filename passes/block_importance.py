@@ -25,10 +25,9 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ndopt.errors import PassError
-from ndopt.frontends.pyramid_flow.dit import JointTransformerBlock
-from ndopt.frontends.pyramid_flow.sampler import stage_hw
 from ndopt.io import atomic_path, atomic_write_json
 from ndopt.ir.pipeline import Pipeline
+from ndopt.model import interface_for
 from ndopt.passmanager import Analysis, Pass, PassConfig, PassContext, PassResult, register
 
 log = logging.getLogger("ndopt")
@@ -133,6 +132,7 @@ class BlockImportanceScores:
 
 # ---- measuring --------------------------------------------------------------------------------
 def _stage_of(pipeline: Pipeline, width: int) -> int:
+    stage_hw = interface_for(pipeline).require("sampler", user="block_importance").sampler.stage_hw
     for s in range(len(pipeline.schedule.stages)):
         if stage_hw(pipeline.schedule, s)[1] == width:
             return s
@@ -141,9 +141,10 @@ def _stage_of(pipeline: Pipeline, width: int) -> int:
 
 def measure_block_importance(pipeline: Pipeline, criterion: BlockCriterion, prompts: list[str],
                              generator: torch.Generator) -> int:
-    """Run the sampler on `prompts` with hooks on every block; returns the number of DiT calls seen."""
+    """Run the sampler on `prompts` with hooks on every block (the model interface's `blocks`, each
+    observed on its image stream); returns the number of DiT calls seen."""
+    model = interface_for(pipeline).require("blocks", user="block_importance")
     dit = pipeline.by_role("dit")[0].module
-    blocks = [m for m in dit.transformer_blocks if isinstance(m, JointTransformerBlock)]
     state = {"stage": 0, "calls": 0}
 
     def on_dit(_m: Any, args: tuple, kwargs: dict) -> None:
@@ -151,14 +152,18 @@ def measure_block_importance(pipeline: Pipeline, criterion: BlockCriterion, prom
         state["stage"] = _stage_of(pipeline, int(sample[-1].shape[-1]))
         state["calls"] += 1
 
-    def on_block(i: int) -> Callable:
+    def on_block(i: int, kind: str) -> Callable:
+        io = model.block_io(kind)
+        pos, out_pos = io.inputs.index(io.image), io.outputs.index(io.image)
+
         def hook(_m: Any, args: tuple, kwargs: dict, out: Any) -> None:
-            x_in = kwargs.get("hidden_states", args[0] if args else None)
-            criterion.observe(i, state["stage"], x_in, out[1])
+            x_in = kwargs.get(io.image, args[pos] if len(args) > pos else None)
+            criterion.observe(i, state["stage"], x_in, out if len(io.outputs) == 1 else out[out_pos])
         return hook
 
     handles = [dit.register_forward_pre_hook(on_dit, with_kwargs=True)]
-    handles += [b.register_forward_hook(on_block(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [dit.get_submodule(b.name).register_forward_hook(on_block(b.index, b.kind), with_kwargs=True)
+                for b in model.blocks(dit)]
     try:
         with torch.no_grad():
             pipeline.sampler.sample(pipeline, prompts, generator=generator)
@@ -195,11 +200,6 @@ def plot_scores(path: Path, scores: BlockImportanceScores) -> Path:
     return path
 
 
-def pass_index(pipeline: Pipeline) -> int:
-    """This pass's position in the run (the PassManager numbers pass dirs from 1, in provenance order)."""
-    return len(pipeline.provenance) + 1
-
-
 @register
 class BlockImportance(Pass):
     """Score every MMDiT block by how little it changes its input (seed: BI_i = 1 - E cos)."""
@@ -209,18 +209,20 @@ class BlockImportance(Pass):
     provides = (ANALYSIS_KEY,)
 
     class Config(PassConfig):
-        criterion: str = "cosine"  # the seed's BI; or any registered criterion
+        criterion: str = Field("cosine", description="the importance criterion: `cosine` (the seed's BI: 1 - E cos "
+                                                     "of a block's input and output) or another registered one")
         prompts: list[str] = Field(default_factory=lambda: [
             "a red circle moving left on a blue background",
             "a yellow square moving up on a dark background",
             "a white triangle moving right on a green background",
             "a cyan ring moving down on a gray background",
-        ], min_length=1)
-        steps: list[int] = Field(default_factory=lambda: [4, 4, 4])  # timesteps observed per pyramid stage
-        latent_frames: int = Field(1, ge=1)
-        height: int = Field(64, ge=64, multiple_of=64)
-        width: int = Field(64, ge=64, multiple_of=64)
-        seed: int = 0
+        ], min_length=1, description="prompts whose sampling the block activations are observed on")
+        steps: list[int] = Field(default_factory=lambda: [4, 4, 4],
+                                 description="timesteps observed per pyramid stage (one count per stage)")
+        latent_frames: int = Field(1, ge=1, description="latent frames of the observed samples")
+        height: int = Field(64, ge=64, multiple_of=64, description="pixel height of the observed samples")
+        width: int = Field(64, ge=64, multiple_of=64, description="pixel width of the observed samples")
+        seed: int = Field(0, description="not read: the samples' noise comes from the run's seed")
 
         @field_validator("criterion")
         @classmethod
@@ -236,16 +238,17 @@ class BlockImportance(Pass):
                 raise ValueError(f"steps {v}: need at least one timestep per stage")
             return v
 
-    def _dit(self, pipeline: Pipeline):
+    def _dit(self, pipeline: Pipeline) -> tuple[Any, int]:
+        """The DiT module and its number of blocks (the model interface's `blocks`)."""
         dits = pipeline.by_role("dit")
-        if not dits or not hasattr(dits[0].module, "transformer_blocks"):
-            raise PassError("block_importance: the pipeline has no MMDiT (a `dit` component with transformer_blocks)")
-        return dits[0].module
+        if not dits:
+            raise PassError("block_importance: the pipeline has no MMDiT (a `dit` component with transformer blocks)")
+        model = interface_for(pipeline).require("blocks", user=self.name)
+        return dits[0].module, len(model.blocks(dits[0].module))
 
     def plan(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
-        dit = self._dit(pipeline)
-        record = BlockImportanceScores(self.config.criterion, len(dit.transformer_blocks), None, dit_id=id(dit),
-                                       settings={"plan": True})
+        dit, n_blocks = self._dit(pipeline)
+        record = BlockImportanceScores(self.config.criterion, n_blocks, None, dit_id=id(dit), settings={"plan": True})
         return PassResult(pipeline.replace(analyses={**pipeline.analyses, ANALYSIS_KEY: record}), modified=False,
                           metrics={"n_blocks": record.n_blocks, "scores": None})
 
@@ -253,19 +256,19 @@ class BlockImportance(Pass):
         if pipeline.is_meta:
             return self.plan(pipeline, ctx)
         cfg = self.config
-        dit = self._dit(pipeline)
+        dit, n_blocks = self._dit(pipeline)
         n_stages = len(pipeline.schedule.stages)
         if len(cfg.steps) != n_stages:
             raise PassError(f"block_importance: steps {cfg.steps} gives {len(cfg.steps)} stages; the schedule has "
                             f"{n_stages}")
         sch = pipeline.schedule.with_frames(cfg.latent_frames, cfg.height, cfg.width).with_steps(tuple(cfg.steps))
         probe = pipeline.replace(schedule=sch)
-        criterion = CRITERIA[cfg.criterion](len(dit.transformer_blocks), n_stages)
+        criterion = CRITERIA[cfg.criterion](n_blocks, n_stages)
         calls = measure_block_importance(probe, criterion, list(cfg.prompts), ctx.generator())
         record = BlockImportanceScores(
-            cfg.criterion, len(dit.transformer_blocks), tuple(criterion.scores()),
+            cfg.criterion, n_blocks, tuple(criterion.scores()),
             tuple(tuple(r) for r in criterion.stage_scores()), calls, id(dit), cfg.model_dump())
-        d = ctx.pass_dir(pass_index(pipeline), self.name)
+        d = ctx.pass_dir
         plot = plot_scores(d / "block_importance.png", record)
         atomic_write_json(d / "block_importance.json", record.to_json())
         order = record.order()

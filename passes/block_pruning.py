@@ -5,17 +5,18 @@ BI_i = 1 - E cos(X_i, X_{i+1}) (`block_importance`), then fine-tunes in two stag
 distils the pruned DiT from the unpruned teacher (output and block-feature matching), stage 2
 trains it on data with the pyramidal flow-matching objective.
 
-Structurally the pass is a rewrite of the fx block graph (`trace_dit`: blocks are leaf nodes): each
-removed block's node is erased and its users rewired to its inputs, the graph is linted and
-recompiled, and the kept blocks are renumbered 0..k-1 into a new `PyramidMMDiT` whose state dict
-is the old one with renumbered keys. The rewritten graph must equal a fresh trace of the new
-module (checked). When the last block is removed, the new last block's text-stream output is dead
-(nothing reads it): with `fold_last_context` (default) it is folded into upstream's
-`context_pre_only` form, an exact rewrite that drops the dead weights and keeps the pruned DiT
-loadable as a standard `num_layers=k` checkpoint.
+The pass asks the model interface (`ndopt.model`) for the denoiser's blocks and never names a model
+class. Structurally it is a rewrite of the fx block graph (the interface's `trace`: blocks are leaf
+nodes): each removed block's node is erased and its users rewired to the block's input of the same
+stream (`BlockIO`), the graph is linted and recompiled, and the interface builds the denoiser
+without those blocks (`without_blocks`: renumbered, weights copied). The rewritten graph must equal
+a fresh trace of the new module (checked). With `fold_last_context` (default) a new last block's dead
+outputs are folded away (SD3: upstream's `context_pre_only` form, an exact rewrite that keeps the
+pruned DiT loadable as a standard `num_layers=k` checkpoint). `kinds` limits pruning to some block
+kinds (SD3's MMDiT has one, "joint"; FLUX has "double" and "single").
 
 `plan()` applies only the structural effect (meta device, no training); `keep` counts blocks of
-the 24-block reference model and scales to other depths (`reference_depth`).
+the 24-block reference model and scales to the number of prunable blocks (`reference_depth`).
 """
 
 from __future__ import annotations
@@ -23,22 +24,22 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import replace as dc_replace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.fx
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 from torch import nn
 
 from ndopt.errors import PassError, VerificationError
-from ndopt.frontends.pyramid_flow.dit import DiTLayout, PyramidMMDiT, trace_dit
-from ndopt.frontends.pyramid_flow.dit_layers import AdaLayerNormContinuous, JointTransformerBlock
 from ndopt.io import atomic_write_text
 from ndopt.ir.pipeline import Pipeline
+from ndopt.model import Block, BlockIO, ModelInterface, interface_for
 from ndopt.passmanager import Lossy, Pass, PassConfig, PassContext, PassResult, register
-from passes.block_importance import ANALYSIS_KEY, BlockImportanceScores, pass_index
+from ndopt.train.data import DataConfig
+from passes.block_importance import ANALYSIS_KEY, BlockImportanceScores
 
 log = logging.getLogger("ndopt")
 
@@ -59,32 +60,43 @@ def blocks_to_keep(n_blocks: int, keep: int, reference_depth: int | None) -> int
     return k
 
 
-def select_by_importance(scores: BlockImportanceScores, n_remove: int) -> list[int]:
-    """The n_remove least important blocks (the criterion's order)."""
-    return sorted(scores.order()[:n_remove])
+def select_by_importance(scores: BlockImportanceScores, prunable: list[int], n_remove: int) -> list[int]:
+    """The n_remove least important of the `prunable` blocks (the criterion's order)."""
+    return sorted([i for i in scores.order() if i in prunable][:n_remove])
 
 
-def plan_placeholder(n_blocks: int, n_remove: int) -> list[int]:
-    """Plan mode has no scores (meta weights): remove the deepest blocks before the last one.
+def plan_placeholder(prunable: list[int], last: int, n_remove: int) -> list[int]:
+    """Plan mode has no scores (meta weights): remove the deepest prunable blocks before the last one.
 
-    Which blocks go does not change params or FLOPs (all blocks but the last are alike)."""
-    return list(range(n_blocks - 1 - n_remove, n_blocks - 1))
+    Which blocks of a kind go does not change params or FLOPs (all blocks but the last are alike)."""
+    return [i for i in prunable if i != last][-n_remove:]
 
 
 # ---- the fx rewrite -------------------------------------------------------------------------
-def remove_block_nodes(gm: torch.fx.GraphModule, removed: set[str]) -> torch.fx.GraphModule:
-    """Erase the call_module nodes of `removed` blocks; users of a block's (context, hidden) outputs
-    read the block's own (context, hidden) inputs instead. Lints and recompiles."""
+def remove_block_nodes(gm: torch.fx.GraphModule, removed: Mapping[str, BlockIO]) -> torch.fx.GraphModule:
+    """Erase the call_module nodes of the `removed` blocks (node target -> how the block is called);
+    a user of a removed block's output reads the block's input of the same stream instead. Lints and
+    recompiles."""
     g = gm.graph
     for node in list(g.nodes):
         if node.op != "call_module" or node.target not in removed:
             continue
-        hidden_in, context_in = node.args[0], node.args[1]
+        io = removed[node.target]
+
+        def source(stream: str, node: torch.fx.Node = node, io: BlockIO = io) -> Any:
+            pos = io.inputs.index(stream) if stream in io.inputs else len(node.args)
+            if pos >= len(node.args):
+                raise VerificationError(f"block_pruning: block {node.target} returns {stream!r}, which it is not "
+                                        "passed positionally: the block call changed; update the model's BlockIO")
+            return node.args[pos]
+
+        if len(io.outputs) == 1:
+            node.replace_all_uses_with(source(io.outputs[0]))
         for user in list(node.users):
             if user.op != "call_function" or user.target.__name__ != "getitem":
                 raise VerificationError(f"block_pruning: block {node.target} output is used by {user.format_node()}, "
                                         "not by an index: the DiT's block loop changed; update the rewrite")
-            user.replace_all_uses_with(context_in if user.args[1] == 0 else hidden_in)
+            user.replace_all_uses_with(source(io.outputs[user.args[1]]))
             g.erase_node(user)
         g.erase_node(node)
     g.eliminate_dead_code()
@@ -105,70 +117,6 @@ def renumber_graph(gm: torch.fx.GraphModule, mapping: dict[str, str], root: nn.M
     return out
 
 
-def fold_context_pre_only(block: JointTransformerBlock) -> JointTransformerBlock:
-    """An exactly equivalent context_pre_only block (its text-stream output was dead anyway).
-
-    AdaLayerNormZero's first two chunks (shift, scale of the attention input) become
-    AdaLayerNormContinuous's (scale, shift); the text MLP, its norm and `to_add_out` are dropped."""
-    if block.context_pre_only:
-        return block
-    dim = block.norm1.linear.in_features
-    device, dtype = block.norm1.linear.weight.device, block.norm1.linear.weight.dtype
-    with torch.device("meta"):
-        new = JointTransformerBlock(dim, block.attn.heads, block.attn.head_dim,
-                                    "rms_norm" if block.attn.norm_q is not None else None, context_pre_only=True)
-    sd = block.state_dict()
-    w, b = sd.pop("norm1_context.linear.weight"), sd.pop("norm1_context.linear.bias")
-    sd["norm1_context.linear.weight"] = torch.cat([w[dim:2 * dim], w[:dim]])  # (shift, scale) -> (scale, shift)
-    sd["norm1_context.linear.bias"] = torch.cat([b[dim:2 * dim], b[:dim]])
-    for k in [k for k in sd if k.startswith(("attn.to_add_out.", "ff_context.", "norm2_context."))]:
-        del sd[k]
-    new.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True, assign=True)
-    new.attn.attention_impl = block.attn.attention_impl
-    assert isinstance(new.norm1_context, AdaLayerNormContinuous)
-    return new.to(device=device, dtype=dtype)
-
-
-def build_pruned_dit(dit: PyramidMMDiT, keep: list[int], fold_last_context: bool) -> PyramidMMDiT:
-    """A new PyramidMMDiT with blocks `keep` renumbered 0..k-1 (renumbered state dict, strict load)."""
-    k = len(keep)
-    cfg = dc_replace(dit.config, num_layers=k)
-    with torch.device("meta"):
-        new = PyramidMMDiT(cfg)
-    for name, child in dit.named_children():  # earlier passes' rewrites (e.g. a dropped context_embedder) stay
-        if name != "transformer_blocks" and type(child) is not type(getattr(new, name, None)):
-            setattr(new, name, copy.deepcopy(child))
-    last = dit.transformer_blocks[keep[-1]]
-    if last.context_pre_only or fold_last_context:
-        blocks = {i: dit.transformer_blocks[i] for i in keep}
-        if not last.context_pre_only:
-            blocks[keep[-1]] = fold_context_pre_only(last)
-    else:  # keep the last kept block as it is: its (dead) text stream stays
-        with torch.device("meta"):
-            new.transformer_blocks[k - 1] = JointTransformerBlock(
-                cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.qk_norm, context_pre_only=False)
-        blocks = {i: dit.transformer_blocks[i] for i in keep}
-    sd = {}
-    for name, t in dit.state_dict().items():
-        if not name.startswith("transformer_blocks."):
-            sd[name] = t
-    for new_i, old_i in enumerate(keep):
-        for name, t in blocks[old_i].state_dict().items():
-            sd[f"transformer_blocks.{new_i}.{name}"] = t
-    missing, unexpected = new.load_state_dict({n: t.clone() for n, t in sd.items()}, strict=False, assign=True)
-    if missing or unexpected:
-        raise VerificationError(f"block_pruning: renumbered state dict does not fit the pruned DiT "
-                                f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    new.set_attention_impl(dit.attention_impl)
-    return new.eval().requires_grad_(False)
-
-
-def dit_layout(pipeline: Pipeline) -> DiTLayout:
-    for sig in pipeline.call_plan():
-        if pipeline[sig.component].role == "dit":
-            return sig.static_dict["layout"]
-    raise PassError("block_pruning: the pipeline's sampler never calls the DiT")
-
 
 def graph_structure(g: torch.fx.Graph) -> list[tuple]:
     """Nodes as (op, target, args, kwargs) with node references replaced by positions (names vary)."""
@@ -180,15 +128,15 @@ def graph_structure(g: torch.fx.Graph) -> list[tuple]:
     return [(n.op, str(n.target), str(norm(n.args)), str(norm(n.kwargs))) for n in g.nodes]
 
 
-def rewrite_block_graph(dit: PyramidMMDiT, new: PyramidMMDiT, keep: list[int], layout: DiTLayout
+
+def rewrite_block_graph(model: ModelInterface, dit: nn.Module, new: nn.Module, keep: list[int], layout: Any
                         ) -> torch.fx.GraphModule:
     """The fx rewrite of the DiT's block graph; must equal a fresh trace of the pruned DiT."""
-    gm = trace_dit(dit, layout)
-    names = [f"transformer_blocks.{i}" for i in range(len(dit.transformer_blocks))]
-    removed = {n for i, n in enumerate(names) if i not in keep}
-    gm = remove_block_nodes(gm, removed)
-    mapping = {f"transformer_blocks.{old}": f"transformer_blocks.{new_i}" for new_i, old in enumerate(keep)}
-    root = trace_dit(new, layout)  # its modules (and, dead code aside, its graph) are the pruned DiT's
+    gm = model.trace(dit, layout)
+    old, kept = model.blocks(dit), model.blocks(new)
+    gm = remove_block_nodes(gm, {b.name: model.block_io(b.kind) for b in old if b.index not in keep})
+    mapping = {old[i].name: kept[new_i].name for new_i, i in enumerate(keep)}
+    root = model.trace(new, layout)  # its modules (and, dead code aside, its graph) are the pruned DiT's
     rewritten = renumber_graph(gm, mapping, root)
     root.graph.eliminate_dead_code()
     if graph_structure(rewritten.graph) != graph_structure(root.graph):
@@ -215,23 +163,14 @@ class _Probe:
 class FinetuneSpec(PassConfig):
     """One fine-tuning stage (ndopt.train): steps, optimiser, batch."""
 
-    steps: int = Field(100, ge=0)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(12, ge=1)
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
-    feature_weight: float = 1.0  # stage 1: weight of block-feature matching next to output matching
-    checkpoint_every: int = 50
-
-
-class DataConfig(PassConfig):
-    """Fine-tuning clips: procedural captioned videos, or a folder with captions.jsonl."""
-
-    source: str = "procedural"
-    clips: int = Field(512, ge=1)  # encoded once through the pipeline's VAE encoder
-    frames: int = 9
-    height: int = 64
-    width: int = 64
+    steps: int = Field(100, ge=0, description="optimizer steps (0: skip the stage)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    batch_size: int = Field(12, ge=1, description="clips per step")
+    warmup_steps: int = Field(0, description="linear learning-rate warm-up steps")
+    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="learning rate after the warm-up")
+    feature_weight: float = Field(1.0, description="stage 1: weight of block-feature matching next to output "
+                                                   "matching")
+    checkpoint_every: int = Field(50, description="steps between resumable checkpoints")
 
 
 @register
@@ -244,16 +183,26 @@ class BlockPruning(Pass):
     invalidates = (ANALYSIS_KEY,)  # the scores describe the unpruned blocks
 
     class Config(PassConfig):
-        keep: int = Field(18, ge=1)  # seed: the shipped 18-block model (16 also reported)
-        reference_depth: int | None = REFERENCE_DEPTH  # keep counts blocks of this depth; None: absolute
-        remove: list[int] | None = None  # name the blocks instead (then no importance is needed)
-        fold_last_context: bool = True
-        stage1: FinetuneSpec | None = None  # distillation from the unpruned teacher
-        stage2: FinetuneSpec | None = None  # pyramidal flow matching on data
-        data: DataConfig = Field(default_factory=DataConfig)
-        evaluate: bool = True  # latent PSNR vs the unpruned pipeline after each stage (the probe's settings)
-        evaluate_latent_frames: int = Field(2, ge=1)  # the recipe probe's default
-        evaluate_steps: list[int] | None = None  # None: the pipeline's own steps per stage
+        keep: int = Field(18, ge=1, description="blocks to keep, counted at `reference_depth` and scaled to the "
+                                                "DiT's depth")  # seed: the shipped 18-block model (16 also reported)
+        reference_depth: int | None = Field(REFERENCE_DEPTH, description="the depth `keep` counts blocks of (null: "
+                                                                         "`keep` is absolute)")
+        remove: list[int] | None = Field(None, description="block indices to remove instead of the least important")
+        kinds: list[str] | None = Field(None, description="the block kinds that may be pruned (SD3: joint; FLUX: "
+                                                          "double, single); null: every kind the DiT has")
+        fold_last_context: bool = Field(True, description="when the last block goes, fold the new last block's dead "
+                                                          "text stream into `context_pre_only` (exact)")
+        stage1: FinetuneSpec | None = Field(None, description="fine-tune stage 1: distillation from the unpruned "
+                                                              "teacher (null: none)")
+        stage2: FinetuneSpec | None = Field(None, description="fine-tune stage 2: pyramidal flow matching on data "
+                                                              "(null: none)")
+        data: DataConfig = Field(default_factory=DataConfig, description="the fine-tuning clips")
+        evaluate: bool = Field(True, description="latent PSNR vs the unpruned pipeline after each stage (the "
+                                                 "probe's settings)")
+        evaluate_latent_frames: int = Field(2, ge=1, description="latent frames of that evaluation (the recipe "
+                                                                 "probe's default)")
+        evaluate_steps: list[int] | None = Field(None, description="its steps per pyramid stage (null: the "
+                                                                   "pipeline's own)")
 
         @model_validator(mode="after")
         def _keep_or_remove(self) -> BlockPruning.Config:
@@ -262,7 +211,17 @@ class BlockPruning(Pass):
                     raise ValueError("give either keep or remove, not both")
                 if not self.remove or len(set(self.remove)) != len(self.remove):
                     raise ValueError(f"remove={self.remove}: name each block once, at least one")
+            if self.kinds is not None and (not self.kinds or len(set(self.kinds)) != len(self.kinds)):
+                raise ValueError(f"kinds={self.kinds}: name each block kind once, at least one")
             return self
+
+        @model_serializer(mode="wrap")
+        def _dump(self, handler: Any) -> dict[str, Any]:
+            # `kinds` unset (every kind) is left out: provenance and saved pipelines read as before it existed
+            out = handler(self)
+            if self.kinds is None:
+                out.pop("kinds", None)
+            return out
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -270,15 +229,30 @@ class BlockPruning(Pass):
             self.requires = ()  # named blocks need no importance scores
 
     # ---- selection --------------------------------------------------------------------------
-    def _selection(self, pipeline: Pipeline, dit: PyramidMMDiT, plan: bool) -> tuple[list[int], str]:
-        n = len(dit.transformer_blocks)
+    def prunable(self, blocks: list[Block]) -> list[int]:
+        """The indices of the blocks whose kind may be pruned (`kinds`, checked against the DiT's)."""
+        have = sorted({b.kind for b in blocks}, key=[b.kind for b in blocks].index)
+        kinds = self.config.kinds if self.config.kinds is not None else have
+        unknown = [k for k in kinds if k not in have]
+        if unknown:
+            raise PassError(f"block_pruning: kinds={kinds}: the DiT has no {', '.join(map(repr, unknown))} blocks "
+                            f"(its block kinds: {', '.join(have)})")
+        return [b.index for b in blocks if b.kind in kinds]
+
+    def _selection(self, pipeline: Pipeline, blocks: list[Block], plan: bool) -> tuple[list[int], str]:
+        n = len(blocks)
         cfg = self.config
+        prunable = self.prunable(blocks)
         if cfg.remove is not None:
             bad = [i for i in cfg.remove if not 0 <= i < n]
             if bad or len(cfg.remove) >= n:
                 raise PassError(f"block_pruning: remove={cfg.remove}: the DiT has blocks 0..{n - 1} and must keep one")
+            other = [i for i in cfg.remove if i not in prunable]
+            if other:
+                raise PassError(f"block_pruning: remove={cfg.remove}: blocks {other} are "
+                                f"{', '.join(sorted({blocks[i].kind for i in other}))} blocks, outside kinds={cfg.kinds}")
             return sorted(cfg.remove), "named"
-        n_remove = n - blocks_to_keep(n, cfg.keep, cfg.reference_depth)
+        n_remove = len(prunable) - blocks_to_keep(len(prunable), cfg.keep, cfg.reference_depth)
         replayed = (self._replay or {}).get("removed_blocks") if plan else None
         if replayed is not None and len(replayed) == n_remove:  # reloading a run: the blocks it removed
             return sorted(int(i) for i in replayed), "replayed from the run"
@@ -293,19 +267,19 @@ class BlockPruning(Pass):
             if not plan:
                 raise PassError("block_pruning: the importance scores were made in plan mode; run block_importance "
                                 "on real weights")
-            return plan_placeholder(n, n_remove), "plan placeholder (no scores on meta)"
-        return select_by_importance(scores, n_remove), f"lowest {scores.criterion} importance"
+            return plan_placeholder(prunable, n - 1, n_remove), "plan placeholder (no scores on meta)"
+        return select_by_importance(scores, prunable, n_remove), f"lowest {scores.criterion} importance"
 
     def _prune(self, pipeline: Pipeline, ctx: PassContext) -> tuple[Pipeline, dict[str, Any], torch.fx.GraphModule]:
+        model = interface_for(pipeline).require("blocks", "without_blocks", "trace", user=self.name)
         comp = pipeline.by_role("dit")[0]
         dit = comp.module
-        if not isinstance(dit, PyramidMMDiT):
-            raise PassError(f"block_pruning: the dit is a {type(dit).__name__}, not a PyramidMMDiT")
-        removed, how = self._selection(pipeline, dit, ctx.plan or pipeline.is_meta)
-        n = len(dit.transformer_blocks)
+        blocks = model.blocks(dit)
+        removed, how = self._selection(pipeline, blocks, ctx.plan or pipeline.is_meta)
+        n = len(blocks)
         keep = [i for i in range(n) if i not in removed]
-        new = build_pruned_dit(dit, keep, self.config.fold_last_context)
-        graph = rewrite_block_graph(dit, new, keep, dit_layout(pipeline))
+        new = model.without_blocks(dit, keep, fold_last_context=self.config.fold_last_context)
+        graph = rewrite_block_graph(model, dit, new, keep, model.dit_layout(pipeline))
         pruned = pipeline.replace(**{comp.name: comp.with_module(new, config=new.config)})
         metrics = {"removed_blocks": removed, "kept_blocks": keep, "blocks": [n, len(keep)], "selection": how,
                    "params_removed": comp.params() - sum(p.numel() for p in new.parameters()),
@@ -325,7 +299,7 @@ class BlockPruning(Pass):
         if pipeline.is_meta or ctx.plan:
             return self.plan(pipeline, ctx)
         pruned, metrics, graph = self._prune(pipeline, ctx)
-        d = ctx.pass_dir(pass_index(pipeline), self.name)
+        d = ctx.pass_dir
         artifacts: dict[str, Path] = {"block_graph": d / "block_graph.py"}
         atomic_write_text(artifacts["block_graph"], graph.code)
         fidelity: dict[str, float] = {}
@@ -336,9 +310,9 @@ class BlockPruning(Pass):
             fidelity["no_finetune"] = probe.compare(probe.outputs(pruned), ref)["latent_psnr"]
         cfg = self.config
         if any(st is not None and st.steps for st in (cfg.stage1, cfg.stage2)):
-            from ndopt.train.finetune import DataSpec, distill_dit, flow_match_dit, training_latents
+            from ndopt.train.finetune import distill_dit, flow_match_dit, training_latents
 
-            data = training_latents(pipeline, DataSpec(**cfg.data.model_dump(), seed=ctx.seed), d / "cache")
+            data = training_latents(pipeline, cfg.data.seeded(ctx.seed), d / "cache")
             keep = metrics["kept_blocks"]
             for i, (stage, spec) in enumerate((("stage1", cfg.stage1), ("stage2", cfg.stage2))):
                 if spec is None or spec.steps == 0:

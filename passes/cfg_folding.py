@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from ndopt.errors import PassError
 from ndopt.ir.pipeline import Pipeline
 from ndopt.passmanager import Exact, Pass, PassConfig, PassContext, PassResult, register
@@ -31,7 +33,9 @@ class CfgFolding(Pass):
     provides = ("cfg_folded",)
 
     class Config(PassConfig):
-        mode: Literal["auto", "batch", "drop"] = "auto"  # auto: drop when guidance-free, else batch
+        mode: Literal["auto", "batch", "drop"] = Field(
+            "auto", description="batch: both CFG branches in one call; drop: only the conditional branch (for a "
+                                "guidance-free DiT); auto: drop when the pipeline is guidance-free, else batch")
 
     def run(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
         free = guidance_free(pipeline)

@@ -32,7 +32,8 @@ class DeadComponentElimination(Pass):
     fidelity = Exact(tolerance=0.0)  # removing unused components cannot change a single number
 
     class Config(PassConfig):
-        keep: list[str] = Field(default_factory=list)  # components to keep even if dead (e.g. the VAE encoder for a later i2v recipe)
+        keep: list[str] = Field(default_factory=list, description="components to keep even if dead (e.g. the VAE "
+                                "encoder for a later image-to-video recipe)")
 
     def run(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
         unknown = [k for k in self.config.keep if k not in pipeline.components]

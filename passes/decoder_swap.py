@@ -1,9 +1,9 @@
 """Decoder swap (Neodragon, "Asymmetric Decoder Distillation"): a small decoder for the native latents.
 
 The native causal VAE decoder (226M) becomes, by config, `tiny` (a TAEHV-style decoder, ~9.9M, what
-Neodragon ships; `ndopt/frontends/pyramid_flow/tiny_decoder.py`) or one of the seed's comparison
-decoders built from diffusers' VAEs, modified for Pyramid-Flow's latents (`wan`, `ltx`, `cosmos`;
-`ndopt/frontends/pyramid_flow/decoders.py`). Asymmetric: the native encoder, and with it the
+Neodragon ships) or one of the seed's comparison decoders built from diffusers' VAEs, modified for
+Pyramid-Flow's latents (`wan`, `ltx`, `cosmos`); the model interface builds them (`build_decoder`;
+Pyramid-Flow's `tiny_decoder.py` and `decoders.py`). Asymmetric: the native encoder, and with it the
 latent space the DiT was trained on, stays; only the decoder changes. The new decoder learns to
 decode the native encoder's latents of videos back to those videos (pixel L1 + MSE, as the seed's
 "PSNR (Orig. Enc.)" column measures); optionally it also matches the native decoder's output
@@ -36,26 +36,10 @@ from ndopt.eval.metrics import psnr
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.spec import Port, TensorSpec
 from ndopt.ir.verify import verify_structure
+from ndopt.model import ModelInterface, interface_for, sampler_math
 from ndopt.passmanager import Lossy, Pass, PassConfig, PassContext, PassResult, register
 
 log = logging.getLogger("ndopt")
-
-
-def build_decoder(kind: str, scale: str, latent_channels: int) -> nn.Module:
-    """A fresh decoder of `kind` at `real` or `tiny` scale (on the current default device)."""
-    if kind == "tiny":
-        from ndopt.frontends.pyramid_flow.tiny_decoder import (
-            TinyDecoderConfig,
-            TinyVideoDecoder,
-            tiny_preset_config,
-        )
-
-        cfg = TinyDecoderConfig(latent_channels=latent_channels) if scale == "real" else \
-            tiny_preset_config(latent_channels)
-        return TinyVideoDecoder(cfg)
-    from ndopt.frontends.pyramid_flow.decoders import DiffusersVideoDecoder
-
-    return DiffusersVideoDecoder(kind, scale, latent_channels)
 
 
 def native_scale(decoder: nn.Module) -> str:
@@ -130,7 +114,6 @@ def generated_bank(pipeline: Pipeline, config: Any, ctx: PassContext, path: Any)
     decode them with its (native) decoder; (train, eval) banks, cached at `path`."""
     from safetensors.torch import load_file, save_file
 
-    from ndopt.frontends.pyramid_flow.vae import denormalize_latents
     from ndopt.io import atomic_path
     from ndopt.progress import progress
     from ndopt.train.data import ProceduralConfig, ProceduralVideos
@@ -147,6 +130,7 @@ def generated_bank(pipeline: Pipeline, config: Any, ctx: PassContext, path: Any)
     if config.generated_steps is not None:
         sch = sch.with_steps(tuple(config.generated_steps))
     pipe = pipeline.replace(schedule=sch)
+    denormalize_latents = sampler_math(pipeline).denormalize_latents
     g = torch.Generator().manual_seed(ctx.seed_for(703))
     zs, targets = [], []
     with torch.no_grad(), progress("decoder_swap: sampling the pipeline's latents", len(captions)) as advance:
@@ -177,45 +161,58 @@ class DecoderSwap(Pass):
     fidelity = Lossy(metric="pixel_psnr", budget_db=15.0)
 
     class Config(PassConfig):
-        decoder: Literal["tiny", "wan", "ltx", "cosmos"] = "tiny"  # seed: the modified TAEHV ships
-        scale: Literal["auto", "real", "tiny"] = "auto"  # auto: like the native decoder
-        latent_channels: int | None = Field(None, ge=1)  # None: the native decoder's
-        steps: int = Field(600, ge=0)
-        batch_size: int = Field(4, ge=1)
-        lr: float = Field(2e-3, gt=0)
-        l1_weight: float = Field(1.0, ge=0)
-        mse_weight: float = Field(1.0, ge=0)
-        native_weight: float = Field(0.0, ge=0)
-        foreground_weight: float = Field(0.0, ge=0)  # the tiny teacher's VAE was trained with 8
-        chroma_weight: float = Field(0.0, ge=0)      # ... and 3 (ndopt/train/tiny_teacher.yaml)
-        latent_noise: float = Field(0.0, ge=0)       # ... and 0.05
+        decoder: Literal["tiny", "wan", "ltx", "cosmos"] = Field(  # seed: the modified TAEHV ships
+            "tiny", description="the new decoder: `tiny` (TAEHV-style, what Neodragon ships) or a diffusers "
+                                "VAE's decoder modified for these latents (`wan`, `ltx`, `cosmos`)")
+        scale: Literal["auto", "real", "tiny"] = Field("auto", description="the new decoder's width: `real`, "
+                                                       "`tiny` (the tiny preset's), or `auto` (like the native one)")
+        latent_channels: int | None = Field(None, ge=1, description="latent channels it decodes (null: the native "
+                                                                    "decoder's)")
+        steps: int = Field(600, ge=0, description="training steps")
+        batch_size: int = Field(4, ge=1, description="clips per step")
+        lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW, cosine)")
+        l1_weight: float = Field(1.0, ge=0, description="weight of the pixel L1 loss vs the video")
+        mse_weight: float = Field(1.0, ge=0, description="weight of the pixel MSE loss vs the video")
+        native_weight: float = Field(0.0, ge=0, description="weight of matching the native decoder's output "
+                                                            "(L1) on the same latents")
+        # the tiny teacher's VAE was trained with foreground 8, chroma 3, latent noise 0.05 (tiny_teacher.yaml)
+        foreground_weight: float = Field(0.0, ge=0, description="extra loss weight on the shapes (pixels far "
+                                                                "from the border colour)")
+        chroma_weight: float = Field(0.0, ge=0, description="extra loss weight on hue errors")
+        latent_noise: float = Field(0.0, ge=0, description="latents perturbed by this times their std "
+                                                           "(tolerance of generated latents)")
         # Also distil on latents the pipeline samples itself (native decodes as targets), so the new
         # decoder meets the DiT's output distribution, not only the encoder's (GeneratedBank)
-        generated: int = Field(0, ge=0)              # how many one-frame clips to sample (0: none)
-        generated_steps: list[int] | None = None     # their sampling steps (None: the pipeline's)
-        generated_weight: float = Field(1.0, ge=0)
-        data: str | None = None  # a folder with captions.jsonl (FolderVideos); default: procedural videos
-        frames: int = Field(9, ge=1)
-        height: int = Field(64, ge=8)
-        width: int = Field(64, ge=8)
-        eval_videos: int = Field(4, ge=1)
+        generated: int = Field(0, ge=0, description="one-frame clips the pipeline samples to also distil on, "
+                                                    "native decodes as targets (0: none)")
+        generated_steps: list[int] | None = Field(None, description="their sampling steps per pyramid stage "
+                                                                    "(null: the pipeline's)")
+        generated_weight: float = Field(1.0, ge=0, description="weight of the loss on those samples")
+        data: str | None = Field(None, description="a folder with captions.jsonl and its videos (null: "
+                                                   "procedural videos)")
+        frames: int = Field(9, ge=1, description="frames per training clip")
+        height: int = Field(64, ge=8, description="clip height in pixels")
+        width: int = Field(64, ge=8, description="clip width in pixels")
+        eval_videos: int = Field(4, ge=1, description="held-out videos of the PSNR figures in the metrics")
         # a trained decoder (the `decoder.safetensors` a run of this pass writes, or a bundled one by name,
         # e.g. `pyramid-flow-tiny-decoder`) instead of training: its kind, scale, latent channels and native
         # VAE encoder must match this pipeline and this config
-        weights: Path | None = None
+        weights: Path | None = Field(None, description="a trained decoder's weights (a file, or a bundled name "
+                                                       "such as `pyramid-flow-tiny-decoder`) instead of training")
 
     def swapped(self, pipeline: Pipeline, ctx: PassContext) -> tuple[Pipeline, Any, Any]:
         decs = pipeline.by_role("vae_decoder")
         if len(decs) != 1:
             raise PassError(f"decoder_swap needs one vae_decoder; the pipeline has {len(decs)}")
         old = decs[0]
+        model = interface_for(pipeline).require("build_decoder", user=self.name)
         channels = self.config.latent_channels or int(old.attrs.get("latent_channels", 16))
         scale = native_scale(old.module) if self.config.scale == "auto" else self.config.scale
         seed = ctx.seed_for(701)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             with torch.device(old.device):
-                module = build_decoder(self.config.decoder, scale, channels)
+                module = model.build_decoder(self.config.decoder, scale, channels)
         window = getattr(old.module, "window_size", None)  # decode in the chunks the pipeline decoded in
         if window is not None and hasattr(module, "window_size"):
             module.window_size = window
@@ -252,13 +249,14 @@ class DecoderSwap(Pass):
                             "(or give dead_component_elimination keep: [vae_encoder])")
         key = hashlib.blake2b(json.dumps(self.config.model_dump(mode="json"), sort_keys=True).encode(),
                               digest_size=6)
-        pass_dir = ctx.pass_dir(int(ctx.options.get("pass_index", 0)), self.name)
+        pass_dir = ctx.pass_dir
         work = pass_dir / f"train-{key.hexdigest()}"
         metrics = self._metrics(old, new)
         bank = held = None
         artifacts: dict[str, Path] = {}
         if self.config.weights is not None:
-            load_decoder(resolve_decoder_weights(self.config.weights), new.module, encoder.module, self.config)
+            model = interface_for(pipeline)
+            load_decoder(model, model.weights_file(self.config.weights), new.module, encoder.module, self.config)
             metrics["weights"] = str(self.config.weights)
         else:
             untrained = decoder_fidelity(self.config, encoder.module, old.module, new.module, ctx)["decoded_psnr"]
@@ -300,23 +298,11 @@ def save_decoder(path: Path, decoder: nn.Module, encoder: nn.Module, config: Any
     return Path(path)
 
 
-def resolve_decoder_weights(ref: Path) -> Path:
-    """A decoder file: a path, or the name of one the frontend bundles (`pyramid-flow-tiny-decoder`)."""
-    from ndopt.frontends.pyramid_flow.presets import bundled_weights
-
-    path = Path(ref)
-    if path.is_file() or path.suffix or len(path.parts) > 1:
-        return path
-    bundled = bundled_weights(str(ref))
-    return bundled if bundled is not None else path
-
-
-def load_decoder(path: Path, decoder: nn.Module, encoder: nn.Module, config: Any) -> None:
-    """Load `save_decoder`'s file into `decoder` in place, refusing another encoder's or another kind's."""
+def load_decoder(model: ModelInterface, path: Path, decoder: nn.Module, encoder: nn.Module, config: Any) -> None:
+    """Load `save_decoder`'s file into `decoder` in place, refusing another encoder's or another kind's
+    (`path`: a file, or a decoder the frontend bundles, e.g. `pyramid-flow-tiny-decoder`)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from ndopt.frontends.pyramid_flow.checkpoint import load_into
 
     if not Path(path).is_file():
         raise PassError(f"decoder_swap: weights {path}: no such file (a path, or a bundled decoder's name)")
@@ -329,7 +315,7 @@ def load_decoder(path: Path, decoder: nn.Module, encoder: nn.Module, config: Any
     bad = [f"{k}: file {meta.get(k)!r}, this pipeline/config {v!r}" for k, v in want.items() if meta.get(k) != v]
     if bad:
         raise PassError(f"decoder_swap: {path} does not fit: {'; '.join(bad)}; train it again (omit weights)")
-    load_into(decoder, load_file(str(path)), source=str(path))
+    model.load_into(decoder, load_file(str(path)), source=str(path))
 
 
 def _videos(config: Any, seed: int, held_out: bool = False) -> Any:

@@ -1,8 +1,9 @@
 """Encoder substitution (Neodragon, "Text-Encoder Distillation"): T5-XXL -> DT5 + Context Adapter.
 
 The 4.7B T5-XXL encoder becomes DT5 (~130M) and the DiT's `context_embedder` gives way to a
-Context Adapter (`ndopt/frontends/pyramid_flow/dt5.py`; variants of the seed's table: `replace`,
-`extend`, `lora`, `trainable_dt5`). CLIP-L/G stay. The text encoder's `prompt_embeds` become the
+Context Adapter (variants of the seed's table: `replace`, `extend`, `lora`, `trainable_dt5`); the
+model interface (`ndopt.model`) names the teacher's parts (`text_conditioning`) and builds the
+student's (`text_student`) and the substituted encoder. CLIP-L/G stay. The text encoder's `prompt_embeds` become the
 DiT's context directly, so the DiT (a shallow copy, sharing its blocks) gets `nn.Identity` as
 `context_embedder` and both ends of the text_encoder -> dit edge change width together.
 
@@ -37,16 +38,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ndopt.errors import PassError
-from ndopt.frontends.pyramid_flow.dt5 import (
-    DistilledT5,
-    DistilledTextConfig,
-    DistilledTextEncoder,
-    LoRA,
-    context_adapter,
-    dt5_config,
-)
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.spec import Port, TensorSpec
+from ndopt.model import ModelInterface, TextConditioning, TextStudent, interface_for
 from ndopt.passmanager import Lossy, Pass, PassConfig, PassContext, PassResult, register
 from passes.cfg_folding import guidance_free
 
@@ -170,16 +164,6 @@ class DiTContextMatching(ContextMatching):
 
 
 # ---- the pass ------------------------------------------------------------------------------------
-def drop_context_embedder(dit: nn.Module) -> nn.Module:
-    """A shallow copy of the DiT sharing every module but `context_embedder`, which is nn.Identity."""
-    import copy
-
-    new = copy.copy(dit)
-    new._modules, new._parameters, new._buffers = dict(dit._modules), dict(dit._parameters), dict(dit._buffers)
-    new.context_embedder = nn.Identity()
-    return new
-
-
 @register
 class EncoderSubstitution(Pass):
     """Replace T5-XXL by a distilled T5 and a Context Adapter that takes over `context_embedder`."""
@@ -191,92 +175,94 @@ class EncoderSubstitution(Pass):
     fidelity = Lossy(metric="latent_psnr", budget_db=26.0)
 
     class Config(PassConfig):
-        variant: Literal["replace", "extend", "lora", "trainable_dt5"] = "replace"  # seed: RM is what ships
-        dt5: dict[str, Any] = Field(default_factory=dict)  # T5Config overrides of DT5 (default: dt5_config)
-        lora_rank: int = Field(8, ge=1)
-        dt5_steps: int = Field(400, ge=0)       # stage 1: DT5 -> T5's sequence
-        adapter_steps: int = Field(400, ge=0)   # stage 2: the variant's part -> the DiT's context
-        e2e_steps: int = Field(0, ge=0)         # stage 3 (optional): through the frozen DiT
-        batch_size: int = Field(16, ge=1)
-        lr: float = Field(2e-3, gt=0)  # the tiny preset's; DT5 / adapter at real size want ~1e-4
-        mse_weight: float = Field(1.0, ge=0)
-        cosine_weight: float = Field(1.0, ge=0)
-        prompts: str | None = None  # a prompt file (one per line); default: procedural captions
-        negative_prob: float = Field(0.1, ge=0, lt=1)  # share of the sampler's negative prompt in the corpus
-        eval_prompts: int = Field(32, ge=1)  # held-out captions for the context figures
-        probe_steps: list[int] | None = None  # end-to-end probe: steps per stage (None: the schedule's)
-        probe: bool = True
+        variant: Literal["replace", "extend", "lora", "trainable_dt5"] = Field(  # seed: RM is what ships
+            "replace", description="what learns the DiT's context: a Context Adapter replacing "
+                                   "`context_embedder` (replace) or beside it (extend), LoRA on DT5, or all of DT5")
+        dt5: dict[str, Any] = Field(default_factory=dict, description="T5Config overrides of DT5 (default: half "
+                                                                      "the teacher's width and layers)")
+        lora_rank: int = Field(8, ge=1, description="rank of the LoRA adapters (variant lora)")
+        dt5_steps: int = Field(400, ge=0, description="stage 1 steps: DT5 learns T5's output sequence")
+        adapter_steps: int = Field(400, ge=0, description="stage 2 steps: the variant's part learns the DiT's "
+                                                          "context")
+        e2e_steps: int = Field(0, ge=0, description="stage 3 steps (optional): the same part, through the frozen "
+                                                    "DiT's velocity")
+        batch_size: int = Field(16, ge=1, description="prompts per step")
+        lr: float = Field(2e-3, gt=0, description="peak learning rate (the tiny preset's; DT5 and the adapter at "
+                                                  "real size want ~1e-4)")
+        mse_weight: float = Field(1.0, ge=0, description="weight of the relative MSE on real (unmasked) tokens")
+        cosine_weight: float = Field(1.0, ge=0, description="weight of 1 - cosine on real (unmasked) tokens")
+        prompts: str | None = Field(None, description="a prompt file, one per line (null: procedural captions)")
+        negative_prob: float = Field(0.1, ge=0, lt=1, description="share of the sampler's negative prompt in the "
+                                                                  "corpus (under CFG)")
+        eval_prompts: int = Field(32, ge=1, description="held-out captions of the context figures in the metrics")
+        probe_steps: list[int] | None = Field(None, description="the end-to-end probe's steps per pyramid stage "
+                                                                "(null: the schedule's)")
+        probe: bool = Field(True, description="end-to-end latent PSNR vs the T5 pipeline in the metrics")
 
-    def _check(self, pipeline: Pipeline) -> tuple[Any, Any]:
+    def _check(self, pipeline: Pipeline) -> tuple[ModelInterface, Any, Any, TextConditioning]:
         te, dits = pipeline.by_role("text_encoder"), pipeline.by_role("dit")
         if len(te) != 1 or len(dits) != 1:
             raise PassError(f"encoder_substitution needs one text_encoder and one dit; the pipeline has "
                             f"{len(te)} and {len(dits)}")
         te, dit = te[0], dits[0]
-        if isinstance(te.module, DistilledTextEncoder):
+        model = interface_for(pipeline).require("text_conditioning", "text_student", user=self.name)
+        variant = model.distilled_text_variant(te.module)
+        if variant is not None:
             raise PassError(f"encoder_substitution: the text encoder is already DT5 + adapter (variant "
-                            f"{te.module.config.variant!r}); the T5 teacher is gone: run the pass once, on the "
-                            "original pipeline")
-        if not isinstance(getattr(dit.module, "context_embedder", None), nn.Linear):
-            raise PassError("encoder_substitution: the DiT has no Linear context_embedder to take over")
-        if not hasattr(te.module, "text_encoder_3"):
-            raise PassError(f"encoder_substitution: {type(te.module).__name__} is not an SD3 text encoder")
-        return te, dit
+                            f"{variant!r}); the T5 teacher is gone: run the pass once, on the original pipeline")
+        try:
+            cond = model.text_conditioning(te.module, dit.module)
+        except PassError as e:
+            raise PassError(f"encoder_substitution: {e}") from None
+        return model, te, dit, cond
 
-    def build_student(self, te_module: Any, dit_module: nn.Module, ctx: PassContext
-                      ) -> tuple[DistilledT5, nn.Module, DistilledTextConfig]:
-        teacher_cfg = te_module.config
-        t5 = teacher_cfg.t5
-        cfg = DistilledTextConfig(teacher_cfg, dt5_config(t5, self.config.dt5), self.config.variant,
-                                  int(dit_module.context_embedder.out_features))
-        device = next(dit_module.parameters()).device
+    def build_student(self, model: ModelInterface, te: Any, dit: Any, ctx: PassContext) -> TextStudent:
+        """The variant's fresh student parts, seeded from the run, on the DiT's device."""
+        device = next(dit.module.parameters()).device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed_for(601))
             with torch.device(device):
-                dt5 = DistilledT5(cfg.dt5, int(t5["d_model"]))
-                adapter = context_adapter(self.config.variant, dit_module.context_embedder)
-        return dt5, adapter, cfg
+                return model.text_student(te.module, dit.module, self.config.variant, self.config.dt5)
 
-    def substitute(self, pipeline: Pipeline, te: Any, dit: Any, dt5: DistilledT5, adapter: nn.Module,
-                   cfg: DistilledTextConfig) -> Pipeline:
+    def substitute(self, model: ModelInterface, pipeline: Pipeline, te: Any, dit: Any,
+                   student: TextStudent) -> Pipeline:
         """The structural swap: new text_encoder and DiT components whose edge widths agree."""
-        m = te.module
-        module = DistilledTextEncoder(cfg, m.text_encoder, m.text_encoder_2, dt5, adapter, m.tokenizers)
+        module = model.substituted_text_encoder(te.module, student)
+        cfg = student.config
         width = cfg.context_dim
         outs = tuple(Port(p.name, TensorSpec(("B", "L", width), p.spec.dtype)) if p.name == "prompt_embeds" else p
                      for p in te.outputs)
         new_te = replace(te.with_module(module, config=cfg, **{"summary.variant": cfg.variant}), outputs=outs)
         ins = tuple(Port(p.name, TensorSpec(("B", "L", width), p.spec.dtype), p.optional)
                     if p.name == "encoder_hidden_states" else p for p in dit.inputs)
-        new_dit = replace(dit.with_module(drop_context_embedder(dit.module), context_dim=width,
+        new_dit = replace(dit.with_module(model.without_context_embedder(dit.module), context_dim=width,
                                           **{"summary.context_embedder": "in the text encoder's context adapter"}),
                           inputs=ins)
         return pipeline.replace(**{te.name: new_te, dit.name: new_dit})
 
-    def _metrics(self, te: Any, dit: Any, module_params: int) -> dict[str, Any]:
-        t5 = sum(p.numel() for p in te.module.text_encoder_3.parameters())
+    def _metrics(self, cond: TextConditioning, module_params: int) -> dict[str, Any]:
+        t5 = sum(p.numel() for p in cond.encoder.parameters())
         return {"variant": self.config.variant, "text_encoding_params_before": t5,
                 "text_encoding_params": module_params,
-                "dit_params_removed": sum(p.numel() for p in dit.module.context_embedder.parameters())}
+                "dit_params_removed": sum(p.numel() for p in cond.context_embedder.parameters())}
 
     def plan(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
-        te, dit = self._check(pipeline)
-        dt5, adapter, cfg = self.build_student(te.module, dit.module, ctx)
-        out = self.substitute(pipeline, te, dit, dt5, adapter, cfg)
+        model, te, dit, cond = self._check(pipeline)
+        student = self.build_student(model, te, dit, ctx)
+        out = self.substitute(model, pipeline, te, dit, student)
         params = out[te.name].module.text_encoding_params()
-        return PassResult(out, modified=True, metrics=self._metrics(te, dit, params))
+        return PassResult(out, modified=True, metrics=self._metrics(cond, params))
 
     def run(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
-        te, dit = self._check(pipeline)
-        dt5, adapter, cfg = self.build_student(te.module, dit.module, ctx)
+        model, te, dit, cond = self._check(pipeline)
+        student = self.build_student(model, te, dit, ctx)
         key = hashlib.blake2b(json.dumps(self.config.model_dump(), sort_keys=True).encode(), digest_size=6)
-        work = ctx.pass_dir(int(ctx.options.get("pass_index", 0)), self.name) / f"train-{key.hexdigest()}"
-        history = distill(self.config, te.module, dit.module, dt5, adapter, pipeline, ctx, work)
-        out = self.substitute(pipeline, te, dit, dt5, adapter, cfg)
-        metrics = self._metrics(te, dit, out[te.name].module.text_encoding_params())
+        work = ctx.pass_dir / f"train-{key.hexdigest()}"
+        history = distill(self.config, model, cond, dit.module, student, pipeline, ctx, work)
+        out = self.substitute(model, pipeline, te, dit, student)
+        metrics = self._metrics(cond, out[te.name].module.text_encoding_params())
         metrics.update(history)
-        metrics.update(context_fidelity(self.config, te.module, dit.module, dt5, adapter, ctx,
-                                        negative_prompt(pipeline)))
+        metrics.update(context_fidelity(self.config, cond, student, ctx, negative_prompt(pipeline)))
         if self.config.probe:
             metrics["latent_psnr"] = probe_latent_psnr(pipeline, out, self.config.probe_steps)
         log.info("encoder_substitution (%s): context cosine %.4f, latent PSNR %s dB", self.config.variant,
@@ -297,38 +283,31 @@ def _prompts(config: Any) -> list[str] | None:
     return lines
 
 
-def distill(config: Any, te: Any, dit: nn.Module, dt5: DistilledT5, adapter: nn.Module, pipeline: Pipeline,
-            ctx: PassContext, work: Path) -> dict[str, Any]:
-    """The three stages of the module docstring, in place on `dt5` / `adapter`; returns final losses."""
+def distill(config: Any, model: ModelInterface, cond: TextConditioning, dit: nn.Module, student: TextStudent,
+            pipeline: Pipeline, ctx: PassContext, work: Path) -> dict[str, Any]:
+    """The three stages of the module docstring, in place on the student's parts; returns final losses."""
     from ndopt.train import TrainConfig, Trainer
 
-    tok = te.tokenizers.tokenizer_3
+    dt5, adapter = student.encoder, student.adapter
     data = PromptCorpus(_prompts(config), seed=ctx.seed, negative_prompt=negative_prompt(pipeline),
                         negative_prob=config.negative_prob)
-    objective = dict(tokenizer=tok, max_length=te.config.max_sequence_length, mse_weight=config.mse_weight,
+    objective = dict(tokenizer=cond.tokenizer, max_length=cond.max_length, mse_weight=config.mse_weight,
                      cosine_weight=config.cosine_weight)
-    context_teacher = T5Sequence(te.text_encoder_3, dit.context_embedder)
+    context_teacher = T5Sequence(cond.encoder, cond.context_embedder)
     variant = config.variant
-    lora = LoRA(dt5.encoder, config.lora_rank) if variant == "lora" else None
+    lora = student.lora(config.lora_rank) if variant == "lora" else None
     part = {"replace": ("context_adapter", adapter), "extend": ("context_adapter", adapter),
             "lora": ("lora", lora), "trainable_dt5": ("dt5", dt5)}[variant]
     rest = {n: m for n, m in (("dt5", dt5), ("context_adapter", adapter)) if n != part[0]}
-    stages = [("dt5", config.dt5_steps, {"dt5": dt5}, {"teacher": T5Sequence(te.text_encoder_3)},
+    stages = [("dt5", config.dt5_steps, {"dt5": dt5}, {"teacher": T5Sequence(cond.encoder)},
                ContextMatching(**objective, dt5_only=True, uses=("dt5", "teacher"))),
               ("adapter", config.adapter_steps, dict([part]), {**rest, "teacher": context_teacher},
                ContextMatching(**objective))]
     if config.e2e_steps:
         sch = pipeline.schedule
-
-        def pooled(captions: list[str]) -> Tensor:  # CLIP-L/G pooled projections (frozen, unchanged)
-            tok = te.tokenize(list(captions))
-            device = next(te.text_encoder.parameters()).device
-            return torch.cat([te.text_encoder(input_ids=tok["clip_l_ids"].to(device)).text_embeds,
-                              te.text_encoder_2(input_ids=tok["clip_g_ids"].to(device)).text_embeds], dim=-1)
-
         stages.append(("e2e", config.e2e_steps, dict([part]),
-                       {**rest, "teacher": context_teacher, "dit": drop_context_embedder(dit)},
-                       DiTContextMatching(**objective, pooled=pooled, schedule=sch,
+                       {**rest, "teacher": context_teacher, "dit": model.without_context_embedder(dit)},
+                       DiTContextMatching(**objective, pooled=cond.pooled, schedule=sch,
                                           latent_hw=(sch.height // 8, sch.width // 8))))
     final: dict[str, Any] = {}
     for i, (stage, steps, trainable, frozen, obj) in enumerate(stages):
@@ -355,19 +334,19 @@ def negative_prompt(pipeline: Pipeline) -> str | None:
 
 
 @torch.no_grad()
-def context_fidelity(config: Any, te: Any, dit: nn.Module, dt5: DistilledT5, adapter: nn.Module,
-                     ctx: PassContext, negative: str | None = None) -> dict[str, float]:
+def context_fidelity(config: Any, cond: TextConditioning, student: TextStudent, ctx: PassContext,
+                     negative: str | None = None) -> dict[str, float]:
     """Context-embedding cosine and relative MSE vs the teacher on held-out captions (real tokens),
     and the cosine on the negative prompt (the unconditional branch of guidance) when there is one."""
     corpus = PromptCorpus(None, seed=ctx.seed + 1, held_out=True)
     captions = [corpus[i].caption for i in range(config.eval_prompts)]
-    obj = ContextMatching(te.tokenizers.tokenizer_3, te.config.max_sequence_length)
-    teacher = T5Sequence(te.text_encoder_3, dit.context_embedder)
-    device = next(dt5.parameters()).device
+    obj = ContextMatching(cond.tokenizer, cond.max_length)
+    teacher = T5Sequence(cond.encoder, cond.context_embedder)
+    device = next(student.encoder.parameters()).device
 
     def score(texts: list[str]) -> dict[str, float]:
         ids, mask = obj.tokens(texts, device)
-        return context_loss(adapter(dt5(ids, mask)), teacher(ids, mask), mask, 1.0, 1.0)[1]
+        return context_loss(student.adapter(student.encoder(ids, mask)), teacher(ids, mask), mask, 1.0, 1.0)[1]
 
     m = score(captions)
     out = {"context_cosine": round(m["cosine"], 6), "context_rel_mse": round(m["rel_mse"], 6)}

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ndopt.frontends.pyramid_flow.dit import fold_timestep_embedding
-from ndopt.frontends.pyramid_flow.sampler import FOLDED, FoldedSchedule, folded_time, unroll
-from ndopt.frontends.pyramid_flow.schedule import stage_timesteps
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.spec import Port, TensorSpec
+from ndopt.model import interface_for
 from ndopt.passmanager import Exact, Pass, PassConfig, PassContext, PassResult, register
 
 
 def schedule_rows(pipeline: Pipeline) -> tuple[list[float], dict[tuple[str, int, int], int]]:
     """Distinct timesteps of the schedule and the row each (kind, stage, step) uses."""
+    stage_timesteps = interface_for(pipeline).require("sampler", user="schedule_folding").sampler.stage_timesteps
     timesteps: list[float] = []
     rows: dict[tuple[str, int, int], int] = {}
     for kind, attr in (("first", "steps"), ("video", "video_steps")):
@@ -44,19 +43,21 @@ class ScheduleFolding(Pass):
         pass
 
     def run(self, pipeline: Pipeline, ctx: PassContext) -> PassResult:
+        model = interface_for(pipeline).require("sampler", "fold_timestep_embedding", user=self.name)
+        math = model.sampler
         dit = pipeline.by_role("dit")[0]
-        if folded_time(dit):
+        if math.folded_time(dit):
             return PassResult(pipeline, modified=False, metrics={"already_folded": True})
         timesteps, rows = schedule_rows(pipeline)
         before = dit.params()
-        module, table = fold_timestep_embedding(dit.module, timesteps)
-        d = module.config.inner_dim
+        module, table = model.fold_timestep_embedding(dit.module, timesteps)
+        d = int(table.shape[-1])  # the DiT's width: the timestep MLP's output
         inputs = tuple(Port("timestep_embedding", TensorSpec(("B", d)), optional=True)
                        if p.name == "timestep_ratio" else p for p in dit.inputs)
         new_dit = replace(dit.with_module(module), inputs=inputs)
-        folded = FoldedSchedule(pipeline.schedule.stages, tuple(timesteps), table, rows)
+        folded = math.FoldedSchedule(pipeline.schedule.stages, tuple(timesteps), table, rows)
         out = pipeline.replace(schedule=replace(pipeline.schedule, folded=True),
-                               analyses={**pipeline.analyses, FOLDED: folded}, **{dit.name: new_dit})
+                               analyses={**pipeline.analyses, math.FOLDED: folded}, **{dit.name: new_dit})
         return PassResult(out, modified=True, metrics={
-            "table_rows": len(timesteps), "calls_unrolled": len(unroll(out)),
+            "table_rows": len(timesteps), "calls_unrolled": len(math.unroll(out)),
             "params_folded": before - new_dit.params()})

@@ -63,13 +63,19 @@ HOST_OPS = {
 }
 
 # The tokenizers behind the text encoder's graph inputs (`SD3TextEncoder.tokenize`, also DT5's):
-# (tokenizer attribute, ids input, mask input or None, config field with the padded length)
+# (tokenizer attribute, ids input, mask input or None, config field with the padded length). A text
+# encoder that tokenizes otherwise (miniFLUX: no CLIP-G) names its own in `tokenizer_inputs`.
 TEXT_INPUTS = (("tokenizer_3", "t5_ids", "t5_mask", "max_sequence_length"),
                ("tokenizer", "clip_l_ids", None, "clip_max_length"),
                ("tokenizer_2", "clip_g_ids", None, "clip_max_length"))
 INTERPOLATION_BILINEAR = {"mode": "bilinear", "align_corners": False, "antialias": False}
 INTERPOLATION_NEAREST = {"mode": "nearest"}  # torch's legacy 'nearest': src = floor(dst * in / out)
 RNG = "numpy.random.default_rng(seed).standard_normal(shape, dtype=float32), one stream, in program order"
+
+
+def text_inputs(text_encoder: Any) -> tuple[tuple[str, str, str | None, str], ...]:
+    """The tokenizers behind a text encoder's graph inputs: its own `tokenizer_inputs`, else SD3's."""
+    return tuple(getattr(text_encoder, "tokenizer_inputs", TEXT_INPUTS))
 
 
 def tokenizer_file(attr: str) -> str:
@@ -83,10 +89,12 @@ def graph_index(plans: list[GraphPlan]) -> dict[tuple[str, str], str]:
 
 
 def program(pipeline: Pipeline, plans: list[GraphPlan]) -> list[dict[str, Any]]:
-    """The runtime's call list for a pipeline."""
-    from ndopt.frontends.pyramid_flow.sampler import PyramidFlowSampler
+    """The runtime's call list for a pipeline (the sampler's loop when the model interface's sampler math
+    knows the pipeline's sampler)."""
+    from ndopt.model import interface_for
 
-    if isinstance(pipeline.sampler, PyramidFlowSampler):
+    math = interface_for(pipeline).sampler
+    if math is not None and math.is_sampler(pipeline.sampler):
         try:
             return pyramid_flow_program(pipeline, graph_index(plans))
         except KeyError as e:
@@ -115,7 +123,7 @@ def _tokenize_op(pipeline: Pipeline, guided: bool) -> dict[str, Any]:
                             "the text encoder with its tokenizers (tiny_tokenizers() or from_pretrained_dir)")
     inputs = {p.name: p for p in te.inputs}
     encoders = [_encoder(getattr(toks, attr), tokenizer_file(attr), ids, mask, getattr(cfg, length), inputs)
-                for attr, ids, mask, length in TEXT_INPUTS]
+                for attr, ids, mask, length in text_inputs(te.module)]
     made = {e["ids"] for e in encoders} | {e["mask"] for e in encoders if e["mask"]}
     if set(inputs) - made:
         raise LoweringError(f"text encoder {te.name!r} takes {sorted(inputs)}; the tokenize op makes {sorted(made)} "
@@ -129,18 +137,13 @@ def _tokenize_op(pipeline: Pipeline, guided: bool) -> dict[str, Any]:
 def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
     """The sampler's loop (`PyramidFlowSampler.sample` then `.decode`) written out with its constants.
 
-    The denoising steps come from the frontend's own `sampler.unroll` (timestep or folded-table row,
-    sigmas, guidance, renoise), so the manifest and the sampler cannot drift apart."""
-    from ndopt.frontends.pyramid_flow import vae as vae_mod
-    from ndopt.frontends.pyramid_flow.sampler import (
-        block_noise_cholesky,
-        folded_time,
-        frame_count,
-        history_clips,
-        stage_hw,
-        unroll,
-    )
+    The denoising steps come from the frontend's own `unroll` (timestep or folded-table row, sigmas,
+    guidance, renoise; the model interface's sampler math), so the manifest and the sampler cannot drift
+    apart."""
+    from ndopt.model import sampler_math
 
+    m = sampler_math(pipeline)
+    stage_hw, history_clips = m.stage_hw, m.history_clips
     sch = pipeline.schedule
     guided = sch.guidance.mode != "none"
     hybrid = sch.first_frame == "image-model"
@@ -155,7 +158,7 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
                          "inputs": {p.name: f"tokens.{which}.{p.name}" for p in te.inputs},
                          "outputs": {p.name: f"text.{which}.{p.name}" for p in te.outputs}})
     dit = pipeline.by_role("dit")[0]
-    folded = folded_time(dit)
+    folded = m.folded_time(dit)
     n_stages = len(sch.stages)
     sizes = [list(stage_hw(sch, s)) for s in range(n_stages)]
     h, w = sizes[-1]
@@ -166,7 +169,7 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
     if sch.first_frame == "external":
         prog.append({"op": "external_first_frame", "output": "generated[0]",
                      "note": "hybrid mode: the first latent frame comes from an image model outside this bundle"})
-    calls = unroll(pipeline)
+    calls = m.unroll(pipeline)
     batched = sch.guidance.mode == "cfg_batched"
     branches = ["uncond", "cond"] if sch.guidance.mode == "cfg" else ["uncond+cond" if batched else "cond"]
     velocity = dit.outputs[0].name
@@ -191,7 +194,7 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
             if s > 0:
                 entry["resample"] = {"size": sizes[s], **INTERPOLATION_NEAREST}
             if c["renoise"]:
-                chol = block_noise_cholesky(sch.gamma).double()  # float32 values, exact in JSON
+                chol = m.block_noise_cholesky(sch.gamma).double()  # float32 values, exact in JSON
                 entry["renoise"] = {"alpha": c["renoise"][0], "beta": c["renoise"][1], "gamma": sch.gamma,
                                     "block": 2, "cholesky": chol.tolist(), "dtype": "float32"}
             prog.append(entry)
@@ -219,15 +222,15 @@ def pyramid_flow_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str])
     dec = pipeline.by_role("vae_decoder")
     if dec:
         prog.append({"op": "denormalize", "input": "generated", "axis": 2, "output": "z", "first_frames": 1,
-                     "image": {"scale": vae_mod.IMAGE_SCALE, "shift": vae_mod.IMAGE_SHIFT},
-                     "video": {"scale": vae_mod.VIDEO_SCALE, "shift": vae_mod.VIDEO_SHIFT}})
+                     "image": {"scale": m.image_scale, "shift": m.image_shift},
+                     "video": {"scale": m.video_scale, "shift": m.video_shift}})
         out = dec[0].outputs[0].name
         prog.append({"op": "call", "graph": graphs[(dec[0].name, "video")], "component": dec[0].name,
                      "inputs": {"z": "z"}, "outputs": {p.name: p.name for p in dec[0].outputs}})
         for sr in pipeline.by_role("super_resolution"):  # per frame, as the sampler upscales
             prog.append({"op": "per_frame", "graph": graphs[(sr.name, "frame")], "component": sr.name,
                          "input": out, "axis": 2, "input_name": sr.inputs[0].name, "output_name": sr.outputs[0].name,
-                         "frames": frame_count(sch.latent_frames), "output": "upscaled", "clamp": [-1.0, 1.0]})
+                         "frames": m.frame_count(sch.latent_frames), "output": "upscaled", "clamp": [-1.0, 1.0]})
             out = "upscaled"
         prog.append({"op": "postprocess", "input": out, "output": "frames", "clamp": [-1.0, 1.0],
                      "offset": 1.0, "scale": 127.5, "round": "half_to_even", "dtype": "uint8",
@@ -257,12 +260,13 @@ def image_model_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str]) 
     """The hybrid pipeline's first frame (HybridSampler.first_frame + encode_first_frame) written out:
     tokenize, the image text encoders, LCM's steps with diffusers' LCMScheduler constants, the image
     decoder, then the VAE encoder on the downsampled frame -> the first generated latent frame."""
-    from ndopt.frontends.neodragon.hybrid import IMAGE_COMPONENTS
-    from ndopt.frontends.pyramid_flow import vae as vae_mod
+    from ndopt.model import interface_for
 
+    model = interface_for(pipeline)
+    m = model.require("sampler", "hybrid", user="the bundle's hybrid program").sampler
     sch, smp = pipeline.schedule, pipeline.sampler
     cfg = smp.image
-    te, unet, dec = (pipeline[n] for n in IMAGE_COMPONENTS)
+    te, unet, dec = (pipeline[n] for n in model.image_components)
     enc = pipeline["vae_encoder"]
     toks = getattr(te.module, "tokenizers", None)
     if toks is None:
@@ -307,18 +311,19 @@ def image_model_program(pipeline: Pipeline, graphs: dict[tuple[str, str], str]) 
     prog.append({"op": "encode_first_frame", "input": "image", "factor": int(smp.sr_scale),
                  "interpolation": {"mode": "area"}, "graph": graphs[(enc.name, "first_frame")],
                  "component": enc.name, "input_name": enc.inputs[0].name, "output_name": enc.outputs[0].name,
-                 "normalize": {"shift": vae_mod.IMAGE_SHIFT, "scale": vae_mod.IMAGE_SCALE}, "output": "generated"})
+                 "normalize": {"shift": m.image_shift, "scale": m.image_scale}, "output": "generated"})
     return prog
 
 
 def constants(pipeline: Pipeline) -> dict[str, Any]:
     """Arrays the program reads (a folded schedule's timestep-embedding table), by file name."""
-    from ndopt.frontends.pyramid_flow.sampler import PyramidFlowSampler, folded_schedule, folded_time
+    from ndopt.model import interface_for
 
+    m = interface_for(pipeline).sampler
     dits = pipeline.by_role("dit")
-    if not isinstance(pipeline.sampler, PyramidFlowSampler) or not dits or not folded_time(dits[0]):
+    if m is None or not m.is_sampler(pipeline.sampler) or not dits or not m.folded_time(dits[0]):
         return {}
-    f = folded_schedule(pipeline)
+    f = m.folded_schedule(pipeline)
     return {TIMESTEP_TABLE: {"array": f.table.detach().float().cpu().numpy(), "timesteps": list(f.timesteps)}}
 
 
@@ -329,7 +334,7 @@ def write_assets(pipeline: Pipeline, directory: Path) -> dict[str, Any]:
     toks = getattr(te[0].module, "tokenizers", None) if te else None
     if toks is None:
         return {}
-    found = [(tokenizer_file(attr), getattr(toks, attr)) for attr, *_ in TEXT_INPUTS]
+    found = [(tokenizer_file(attr), getattr(toks, attr)) for attr, *_ in text_inputs(te[0].module)]
     image = pipeline.components.get("image_text_encoder")  # the hybrid pipeline's image model
     if image is not None and getattr(image.module, "tokenizers", None) is not None:
         found += [(tokenizer_file(f"image_{attr}"), tok)

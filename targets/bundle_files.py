@@ -37,8 +37,9 @@ def write_component(component: str, models: Sequence[tuple[str, onnx.ModelProto]
                     priced: set[str], precision: str) -> tuple[SharedWeights, dict[str, Any]]:
     """Write every graph file of one component (float graphs, and a quantized component's QDQ and
     encodings graphs) pointing into one `<component>.weights.bin`; returns what was written and the
-    manifest's `weights` record. `priced`: the files the estimator prices (the float graphs)."""
-    with shared_external_data(component, models, out_dir, priced=priced) as sw:
+    manifest's `weights` record. `priced`: the files the estimator prices (the float graphs); the other
+    models (QDQ and encodings graphs) are left pointing into the weights file, their tensors not restored."""
+    with shared_external_data(component, models, out_dir, priced=priced, restore=priced) as sw:
         for file, model in models:
             save_graph(model, out_dir / file)
     return sw, {**sw.to_json(), "precision": precision, "sha256": sha256_file(out_dir / sw.file) if sw.file else None}

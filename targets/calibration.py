@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from ndopt.errors import TargetError
-from targets import Efficiency, TargetSpec
 from targets.calibration_models import BUILDERS, FAMILIES, Built
 from targets.estimator import KINDS, GraphCost, OpArrays, OpCost, graphs_seconds
+from targets.spec import Efficiency, TargetSpec
 from targets.torch_costs import module_graph_cost
 
 COLUMNS = ("model", "builder", "device", "precision", "latency_ms", "source")

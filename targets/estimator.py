@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from targets import PRECISION_BITS, Efficiency, TargetSpec
+from ndopt.precision import PRECISION_BITS
+from targets.spec import Efficiency, TargetSpec
 
 MAC_CLASSES = ("conv", "dwconv", "matmul", "attention")
 KINDS = (*MAC_CLASSES, "norm", "vector")

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ndopt.progress import progress
-from targets import TargetSpec, aihub
+from targets import aihub
 from targets.bundle_files import graph_io
 from targets.lowered import LoweredGraph
+from targets.spec import TargetSpec
 
 
 def profile_on_hub(spec: TargetSpec, out_dir: Path, lowered: Sequence[LoweredGraph],

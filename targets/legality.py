@@ -20,7 +20,6 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from targets import LegalityRules
 from targets.onnx_costs import onnx_tensor_types
 from targets.rewrites import (
     INT64_RESULT_OPS,
@@ -31,6 +30,7 @@ from targets.rewrites import (
     narrow_double,
     reduce_transpose_rank,
 )
+from targets.spec import LegalityRules
 
 log = logging.getLogger("ndopt")
 

@@ -14,10 +14,11 @@ import onnx
 import torch
 
 from ndopt.ir.component import Component
-from targets import TargetSpec
+from ndopt.precision import weight_bytes
 from targets.legality import LegalityReport
-from targets.lowering import GraphPlan, weight_bytes
+from targets.lowering import GraphPlan
 from targets.numerics import NumericsReport
+from targets.spec import TargetSpec
 
 
 @dataclass(frozen=True)

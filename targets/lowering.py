@@ -31,6 +31,7 @@ from torch import nn
 from ndopt.errors import LoweringError
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
+from ndopt.precision import weight_bytes
 from ndopt.ir.spec import CallSignature, TensorSpec
 
 log = logging.getLogger("ndopt")
@@ -170,10 +171,6 @@ def npu_friendly(module: nn.Module) -> Iterator[None]:
         module.set_attention_impl(impl)
 
 
-def weight_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in (*module.parameters(), *module.buffers()))
-
-
 def export_graph(component: Component, plan: GraphPlan, example: dict[str, torch.Tensor], opset: int) -> onnx.ModelProto:
     """The component at one signature as an ONNX model (weights in memory)."""
     entry = _Entry(component, plan)
@@ -208,6 +205,21 @@ def export_graph(component: Component, plan: GraphPlan, example: dict[str, torch
     finally:
         for m, training in modes:
             m.training = training
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS between graphs. Exporting, simplifying and checking a graph
+    allocates and frees its weights several times over (torch's exporter, protobuf, onnxsim,
+    onnxruntime); glibc keeps what was freed in its heap, fragmented, and the next graph's allocations
+    do not fit in it, so at real widths a bundle's lowering grew by a gigabyte or more per graph."""
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _torch_boundary(dtype: str) -> torch.dtype:

@@ -19,8 +19,8 @@ import numpy as np
 import yaml
 
 from ndopt.errors import TargetError
-from targets import TargetSpec
 from targets.calibration import Sample, cross_validate, errors, fit_target, predict
+from targets.spec import TargetSpec
 
 
 @dataclass(frozen=True)

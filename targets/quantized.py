@@ -43,9 +43,9 @@ from onnx import TensorProto, numpy_helper
 from ndopt.errors import LoweringError
 from ndopt.io import TMP_PREFIX
 from ndopt.ir.component import Component
-from targets import LegalityRules
-from targets.lowering import GraphPlan, call_kwargs
+from targets.lowering import GraphPlan, call_kwargs, release_memory
 from targets.numerics import onnxruntime_outputs, torch_reference
+from targets.spec import LegalityRules
 
 ENCODING_VERSION = "1.0.0"
 QDQ_REL_TOL = 1e-2  # |qdq - sim| / range(sim): a few 16-bit steps; accumulation order flips roundings
@@ -154,7 +154,9 @@ def lower_quantized(component: Component, plan: GraphPlan, example: dict[str, to
                                 f"failed: {type(e).__name__}: {e}; rerun aimet_quantization, or lower the float "
                                 "pipeline") from e
         qdq = onnx.load(str(raw))
+    release_memory()  # the export's transient copies (several times the weights at real widths)
     qdq = simplify_qdq(qdq, plan.name)
+    release_memory()
     qdq, report = legalize(qdq, rules, f"{plan.name}.qdq")
     if not report.ok:
         shown = "; ".join(str(v) for v in report.errors[:3])

@@ -70,10 +70,13 @@ def _external(t: TensorProto) -> bool:
 
 @contextmanager
 def shared_external_data(component: str, models: Sequence[tuple[str, onnx.ModelProto]], out_dir: Path,
-                         priced: Collection[str] | None = None) -> Iterator[SharedWeights]:
+                         priced: Collection[str] | None = None,
+                         restore: Collection[str] | None = None) -> Iterator[SharedWeights]:
     """Write `<component>.weights.bin` into `out_dir` and, inside the block, have every model's large
     initializers point into it (save the models inside the block). The models are restored on exit:
-    the lowering cache keeps its in-memory graphs. `models` are (file name, model); the unique
+    the lowering cache keeps its in-memory graphs; `restore` limits that to the models of those files
+    (None: all): the copy kept to put back doubles a component's weights in memory, for graphs nothing
+    reads again (a quantized component's QDQ graphs). `models` are (file name, model); the unique
     elements counted for the estimator are those of the `priced` files (None: all), since a runtime
     loads one form of a quantized component (its QDQ graph or its float graph), not both."""
     counted: set[str] = set()
@@ -106,9 +109,10 @@ def shared_external_data(component: str, models: Sequence[tuple[str, onnx.ModelP
                             info.unique_float_elems += len(data) // _width(t.data_type)
                         else:
                             info.unique_other_bytes += len(data)
-                    original = TensorProto()
-                    original.CopyFrom(t)
-                    saved.append((t, original))
+                    if restore is None or graph in restore:
+                        original = TensorProto()
+                        original.CopyFrom(t)
+                        saved.append((t, original))
                     _point_at(t, name, *offsets[key])
                     info.references += 1
             info.bytes = f.tell()

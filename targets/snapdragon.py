@@ -18,16 +18,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import onnx
 
 from ndopt import threads
 from ndopt.errors import LoweringError
 from ndopt.io import atomic_dir, atomic_write_json
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
+from ndopt.precision import PRECISION_BITS
 from ndopt.progress import progress
-from targets import TargetSpec, aihub, bundle, hub_jobs, uncalibrated_warning
+from targets import aihub, bundle, hub_jobs
 from targets.bundle_files import copy_encodings, graph_io, sha256_file, write_component, write_constants
 from targets.estimator import Estimate, estimate_graph, memory_plan
 from targets.legality import legalize
@@ -39,12 +43,14 @@ from targets.lowering import (
     export_graph,
     npu_friendly,
     plan_graphs,
+    release_memory,
     simplify,
 )
 from targets.numerics import NumericsReport, check_model, check_numerics
 from targets.onnx_costs import load_static_graph, onnx_graph_cost
 from targets.quantized import AIMET_LOG, QuantizedGraph, aimet_log, is_quantized, lower_quantized
 from targets.shared_weights import SharedWeights
+from targets.spec import TargetSpec, specs, uncalibrated_warning
 from targets.torch_costs import torch_graph_cost
 
 log = logging.getLogger("ndopt")
@@ -161,6 +167,7 @@ class SnapdragonTarget:
         with progress(f"lowering for {self.name}", total=len(plans)) as advance:
             for plan in plans:
                 lowered.append(self._lower_graph(pipeline[plan.component], plan))
+                release_memory()
                 advance(plan.name)
         _raise_on_failures(self.name, lowered)
         by_component: dict[str, list[LoweredGraph]] = {}
@@ -176,19 +183,29 @@ class SnapdragonTarget:
         shared: dict[str, SharedWeights] = {}
         quantized: dict[str, QuantizedGraph] = {}
         with atomic_dir(out_dir) as tmp:
+            # a component at a time: the QDQ graph and encodings of each of its graphs (quantized components),
+            # then every graph of it written into its one weights file; the QDQ graphs, written, leave memory
+            # before the next component's are made (at real widths a bundle's QDQ graphs pass 10 GB together)
             with aimet_log(tmp / AIMET_LOG, out_dir / AIMET_LOG):  # one count line per bundle, not per graph
-                for lg in lowered:  # QDQ graph and encodings of every graph of a quantized component
-                    comp = pipeline[lg.plan.component]
+                for name, lgs in by_component.items():
+                    comp = pipeline[name]
                     if is_quantized(comp):
                         with threads.for_module(comp.module):
-                            quantized[lg.plan.name] = lower_quantized(comp, lg.plan, example_inputs(lg.plan),
-                                                                      tmp, self.spec.legality)
-            for name, lgs in by_component.items():  # one weights file per component, shared by all its graphs
-                models = [(f"{lg.plan.name}.onnx", lg.model) for lg in lgs]
-                for q in (quantized[lg.plan.name] for lg in lgs if lg.plan.name in quantized):
-                    models += [(q.qdq, q.qdq_model), (q.encodings_graph, q.encodings_model)]
-                priced = {f"{lg.plan.name}.onnx" for lg in lgs}  # the float graphs: what the estimator prices
-                shared[name], weights[name] = write_component(name, models, tmp, priced, precisions[name])
+                            for lg in lgs:
+                                quantized[lg.plan.name] = lower_quantized(comp, lg.plan, example_inputs(lg.plan),
+                                                                          tmp, self.spec.legality)
+                                release_memory()
+                    models = [(f"{lg.plan.name}.onnx", lg.model) for lg in lgs]
+                    for q in (quantized[lg.plan.name] for lg in lgs if lg.plan.name in quantized):
+                        models += [(q.qdq, q.qdq_model), (q.encodings_graph, q.encodings_model)]
+                    priced = {f"{lg.plan.name}.onnx" for lg in lgs}  # the float graphs: what the estimator prices
+                    shared[name], weights[name] = write_component(name, models, tmp, priced, precisions[name])
+                    for lg in lgs:
+                        if lg.plan.name in quantized:
+                            quantized[lg.plan.name] = replace(quantized[lg.plan.name], qdq_model=onnx.ModelProto(),
+                                                              encodings_model=onnx.ModelProto())
+                    del models
+                    release_memory()
             for lg in lowered:
                 comp = pipeline[lg.plan.component]
                 prec = precisions[comp.name]
@@ -270,7 +287,9 @@ class SnapdragonTarget:
             component = component.with_module(reference)
         with threads.for_module(component.module):
             model = export_graph(component, plan, example, self.spec.opset)
+            release_memory()  # the exporter's transient copies of the weights
             model, simplified = simplify(model, plan.name)
+            release_memory()
             model, report = legalize(model, self.spec.legality, plan.name)
             if report.ok:
                 check_model(model, plan.name)
@@ -283,8 +302,6 @@ class SnapdragonTarget:
 
     def _video_estimate(self, pipeline: Pipeline, lowered: list[LoweredGraph], estimates: dict[str, dict[str, Any]],
                         precisions: dict[str, str], shared: dict[str, SharedWeights]) -> dict[str, Any]:
-        from targets import PRECISION_BITS
-
         comps: dict[str, dict[str, Any]] = {}
         for lg in lowered:
             e = estimates[lg.plan.name]
@@ -315,8 +332,6 @@ class SnapdragonTarget:
                 "graphs": estimates, "memory_plan": plan}
 
     def _target_json(self, precision: str) -> dict[str, Any]:
-        from targets import specs
-
         s = self.spec
         out = {"name": s.name, "hexagon_arch": s.hexagon_arch, "ai_hub_devices": s.ai_hub_devices,
                "aimet_config": s.aimet_config, "precision": precision, "default_precision": s.default_precision,
@@ -375,8 +390,6 @@ def _state_bytes(pipeline: Pipeline, precisions: Iterable[str]) -> float:
     """What lives across phases: the latents of the whole video (noise and generated frames), the
     text encoders' outputs at the widest activation width of the components' precisions, and the
     finished frames (8-bit RGB) of a pipeline that upscales frame by frame."""
-    from targets import PRECISION_BITS
-
     abits = max((PRECISION_BITS[p][1] for p in precisions), default=16)
     total, frames = 0, 0
     for sig in pipeline.call_plan():

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ndopt.precision import weight_bytes
 from ndopt.ir.spec import Port
 
 # The paper's nouns (STYLE.md rule 3): recipes, passes and reports use these roles.
@@ -21,6 +22,10 @@ ROLES = (
     "super_resolution",
     "image_model",  # the hybrid pipeline's first-frame image model (its text encoders, UNet and decoder)
 )
+# Every role can be quantized (aimet_quantization's `components`); by default the pass takes these,
+# and the VAE encoder only where the call plan calls it (the hybrid pipeline's first frame).
+QUANTIZED_WHEN_CALLED = ("vae_encoder",)
+QUANTIZED_BY_DEFAULT = tuple(r for r in ROLES if r not in QUANTIZED_WHEN_CALLED)
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,8 @@ class Component:
         return sum(p.numel() for p in self.module.parameters())
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+        """Bytes of the module's parameters at their dtypes (buffers are not weights here)."""
+        return weight_bytes(self.module, buffers=False)
 
     @property
     def device(self) -> torch.device:

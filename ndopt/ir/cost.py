@@ -17,6 +17,7 @@ totals equal an unmemoized run (a test checks it); the plan of the real model ta
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -228,6 +229,18 @@ class _BlockMemo:
 _MEMO_OP = torch.ops.aten.mm.default  # memoized FLOPs are filed under mm (they are matmul FLOPs, mostly)
 
 
+def _forget(costs: weakref.ref, ident: int) -> None:
+    """A module `CostModel._watch` watched is gone: its entries go with it (if the CostModel still lives)."""
+    model = costs()
+    if model is None:
+        return
+    model._watched.discard(ident)
+    model._needs_fake.discard(ident)
+    model._structure.pop(ident, None)
+    for key in [k for k in model._cache if k[0] == ident]:
+        del model._cache[key]
+
+
 class CostModel:
     """Runs components at call signatures for shapes, counting FLOPs and bytes; caches results.
 
@@ -240,7 +253,7 @@ class CostModel:
         self._cache: dict[tuple[int, Any], ShapeRun] = {}
         self._needs_fake: set[int] = set()
         self._structure: dict[int, str] = {}  # module id -> structure digest (the on-disk shape cache's key)
-        self._alive: list[nn.Module] = []  # keep cached modules alive so ids stay unique
+        self._watched: set[int] = set()  # ids of the modules whose entries _forget drops when they die
 
     def run(self, component: Component, sig: CallSignature) -> ShapeRun:
         ref = getattr(component.module, "cost_reference", None)  # a wrapper costed as the module it wraps
@@ -253,7 +266,7 @@ class CostModel:
             hit = _from_json(disk_cache.load_json("shapes", disk_key))
             if hit is not None:
                 self._cache[key] = hit
-                self._alive.append(component.module)
+                self._watch(component.module)
         if key not in self._cache:
             cheap = component.device.type == "meta" or (real_run_ok(component)
                                                          and sig.input_bytes() <= REAL_RUN_MAX_INPUT_BYTES)
@@ -264,10 +277,18 @@ class CostModel:
                     self._needs_fake.add(id(component.module))
             if key not in self._cache:
                 self._cache[key] = self._run(component, sig, fake=True)
-            self._alive.append(component.module)
+            self._watch(component.module)
             if disk_key is not None:
                 disk_cache.store_json("shapes", disk_key, _to_json(self._cache[key]))
         return self._cache[key]
+
+    def _watch(self, module: nn.Module) -> None:
+        """Drop a module's entries when it is collected, so a new module reusing its id is not answered
+        from them. The cache must not keep modules alive: a run costs the pipeline after every pass, and
+        every component a pass replaced (the teacher DiT, T5-XXL) would stay in memory to the end."""
+        if id(module) not in self._watched:
+            self._watched.add(id(module))
+            weakref.finalize(module, _forget, weakref.ref(self), id(module))
 
     def _run(self, component: Component, sig: CallSignature, fake: bool) -> ShapeRun:
         sized = contextlib.nullcontext() if fake or component.device.type == "meta" else threads.for_module(component.module)
@@ -306,7 +327,7 @@ class CostModel:
 def _disk_key(component: Component, call: tuple, memoize: bool, structure: dict[int, str]) -> str:
     """A meta component's shape run depends only on the module's structure (types, plain attributes,
     tensor shapes and dtypes: no values exist on meta), the call and the code (disk_cache.code_version).
-    `structure` memoizes the module's part by module identity (the caller keeps the modules alive)."""
+    `structure` memoizes the module's part by module identity (the caller forgets a module that dies)."""
     import hashlib
 
     sid = structure.get(id(component.module))

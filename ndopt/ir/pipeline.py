@@ -1,7 +1,8 @@
 """The Pipeline: named components, a typed data-flow graph, a Schedule, and provenance.
 
 A Pipeline is immutable: passes return new pipelines with `replace`, which shares every component
-it does not swap. The data-flow graph is a `networkx.DiGraph` whose nodes are the input sources
+it does not swap; `frontend` names the model frontend that built it, whose interface passes ask
+(`ndopt.model.interface_for`). The data-flow graph is a `networkx.DiGraph` whose nodes are the input sources
 (`prompt`, `image`), the components and the `video` sink; each edge carries the port pairs it
 connects, and every port has a TensorSpec (the verifier checks both ends agree).
 """
@@ -19,6 +20,7 @@ import torch
 from ndopt.ir.component import Component
 from ndopt.ir.schedule import Schedule
 from ndopt.ir.spec import CallSignature, Port
+from ndopt.model import DEFAULT_FRONTEND
 
 SINK = "video"
 
@@ -64,6 +66,7 @@ class Pipeline:
     provenance: tuple[AppliedPass, ...] = ()
     facts: frozenset[str] = frozenset()
     analyses: Mapping[str, Any] = field(default_factory=dict)
+    frontend: str = DEFAULT_FRONTEND  # the model frontend that built it (ndopt.model.interface_for)
 
     # ---- construction -------------------------------------------------------------------
     @staticmethod

@@ -18,12 +18,13 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from torch import Tensor, nn
 
 from ndopt.errors import NdoptError
@@ -330,6 +331,41 @@ def read_clip(path: Path, frames: int, height: int, width: int) -> Tensor:
     return x.permute(1, 0, 2, 3).contiguous().clamp(-1, 1)
 
 
+# ---- which clips a fine-tune reads (a pass config's `data`) ------------------------------------
+class DataConfig(BaseModel):
+    """Fine-tuning clips: procedural captioned videos, or a folder with captions.jsonl.
+
+    The recipe-facing fields of the fine-tuning passes' `data`; the seed of procedural clips is the
+    run's (`seeded(ctx.seed)`), never a recipe field, so one recipe draws the same clips per seed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field("procedural", description="`procedural`, or a folder holding captions.jsonl and its videos")
+    clips: int = Field(512, ge=1, description="clips encoded once through the pipeline's VAE encoder")
+    frames: int = Field(9, description="frames per clip (1 + 8k, the causal VAE's clip lengths)")
+    height: int = Field(64, description="clip height in pixels")
+    width: int = Field(64, description="clip width in pixels")
+    _seed: int = PrivateAttr(0)
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    def seeded(self, seed: int) -> DataConfig:
+        """This config drawing procedural clips from `seed` (a pass gives its context's seed)."""
+        out = self.model_copy()
+        out._seed = int(seed)
+        return out
+
+    def dataset(self) -> tuple[ProceduralVideos | FolderVideos, str]:
+        """The clip dataset this config names, and its latent-cache name."""
+        if self.source == "procedural":
+            pc = ProceduralConfig(frames=self.frames, height=self.height, width=self.width)
+            return ProceduralVideos(pc, seed=self.seed + 7), f"procedural-{pc.fingerprint()}-s{self.seed}"
+        ds = FolderVideos(self.source, frames=self.frames, height=self.height, width=self.width)
+        return ds, Path(self.source).name or "folder"
+
+
 # ---- latents cached through the VAE encoder --------------------------------------------------
 def module_fingerprint(module: nn.Module) -> str:
     """A short hash of a module's weights (cache key: a retrained encoder invalidates the cache)."""
@@ -353,6 +389,7 @@ class LatentCache:
     size: int | None = None
     batch_size: int = 32
     name: str = "data"
+    normalize: Callable[[Tensor], Tensor] | None = None  # the frontend's (default: the default one's)
     _latents: Tensor | None = field(default=None, init=False, repr=False)
     _captions: list[str] = field(default_factory=list, init=False, repr=False)
 
@@ -366,8 +403,8 @@ class LatentCache:
     def load(self, progress: Any = None) -> LatentCache:
         from safetensors.torch import load_file, save_file
 
-        from ndopt.frontends.pyramid_flow.vae import normalize_latents
         from ndopt.io import atomic_path
+        from ndopt.model import sampler_math
 
         if self._latents is not None:
             return self
@@ -384,7 +421,8 @@ class LatentCache:
             for start in range(0, self.size, self.batch_size):
                 items = [self.dataset[i] for i in range(start, min(start + self.batch_size, self.size))]
                 video = torch.stack([e.video for e in items]).to(device)
-                chunks.append(normalize_latents(self.encoder(video).float()).cpu())
+                norm = self.normalize or sampler_math().normalize_latents
+                chunks.append(norm(self.encoder(video).float()).cpu())
                 captions += [e.caption for e in items]
                 if progress is not None:
                     progress(f"encoded {len(captions)}/{self.size}")

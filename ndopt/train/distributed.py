@@ -73,16 +73,18 @@ def choose_strategy(module: nn.Module, strategy: str, env: DistEnv, fsdp_min_par
 
 
 def _repeated_blocks(module: nn.Module) -> list[nn.Module]:
-    """Members of ModuleLists (transformer blocks, T5 layers): FSDP's natural sharding units."""
+    """Members of ModuleLists of one repeated class (transformer blocks, T5 or CLIP layers): FSDP's
+    natural sharding units. A list of mixed parts (an attention's `to_out = [Linear, Dropout]`) is no
+    stack of blocks: sharding its Linear alone only adds a unit (and FSDP warns of its view outputs)."""
     out = []
     for m in module.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 1:
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(b) for b in m}) == 1:
             out.extend(m)
     return out
 
 
 def wrap(module: nn.Module, strategy: str, env: DistEnv, device: torch.device) -> nn.Module:
-    """The callable the objective uses: the module itself, DDP(module), or the module sharded in place."""
+    """The callable the objective uses: the module itself, DDP(module), or a sharded copy (FSDP)."""
     if strategy == "none":
         return module
     if strategy == "ddp":
@@ -91,9 +93,14 @@ def wrap(module: nn.Module, strategy: str, env: DistEnv, device: torch.device) -
         ids = [device.index if device.index is not None else env.local_rank] if device.type == "cuda" else None
         return DDP(module, device_ids=ids, broadcast_buffers=False)
     if strategy == "fsdp":
+        import copy
+
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # fully_shard turns a module's parameters into DTensors in place, for good: shard a copy, and
+        # the caller's module takes the trained weights back at the end (gather_into)
+        module = copy.deepcopy(module)
         mesh = init_device_mesh(device.type, (env.world,))
         for block in _repeated_blocks(module):
             if any(p.requires_grad for p in block.parameters()):
@@ -101,6 +108,15 @@ def wrap(module: nn.Module, strategy: str, env: DistEnv, device: torch.device) -
         fully_shard(module, mesh=mesh)
         return module
     raise ValueError(f"unknown distributed strategy {strategy!r}: none, ddp, fsdp or auto")
+
+
+def gather_into(module: nn.Module, sharded: nn.Module) -> None:
+    """Load an FSDP-sharded copy's full weights into the plain module it was made from (a collective:
+    every process calls it, and every process's `module` ends with the same full weights)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    module.load_state_dict(full)
 
 
 @contextlib.contextmanager

@@ -21,12 +21,13 @@ resumed from its checkpoint at step k ends bit-identical to an uninterrupted one
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import logging
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +90,27 @@ class TrainConfig:
             p = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
             return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
         return 1.0
+
+
+_OVERRIDES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("ndopt_train_overrides",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def overrides(**values: Any) -> Iterator[None]:
+    """TrainConfig fields that every Trainer built inside takes over the config it is given: how a
+    launcher changes how a pass trains (`strategy="fsdp"`, `precision="bf16"`) without the pass's code
+    or its recipe knowing (python -m ndopt.train.smoke)."""
+    known = {f.name for f in fields(TrainConfig)}
+    bad = sorted(set(values) - known)
+    if bad:
+        raise NdoptError(f"training overrides {bad} are not TrainConfig fields; choose from {sorted(known)}")
+    replace(TrainConfig(), **values)  # checked now, not at the first Trainer
+    token = _OVERRIDES.set({**(_OVERRIDES.get() or {}), **values})
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
 
 
 @dataclass(frozen=True)
@@ -155,7 +177,7 @@ class Trainer:
         if needed:
             raise NdoptError(f"Trainer: the objective uses {needed}, which are neither trainable nor frozen")
         self.trainable, self.frozen = dict(trainable), frozen
-        self.objective, self.data, self.config = objective, data, config
+        self.objective, self.data, self.config = objective, data, replace(config, **(_OVERRIDES.get() or {}))
         self.run_dir = Path(run_dir)
         first = next(iter(self.trainable.values()))
         self.device = torch.device(device) if device is not None else next(first.parameters()).device
@@ -281,6 +303,9 @@ class Trainer:
         if self._fsdp and cfg.ema_decay:
             raise NdoptError("TrainConfig.ema_decay with FSDP is not supported: train without EMA or use DDP")
         wrapped = {n: D.wrap(m, strategies[n], env, self.device) for n, m in self.trainable.items()}
+        # FSDP trains a sharded copy; the caller's modules get its full weights back when fit ends (_unshard)
+        self._owners = dict(self.trainable)
+        self.trainable = {n: wrapped[n] if strategies[n] == "fsdp" else m for n, m in self.trainable.items()}
         self._container = nn.ModuleDict(self.trainable)
         modules = _Modules({**wrapped, **self.frozen}, {**self.trainable, **self.frozen})
 
@@ -311,6 +336,7 @@ class Trainer:
                 m.eval().requires_grad_(False)
             if ema is not None:
                 self._apply_ema(ema)
+            self._unshard()
             D.shutdown(env)
             return TrainResult(start, resumed, history, history[-1] if history else {}, ckpt,
                                time.perf_counter() - t0)
@@ -384,9 +410,18 @@ class Trainer:
             self._apply_ema(ema)
         if env.is_main:
             plot_history(self.run_dir / "loss.png", history, self.name)
+        self._unshard()
         D.shutdown(env)
         return TrainResult(cfg.steps, resumed, history, history[-1] if history else {}, last_path,
                            time.perf_counter() - t0)
+
+    def _unshard(self) -> None:
+        """Put the FSDP copies' trained weights into the caller's modules (every process gets them all)."""
+        if self._fsdp:
+            for n, m in self._owners.items():
+                D.gather_into(m, self.trainable[n])
+                m.eval().requires_grad_(False)
+        self.trainable = self._owners
 
     @torch.no_grad()
     def _update_ema(self, ema: dict[str, torch.Tensor], decay: float) -> None:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ndopt.errors import PassError
 from ndopt.ir.pipeline import Pipeline
-from ndopt.train.data import FolderVideos, LatentCache, ProceduralConfig, ProceduralVideos
+from ndopt.train.data import DataConfig, LatentCache, ProceduralVideos
 from ndopt.train.engine import TrainConfig, Trainer, TrainResult
 from ndopt.train.objectives import (
     Distillation,
@@ -34,42 +34,29 @@ from ndopt.train.objectives import (
 log = logging.getLogger("ndopt")
 
 
-@dataclass(frozen=True)
-class DataSpec:
-    """Where fine-tuning clips come from: `procedural` or a folder with captions.jsonl."""
-
-    source: str = "procedural"
-    clips: int = 512
-    frames: int = 9
-    height: int = 64
-    width: int = 64
-    seed: int = 0
-
-
-def _clip_source(data: DataSpec) -> tuple[ProceduralVideos | FolderVideos, str]:
-    """The clip dataset the spec names, and its latent-cache name."""
-    if data.source == "procedural":
-        pc = ProceduralConfig(frames=data.frames, height=data.height, width=data.width)
-        return ProceduralVideos(pc, seed=data.seed + 7), f"procedural-{pc.fingerprint()}-s{data.seed}"
-    ds = FolderVideos(data.source, frames=data.frames, height=data.height, width=data.width)
-    return ds, Path(data.source).name or "folder"
-
-
-def training_latents(pipeline: Pipeline, data: DataSpec, cache_dir: Path) -> LatentCache:
+def training_latents(pipeline: Pipeline, data: DataConfig, cache_dir: Path) -> LatentCache:
+    """The config's clips encoded once through the pipeline's VAE encoder (`data.seeded(seed)` draws
+    procedural clips from that seed)."""
     enc = pipeline.components.get("vae_encoder")
     if enc is None:
         raise PassError("fine-tuning on data needs the pipeline's vae_encoder to encode clips: run this pass "
                         "before dead_component_elimination (or keep vae_encoder there)")
-    ds, name = _clip_source(data)
+    ds, name = data.dataset()
     from ndopt import cache
 
     # procedural clips are a function of their config and seed (both in `name`): encoded once per
     # machine, not once per run directory; a folder's clips can change under the same name
     shared = cache.shared_dir("latents") if data.source == "procedural" else None
-    return LatentCache(ds, enc.module, shared or cache_dir, size=data.clips, name=name).load()
+    from ndopt.model import DEFAULT_FRONTEND, sampler_math
+
+    # the frontend's own latent normalisation (its first-frame constants differ); named in the cache
+    if pipeline.frontend != DEFAULT_FRONTEND:
+        name = f"{name}-{pipeline.frontend}"
+    return LatentCache(ds, enc.module, shared or cache_dir, size=data.clips, name=name,
+                       normalize=sampler_math(pipeline).normalize_latents).load()
 
 
-def training_captions(data: DataSpec, n: int, *, held_out: bool = False) -> list[str]:
+def training_captions(data: DataConfig, n: int, *, held_out: bool = False) -> list[str]:
     """The first `n` captions of the clip source, without rendering or reading any video: procedural
     data draws scenes 0..n-1 (its first `clips` are the captions of `training_latents`, the rest new
     scenes of the same distribution); a folder repeats its captions in order once they run out.
@@ -77,7 +64,7 @@ def training_captions(data: DataSpec, n: int, *, held_out: bool = False) -> list
     `held_out`: procedural scenes over every (colour, shape) pair of the vocabulary, the pairs the
     data holds out of training included (prompts only: no clip of them is rendered). For distillation
     onto a teacher's samples, whose prompts are the teacher's whole prompt space, not its training set."""
-    ds, _ = _clip_source(data)
+    ds, _ = data.dataset()
     if isinstance(ds, ProceduralVideos):
         if held_out:
             ds = ProceduralVideos(replace(ds.config, held_out=()), seed=ds.seed)
@@ -102,13 +89,20 @@ def distill_dit(teacher: Pipeline, student: Pipeline, data: LatentCache, *, step
                 feature_weight: float = 1.0, seed: int = 0, device: torch.device | None = None,
                 **train_kw) -> TrainResult:
     """Stage 1: the student DiT matches the teacher DiT's velocity (and paired block outputs)."""
+    from ndopt.model import interface_for
+
     te = PromptEncoder(teacher.by_role("text_encoder")[0].module, text_len_for(teacher, data.captions))
+    student_dit, teacher_dit = student.by_role("dit")[0].module, teacher.by_role("dit")[0].module
+    if feature_pairs:  # block indices -> module paths, as the model's frontend names its blocks
+        model = interface_for(teacher)
+        s_names = [b.name for b in model.blocks(student_dit)]
+        t_names = [b.name for b in model.blocks(teacher_dit)]
     objective = Distillation(
         student="dit", teacher="teacher", inputs=pyramid_distillation_inputs(teacher.schedule),
         feature_weight=feature_weight if feature_pairs else 0.0,
-        features=tuple((f"transformer_blocks.{s}", f"transformer_blocks.{t}") for s, t in feature_pairs))
-    return Trainer(trainable={"dit": student.by_role("dit")[0].module},
-                   frozen={"teacher": teacher.by_role("dit")[0].module, "text_encoder": te},
+        features=tuple((s_names[s], t_names[t]) for s, t in feature_pairs))
+    return Trainer(trainable={"dit": student_dit},
+                   frozen={"teacher": teacher_dit, "text_encoder": te},
                    objective=objective, data=data, config=_config(steps, lr, batch_size, seed, **train_kw),
                    run_dir=run_dir, device=device, name="distill").fit()
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ndopt.errors import NdoptError
-from ndopt.frontends.pyramid_flow.sampler import history_clips
 from ndopt.ir.schedule import Schedule, Stage
+from ndopt.model import sampler_math
 from ndopt.train.data import Batch
 
 TRAIN_STEPS = 1000  # upstream: 1000 training points per stage
@@ -167,6 +167,7 @@ def pyramid_flow_inputs(latents: Tensor, batch: Batch, schedule: Schedule, info:
         raise NdoptError(f"latents {h}x{w}: {n_stages} pyramid stages need multiples of {need}")
     fpu = schedule.temporal.frame_per_unit
     n_units = 1 + (t_lat - 1) // fpu if units is None else units
+    history_clips = sampler_math().history_clips  # the pyramidal family's temporal history (upstream's)
     pyramid = latent_pyramid(latents, n_stages)
     stage_of = stage_of or (lambda idx: idx % n_stages)
     gens = batch.generators()

@@ -3,7 +3,8 @@
 Each decoded frame is split into background (pixels close to the median border colour) and
 foreground; every foreground pixel votes for its nearest palette colour, and the winner is the
 shape's colour. A sample follows its prompt when that colour is the caption's. This is the
-held-out check of the trained tiny teacher and a cheap semantic figure for any tiny pipeline.
+held-out check of the trained tiny teacher and a cheap semantic figure for any tiny pipeline
+(`ndopt.train.teacher_eval` runs it with the teacher's own settings on pipelines derived from it).
 """
 
 from __future__ import annotations
@@ -70,21 +71,3 @@ def prompt_following(pipeline: Pipeline, scenes: Sequence[SceneSpec], *, seed: i
                 results.append((s.caption, s.colour, shape_colour(v[:, 0], config.colours)))
     hits = sum(1 for _, want, got in results if want == got)
     return PromptFollowing(hits / max(1, len(results)), len(results), tuple(results))
-
-
-def teacher_prompt_following(pipeline: Pipeline, n: int = 16, *, steps: tuple[int, int, int] | str | None = "eval",
-                             **kw) -> PromptFollowing:
-    """The tiny teacher's own held-out check on any pipeline derived from it: the teacher recipe's data
-    distribution (backgrounds, sizes), held-out scenes, evaluation steps and seed. `steps=None` keeps
-    the pipeline's schedule (a distilled student's)."""
-    from ndopt.train.teacher import load_config  # the teacher imports this module
-
-    cfg = load_config()
-    data = cfg.procedural()
-    kw.setdefault("seed", cfg.eval.seed)
-    return prompt_following(pipeline, held_out_scenes(n, data), steps=tuple(cfg.eval.steps) if steps == "eval" else steps,
-                            config=data, **kw)
-
-
-#: the bar of the tiny teacher's test (issue: trained tiny teacher), kept by every pipeline derived from it
-PROMPT_FOLLOWING_BAR = 0.6

@@ -12,8 +12,8 @@ an interruption and it carries on where it stopped):
    on the pool, with 10% of captions dropped for classifier-free guidance, and an EMA of weights.
 
 Then the pipeline is checked for prompt following on held-out (colour, shape) pairs, and its
-weights are written with `presets.save_bundled` to `<out>/pyramid-flow-tiny.safetensors` (and,
-with `--install`, to the package's `weights/`, where the tiny preset loads them by default).
+weights are written by its frontend (`save_weights`) to `<out>/pyramid-flow-tiny.safetensors` (and,
+with `--install`, as the preset's bundled weights, which the tiny preset loads by default).
 """
 
 from __future__ import annotations
@@ -118,21 +118,11 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> TeacherConfig:
 
 
 def fresh_pipeline(seed: int) -> Pipeline:
-    """The tiny preset's modules with upstream's initialisation (never the bundled weights)."""
-    from ndopt.frontends.pyramid_flow import dit as dit_mod
-    from ndopt.frontends.pyramid_flow import text as text_mod
-    from ndopt.frontends.pyramid_flow import vae as vae_mod
-    from ndopt.frontends.pyramid_flow.presets import assemble, preset_specs
+    """The tiny preset's modules with upstream's initialisation (never the bundled weights), from its
+    frontend (`ModelInterface.untrained`)."""
+    from ndopt.model import frontend_of
 
-    spec = preset_specs()[PRESET]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text = text_mod.SD3TextEncoder(spec.text, text_mod.tiny_tokenizers())
-        dit = dit_mod.PyramidMMDiT(spec.dit)
-        vae = vae_mod.CausalVideoVAE(spec.vae)
-    for m in (text, dit, vae):
-        m.eval().requires_grad_(False)
-    return assemble(PRESET, text, dit, vae, spec)
+    return frontend_of(PRESET).require("untrained", user="the teacher trainer").untrained(PRESET, seed)
 
 
 def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, device: str = "cpu",
@@ -193,7 +183,7 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ndopt.frontends.pyramid_flow.presets import save_bundled
+    from ndopt.model import frontend_of
     from ndopt.train.engine import add_script_options, start_script
 
     ap = argparse.ArgumentParser(prog="python -m ndopt.train.teacher", description=__doc__.split("\n\n")[0])
@@ -206,14 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     start_script(args)
     pipe, _report = train_teacher(load_config(args.config), args.out, scale=args.scale, device=args.device)
     pipe = pipe.replace()  # modules are back in eval mode; save from CPU
-    weights = args.out / f"{PRESET}.safetensors"
-    save_bundled(weights, _to_cpu(pipe))
+    iface = frontend_of(PRESET).require("save_weights", user="the teacher trainer")
+    weights = iface.save_weights(_to_cpu(pipe), args.out / f"{PRESET}.safetensors")
     log.info("teacher: weights %s (%.1f MB)", weights, weights.stat().st_size / 1e6)
     if args.install:
-        from ndopt.io import package_weights
-
-        target = package_weights("ndopt.frontends.pyramid_flow", f"{PRESET}.safetensors")
-        save_bundled(target, _to_cpu(pipe))
+        target = iface.save_weights(_to_cpu(pipe))
         log.info("teacher: installed as the tiny preset's weights: %s", target)
     return 0
 

@@ -328,7 +328,7 @@ def test_dit_config_json_round_trips_without_warnings(ndopt_log):
 def test_a_dit_upstream_would_override_is_not_saved_in_its_layout(tiny):
     import copy
 
-    from ndopt.saved_upstream import upstream_dit_reason
+    from ndopt.frontends.pyramid_flow.saved_upstream import upstream_dit_reason
 
     dit = copy.copy(tiny["dit"].module)
     dit.config = replace(dit.config, use_temporal_causal=False)

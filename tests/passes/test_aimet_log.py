@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from passes import aimet_support as aq
+from passes._aimet import support as aq
 from targets.quantized import aimet_log
 
 MULTIPLE = ("Multiple input ops exist, traversal to find closest producer is performed based on the "

@@ -21,8 +21,8 @@ from ndopt.errors import PassError
 from ndopt.frontends import load_model
 from ndopt.frontends.pyramid_flow.dit import PyramidMMDiT
 from ndopt.passmanager import PassContext, PassManager
+from passes._aimet.sim import QuantizedComponent, onnx_matches_sim, record_calls
 from passes.aimet_quantization import AimetQuantization
-from passes.aimet_sim import QuantizedComponent, onnx_matches_sim, record_calls
 
 
 def _teacher_captions(n: int, seed: int) -> list[str]:
@@ -182,7 +182,7 @@ def test_w4_sequential_mse_searches_the_weight_encodings(tiny, w4, tmp_path):
     on the recorded calls, instead of min/max. Measured on the teacher (DiT only, 8 prompts at 6-6-6):
     latent PSNR 30.6 -> 31.5 dB. Here a short calibration: it ran, the scales moved, the floor holds.
     The min/max scales are the w4 fixture's DiT's: without seq_mse, weight encodings are the weights'
-    min/max whatever the calibration (`aimet_support.frozen_weight_encodings`), so a second W4 run
+    min/max whatever the calibration (`passes._aimet.support.frozen_weight_encodings`), so a second W4 run
     without it would give the same ones; proj_out, which w4 keeps at 16 bits, is left out."""
     cal = {**CALIBRATION, "prompts": CALIBRATION["prompts"][:2], "steps": [1, 1, 1]}
     cfg = _config(precision="w4a16", components=["dit"], seq_mse=True, seq_mse_candidates=5, calibration=cal)
@@ -221,7 +221,7 @@ def test_plan_real_size_after_pruning_to_18_blocks(tmp_path):
 def test_w8a16_still_follows_prompts(tiny, w8):
     """The trained tiny teacher's held-out prompt-following test passes on the W8A16 pipeline, and
     quantization costs at most two of its sixteen captions."""
-    from ndopt.train.prompt_following import PROMPT_FOLLOWING_BAR, teacher_prompt_following
+    from ndopt.train.teacher_eval import PROMPT_FOLLOWING_BAR, teacher_prompt_following
 
     float_rate = teacher_prompt_following(_small(tiny)).rate
     quant = teacher_prompt_following(w8[0])
@@ -271,12 +271,12 @@ def test_the_htp_config_comes_from_the_target(tmp_path, caplog):
 
 
 def test_saved_state_lists_lost_encodings(w8):
-    """passes.aimet_state: the quantizer state of a sim round-trips through its flat (safetensors) form,
+    """passes._aimet.state: the quantizer state of a sim round-trips through its flat (safetensors) form,
     and a file lacking an encoding of the rebuilt sim is refused naming it (float weights, which the
     file never holds, are not asked for)."""
     from ndopt.errors import CheckpointError
-    from passes.aimet_sim import flat_tensors
-    from passes.aimet_state import check_complete, nested_quantizer_state
+    from passes._aimet.sim import flat_tensors
+    from passes._aimet.state import check_complete, nested_quantizer_state
 
     qc = w8[0]["dit"].module
     state = dict(qc.quantizer_state)

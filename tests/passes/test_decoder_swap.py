@@ -113,7 +113,7 @@ def test_swapped_decoder_still_follows_prompts(tiny, tmp_path):
     19.8 vs 19.0 dB) and the teacher's held-out prompt-following test passes with it (measured 11/16;
     the native decoder 13/16; after 300 steps the tiny decoder's hues are still off: 2/16)."""
     from ndopt import threads
-    from ndopt.train.prompt_following import PROMPT_FOLLOWING_BAR, teacher_prompt_following
+    from ndopt.train.teacher_eval import PROMPT_FOLLOWING_BAR, teacher_prompt_following
 
     # one thread, fixed: the trained decoder (and so the figure) moves with the thread count
     # (measured: 11/16 on one thread, 10/16 on two)

@@ -11,8 +11,9 @@ from ndopt.errors import PassError
 from ndopt.frontends.pyramid_flow.dt5 import VARIANTS, DistilledTextEncoder, ExtendedContextAdapter
 from ndopt.ir.cost import CostModel
 from ndopt.ir.verify import verify_structure
+from ndopt.model import interface_for
 from ndopt.passmanager import PassContext, PassManager
-from passes.encoder_substitution import EncoderSubstitution, drop_context_embedder, probe_latent_psnr
+from passes.encoder_substitution import EncoderSubstitution, probe_latent_psnr
 
 UNTRAINED = {"dt5_steps": 0, "adapter_steps": 0, "probe": False}
 # Budgets stated for the tiny preset (seeded, few steps): the student's context embeddings point
@@ -64,7 +65,7 @@ def test_numerics_within_budget(tiny, trained):
     assert m["latent_psnr"] >= LATENT_PSNR_BUDGET, m
     # floor: the same DiT with its text path cut (constant context) -> the student must carry the prompt
     dit = tiny["dit"]
-    mute = drop_context_embedder(dit.module)
+    mute = interface_for(tiny).without_context_embedder(dit.module)
     mute.context_embedder = nn.Linear(dit.module.context_embedder.in_features, dit.module.config.inner_dim)
     nn.init.zeros_(mute.context_embedder.weight)
     nn.init.zeros_(mute.context_embedder.bias)
@@ -75,7 +76,7 @@ def test_numerics_within_budget(tiny, trained):
 @pytest.mark.slow
 def test_swapped_pipeline_still_follows_prompts(tiny, trained):
     """The tiny teacher's held-out prompt-following test passes with DT5 + adapter as the text encoder."""
-    from ndopt.train.prompt_following import PROMPT_FOLLOWING_BAR, teacher_prompt_following
+    from ndopt.train.teacher_eval import PROMPT_FOLLOWING_BAR, teacher_prompt_following
 
     res, _ = trained
     got = teacher_prompt_following(res.pipeline)

@@ -15,9 +15,9 @@ from torch import nn
 
 from ndopt.cli import main
 from ndopt.target import available_targets, get_target
-from targets import specs
 from targets.estimator import estimate_graph
 from targets.onnx_costs import load_static_graph, onnx_graph_cost
+from targets.spec import specs
 
 
 def _chip(tmp_path, calibrated: bool) -> str:

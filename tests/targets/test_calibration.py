@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from ndopt.errors import TargetError
-from targets import Efficiency, specs
 from targets.calibration import BUILDERS, errors, fit, load_features, predict, read_tsv
 from targets.estimator import GraphCost, OpCost
+from targets.spec import Efficiency, specs
 
 
 def test_the_table_lists_40_models_of_many_families_with_sources():

@@ -15,10 +15,11 @@ from click.testing import CliRunner
 from ndopt.cli import main
 from ndopt.errors import TargetError
 from ndopt.ir.cost import CostModel
-from targets import Efficiency, registry, specs
+from targets import registry
 from targets.estimator import GraphCost, OpCost, estimate_graph, memory_plan
 from targets.lowering import npu_friendly, plan_graphs
 from targets.onnx_costs import onnx_graph_cost
+from targets.spec import Efficiency, specs
 from targets.torch_costs import module_graph_cost, torch_graph_cost
 
 S8, SX = specs()["snapdragon-8-elite"], specs()["snapdragon-x-elite"]

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from ndopt.errors import LoweringError
-from targets import LegalityRules, specs
 from targets.legality import LegalityReport, Violation, check, legalize
 from targets.lowering import simplify
 from targets.numerics import onnxruntime_outputs
 from targets.rewrites import _transpose_steps
+from targets.spec import LegalityRules, specs
 
 RULES = specs()["snapdragon-8-elite"].legality
 

@@ -13,11 +13,12 @@ import torch
 from conftest import TARGETS, bundle_files
 
 from ndopt.errors import LoweringError
-from targets import registry, specs
+from targets import registry
 from targets.bundle import graph_calls
 from targets.legality import check
 from targets.lowering import EXTERNAL_DATA_BYTES, example_inputs, plan_graphs, save_model
 from targets.numerics import ATOL, RTOL, compare, onnxruntime_outputs, torch_reference
+from targets.spec import specs
 
 
 @pytest.mark.slow

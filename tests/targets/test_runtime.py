@@ -70,7 +70,7 @@ def test_bundle_gives_the_torch_samplers_video(lowered, form):
     rel = np.linalg.norm(res.latents - lat) / np.linalg.norm(lat)
     assert rel <= 1e-4, rel
     assert pixel_psnr(torch.from_numpy(res.video), torch.as_tensor(video)) >= 45.0
-    from ndopt.frontends.pyramid_flow.sampler import video_frames
+    from ndopt.model import video_frames
 
     ref_frames = video_frames(torch.from_numpy(video))
     assert len(res.frames) == len(ref_frames) and res.frames[0].dtype == np.uint8

@@ -8,8 +8,9 @@ from click.testing import CliRunner
 from ndopt.cli import main
 from ndopt.errors import TargetError
 from ndopt.target import available_targets, get_target
-from targets import load_spec, registry, specs
+from targets import registry
 from targets.snapdragon import SnapdragonTarget
+from targets.spec import load_spec, specs
 
 
 def test_both_chips_are_registered_through_the_entry_point():

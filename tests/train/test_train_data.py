@@ -10,6 +10,7 @@ import torch
 
 from ndopt.errors import NdoptError
 from ndopt.train.data import (
+    DataConfig,
     FolderVideos,
     LatentCache,
     ProceduralConfig,
@@ -116,24 +117,24 @@ def test_collate_keeps_positions_and_seeds():
 def test_training_captions_extend_the_latent_caches_captions(tiny, tmp_path):
     """The trajectory bank's captions: the first `clips` are the encoded clips' captions (same scenes);
     procedural data goes on with new scenes (more distinct captions), a folder repeats its own."""
-    from ndopt.train.finetune import DataSpec, training_captions, training_latents
+    from ndopt.train.finetune import training_captions, training_latents
 
-    spec = DataSpec(clips=3, seed=2)
+    spec = DataConfig(clips=3).seeded(2)
     cache = training_latents(tiny, spec, tmp_path / "cache")
     more = training_captions(spec, 40)
     assert more[:3] == list(cache.captions) and len(set(more)) > 20 and more == training_captions(spec, 40)
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "captions.jsonl").write_text(
         "".join(json.dumps({"video": f"{i}.gif", "caption": c}) + "\n" for i, c in enumerate(["a", "b"])))
-    assert training_captions(DataSpec(source=str(tmp_path / "clips")), 5) == ["a", "b", "a", "b", "a"]
+    assert training_captions(DataConfig(source=str(tmp_path / "clips")), 5) == ["a", "b", "a", "b", "a"]
 
 
 def test_training_captions_over_the_prompt_space_include_the_held_out_pairs():
     """held_out=True: a teacher's prompt space, every (colour, shape) pair of the vocabulary (the held-out
     ones included, which the training captions never have); deterministic; a folder is unchanged."""
-    from ndopt.train.finetune import DataSpec, training_captions
+    from ndopt.train.finetune import training_captions
 
-    config, spec = ProceduralConfig(), DataSpec(clips=3, seed=2)
+    config, spec = ProceduralConfig(), DataConfig(clips=3).seeded(2)
     held = [f"{c} {s} " for c, s in config.held_out]
     space = training_captions(spec, 400, held_out=True)
     assert space == training_captions(spec, 400, held_out=True)
@@ -141,3 +142,19 @@ def test_training_captions_over_the_prompt_space_include_the_held_out_pairs():
     assert not any(h in c for c in training_captions(spec, 400) for h in held)
     pairs = {tuple(c.split()[1:3]) if c.split()[1] != "large" else tuple(c.split()[2:4]) for c in space}
     assert len(pairs) == len(config.colours) * len(config.shapes)
+
+
+def test_data_config_is_the_recipes_data_and_takes_the_runs_seed():
+    """One class for a fine-tuning pass's `data`: recipe fields validated (unknown ones and bad values
+    named), the procedural seed from the run (`seeded`), never from the recipe or the config dump."""
+    from pydantic import ValidationError
+
+    from ndopt.train.finetune import training_captions
+
+    with pytest.raises(ValidationError, match="clips"):
+        DataConfig(clips=0)
+    with pytest.raises(ValidationError, match="seed"):
+        DataConfig(seed=3)
+    a, b = DataConfig(clips=3).seeded(1), DataConfig(clips=3).seeded(2)
+    assert (a.seed, b.seed, DataConfig().seed) == (1, 2, 0) and a.model_dump() == b.model_dump()
+    assert training_captions(a, 8) != training_captions(b, 8) and training_captions(a, 8) == training_captions(a, 8)

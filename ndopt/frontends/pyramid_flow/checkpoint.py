@@ -33,7 +33,9 @@ from ndopt.saved_weights import check_finite, dtype_mismatches
 
 __all__ = [
     "CONFIG_NAME",
+    "FLUX_DIT_CLASS",
     "WEIGHT_NAMES",
+    "dit_class_name",
     "find_weight_files",
     "load_into",
     "load_state_dict",
@@ -112,6 +114,31 @@ def read_json_object(path: Path, what: str) -> dict:
 def read_config(component_dir: Path) -> dict:
     """The component's ``config.json`` as a dict; CheckpointError if missing or malformed."""
     return read_json_object(Path(component_dir) / CONFIG_NAME, "config")
+
+
+FLUX_DIT_CLASS = "PyramidFluxTransformer"  # upstream's miniFLUX DiT (SD3's: PyramidDiffusionMMDiT)
+
+
+def dit_class_name(checkpoint: Path, variant: str) -> str | None:
+    """The DiT class a checkpoint directory's ``diffusion_transformer_<variant>/config.json`` names (else
+    the first variant's present), which tells the model family apart (SD3 or miniFLUX); a config without
+    ``_class_name`` is named by its keys (``num_single_layers``: miniFLUX's). None when there is no readable
+    config: the family's loader then says what is wrong."""
+    checkpoint = Path(checkpoint)
+    for d in (checkpoint / f"diffusion_transformer_{variant}", *sorted(checkpoint.glob("diffusion_transformer_*"))):
+        path = d / CONFIG_NAME
+        if path.is_file():
+            try:
+                cfg = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+            if not isinstance(cfg, dict):
+                return None
+            name = cfg.get("_class_name")
+            if isinstance(name, str):
+                return name
+            return FLUX_DIT_CLASS if "num_single_layers" in cfg else None
+    return None
 
 
 def _read_index(path: Path) -> dict[str, str]:

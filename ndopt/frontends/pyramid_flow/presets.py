@@ -59,6 +59,27 @@ def _real_spec(name: str, height: int, width: int) -> PresetSpec:
                       height=height, width=width, latent_frames=7)
 
 
+def _smoke_spec(name: str) -> PresetSpec:
+    """Pyramid-Flow SD3 at its real widths (DiT 24 x 64 heads, T5-XXL, CLIP-L/G, the VAE's channels,
+    real vocabularies) but shallow and small, built with seeded random weights on a real device: the
+    dtype, memory and shape paths of the real widths, end to end on a CPU (tests/test_real_width_smoke.py).
+
+    Depths shrink (2 DiT blocks, 2 layers per text encoder, 1 resnet per VAE block), and so do the
+    resolution, frames and steps; every width stays. Special token ids are the bundled tiny
+    tokenizer's (the real tokenizers are not shipped); its ids lie inside the real vocabularies."""
+    from dataclasses import replace as _replace
+
+    real, tok = text_mod.real_config(), text_mod.tiny_tokenizers().tokenizer
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    text = _replace(real, t5={**real.t5, "num_layers": 2, "pad_token_id": tok.pad_token_id,
+                              "eos_token_id": tok.eos_token_id},
+                    clip_l={**real.clip_l, "num_hidden_layers": 2, **ids},
+                    clip_g={**real.clip_g, "num_hidden_layers": 2, **ids})
+    vae = _replace(vae_mod.CausalVAEConfig(), encoder_layers_per_block=(1,) * 4, decoder_layers_per_block=(1,) * 4)
+    return PresetSpec(name, dit_mod.MMDiTConfig(num_layers=2), vae, text, height=64, width=64, latent_frames=2,
+                      steps=(2, 2, 2), video_steps=(1, 1, 1), prompt_suffix="", negative_prompt="")
+
+
 def preset_specs() -> dict[str, PresetSpec]:
     return {
         "pyramid-flow-tiny": PresetSpec(
@@ -70,6 +91,7 @@ def preset_specs() -> dict[str, PresetSpec]:
             guidance_scale=5.0),
         "pyramid-flow-sd3-384p": _real_spec("pyramid-flow-sd3-384p", 384, 640),
         "pyramid-flow-sd3-768p": _real_spec("pyramid-flow-sd3-768p", 768, 1280),
+        "pyramid-flow-sd3-smoke": _smoke_spec("pyramid-flow-sd3-smoke"),
     }
 
 
@@ -182,7 +204,8 @@ def build_preset(name: str, device: torch.device | str = "cpu", seed: int = 0) -
         raise KeyError(name)
     spec = specs[name]
     with build_device(device, seed):
-        text = text_mod.SD3TextEncoder(spec.text, text_mod.tiny_tokenizers() if name.endswith("tiny") else None)
+        tokenizers = text_mod.tiny_tokenizers() if name.endswith(("tiny", "smoke")) else None
+        text = text_mod.SD3TextEncoder(spec.text, tokenizers)
         dit = dit_mod.PyramidMMDiT(spec.dit)
         vae = vae_mod.CausalVideoVAE(spec.vae)
     if str(device) != "meta":

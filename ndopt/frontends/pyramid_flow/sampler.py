@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from ndopt.errors import NdoptError
 from ndopt.frontends.pyramid_flow.dit import DiTLayout
 from ndopt.frontends.pyramid_flow.schedule import renoise_coefficients, stage_local_sigmas, stage_timesteps
-from ndopt.frontends.pyramid_flow.vae import denormalize_latents
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.schedule import Schedule
 from ndopt.ir.spec import CallSignature, TensorSpec
+from ndopt.model import sampler_math
 
 VAE_SPATIAL = 8
 VAE_TEMPORAL = 8
@@ -196,10 +196,9 @@ class PyramidFlowSampler:
         if te:
             t = te[0]
             text_len = int(t.module.config.max_sequence_length)
-            clip_len = int(t.module.config.clip_max_length)
             n_prompts = 1 if sch.guidance.mode == "none" else 2
-            args = (("t5_ids", TensorSpec((1, text_len), "int64")), ("t5_mask", TensorSpec((1, text_len), "int64")),
-                    ("clip_l_ids", TensorSpec((1, clip_len), "int64")), ("clip_g_ids", TensorSpec((1, clip_len), "int64")))
+            # the text component's own ports (SD3: T5 + CLIP-L/G ids; miniFLUX: no CLIP-G), bound per prompt
+            args = tuple((p.name, p.spec.bind({"B": 1, "L": text_len})) for p in t.inputs)
             plan.append(CallSignature(t.name, "prompt", args, n_prompts, env=(("B", 1), ("L", text_len))))
         for d in pipeline.by_role("dit"):
             cfg = d.module.config
@@ -377,16 +376,10 @@ class PyramidFlowSampler:
 
     def decode(self, pipeline: Pipeline, latents: torch.Tensor) -> torch.Tensor:
         dec = pipeline.by_role("vae_decoder")[0]
-        z = denormalize_latents(latents.float()).to(dec.device)
+        # the frontend's latent constants (miniFLUX normalizes the first frame with its own)
+        z = sampler_math(pipeline).denormalize_latents(latents.float()).to(dec.device)
         videos = [dec.call(z=z[i:i + 1]) for i in range(z.shape[0])]
         return torch.cat(videos).clamp(-1, 1)
-
-
-def video_frames(video: torch.Tensor) -> list:
-    """[B?, 3, F, H, W] in [-1, 1] -> a list of HxWx3 uint8 numpy frames (first video)."""
-    v = video[0] if video.dim() == 5 else video
-    v = ((v.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [v[:, f].permute(1, 2, 0).cpu().numpy() for f in range(v.shape[1])]
 
 
 def count_dit_calls(pipeline: Pipeline, run: Callable[[], object]) -> int:

@@ -1,6 +1,9 @@
-"""The estimates plots of a plan or run report: latency per video and peak memory, per target,
+"""Plots of target estimates in a plan or run report: latency per video and peak memory, per target,
 split by component, and (for a sequential memory plan) what each phase keeps resident.
-`ndopt/report.py` calls `plot_estimates(run_dir, estimates)`.
+
+The estimates are the dicts a target's `estimate(pipeline)` (or `lower(...)["estimate"]`) returns
+(ndopt.target), so the core draws them without importing any target; `ndopt/report.py` calls
+`plot_estimates(run_dir, estimates)`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ COLORS = ("#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bb
 
 
 def plot_estimates(run_dir: Path, estimates: dict[str, dict[str, Any]], name: str = "estimates") -> dict[str, Path]:
-    """Write `<run_dir>/<name>.png` (atomically) from `{target: estimate}` as `SnapdragonTarget.estimate`
+    """Write `<run_dir>/<name>.png` (atomically) from `{target: estimate}` as a target's `estimate`
     (or `lower(...)["estimate"]`) returns them; returns `{name: path}`, or {} when there is nothing to plot."""
     rows = {t: e for t, e in (estimates or {}).items() if isinstance(e, dict) and e.get("components")}
     if not rows:

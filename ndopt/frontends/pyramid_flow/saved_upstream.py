@@ -1,4 +1,5 @@
-"""The Pyramid-Flow side of a saved pipeline: the upstream DiT layout, and bases from checkpoint configs.
+"""The Pyramid-Flow side of a saved pipeline (`ndopt.saved`, through the frontend's interface): the
+upstream DiT layout, and bases from checkpoint configs.
 
 `write_upstream_dit` writes `upstream/diffusion_transformer_<variant>/` (upstream's key names and a
 `config.json` with `num_layers=k`) when the final DiT is still upstream-shaped: a `PyramidMMDiT`,
@@ -19,16 +20,26 @@ from typing import Any
 import torch
 
 from ndopt.errors import CheckpointError
+from ndopt.frontends.pyramid_flow import checkpoint as ckpt
+from ndopt.frontends.pyramid_flow import dit as dit_mod
+from ndopt.frontends.pyramid_flow import text as text_mod
+from ndopt.frontends.pyramid_flow import vae as vae_mod
+from ndopt.frontends.pyramid_flow.dit import UPSTREAM_OVERRIDES, PyramidMMDiT
+from ndopt.frontends.pyramid_flow.presets import (
+    PresetSpec,
+    assemble,
+    check_compatible,
+    dit_config_json,
+    read_sampler_settings,
+)
 from ndopt.ir.pipeline import Pipeline
-from ndopt.saved_weights import inside
+from ndopt.saved import base_dir, is_saved_pipeline, read_manifest
 
 UPSTREAM_VARIANT = "768p"
 
 
 def upstream_dit_reason(pipeline: Pipeline) -> str | None:
     """None when the pipeline's DiT can be written in upstream's layout; otherwise why not."""
-    from ndopt.frontends.pyramid_flow.dit import UPSTREAM_OVERRIDES, PyramidMMDiT
-
     dits = pipeline.by_role("dit")
     if len(dits) != 1:
         return f"the pipeline has {len(dits)} DiT components"
@@ -58,9 +69,6 @@ def upstream_dit_reason(pipeline: Pipeline) -> str | None:
 def write_upstream_dit(pipeline: Pipeline, directory: Path, variant: str = UPSTREAM_VARIANT) -> dict[str, Any]:
     """Write the DiT in upstream's layout under `directory` if it has upstream's structure; the record
     (`path` relative to the saved pipeline, or `reason`) goes into pipeline.json."""
-    from ndopt.frontends.pyramid_flow import checkpoint as ckpt
-    from ndopt.frontends.pyramid_flow.presets import dit_config_json
-
     reason = upstream_dit_reason(pipeline)
     if reason is not None:
         return {"written": False, "reason": reason}
@@ -70,14 +78,11 @@ def write_upstream_dit(pipeline: Pipeline, directory: Path, variant: str = UPSTR
     return {"written": True, "path": f"{directory.name}/{sub}", "num_layers": dit.config.num_layers}
 
 
-def base_reference(pipeline: Pipeline, base: str | Path | None = None) -> dict[str, Any]:
-    """What `load_saved` rebuilds before replaying the passes: a preset, or an upstream checkpoint
+def base_reference(pipeline: Pipeline, presets: list[str], base: str | Path | None = None) -> dict[str, Any]:
+    """What `load_saved` rebuilds before replaying the passes: one of `presets`, or an upstream checkpoint
     directory's configs (copied into `base/`)."""
-    from ndopt.frontends import preset_names
-    from ndopt.saved import is_saved_pipeline, read_manifest
-
     ref = str(base) if base is not None else pipeline.name
-    if ref in preset_names():
+    if ref in presets:
         return {"kind": "preset", "name": ref}
     path = Path(ref)
     if is_saved_pipeline(path):
@@ -105,25 +110,9 @@ def copy_base_configs(source: Path, dest: Path) -> None:
         shutil.copy2(extra, dest / extra.name)
 
 
-def base_dir(directory: Path, base: dict[str, Any]) -> Path:
-    """A saved checkpoint base's copied configs (`base.path`, which must stay inside the saved directory)."""
-    return inside(directory, base.get("path", "base"), "pipeline.json base.path")
-
-
 def build_from_configs(base: Path, variants: list[str], name: str | None = None) -> Pipeline:
     """An upstream checkpoint's pipeline on the meta device from its configs and tokenizers (no weights):
     a saved pipeline's base, or a checkpoint directory planned or checked before its weights load."""
-    from ndopt.frontends.pyramid_flow import checkpoint as ckpt
-    from ndopt.frontends.pyramid_flow import dit as dit_mod
-    from ndopt.frontends.pyramid_flow import text as text_mod
-    from ndopt.frontends.pyramid_flow import vae as vae_mod
-    from ndopt.frontends.pyramid_flow.presets import (
-        PresetSpec,
-        assemble,
-        check_compatible,
-        read_sampler_settings,
-    )
-
     variant = UPSTREAM_VARIANT if UPSTREAM_VARIANT in variants else variants[0]
     dit_dir = base / f"diffusion_transformer_{variant}"
     if not dit_dir.is_dir():

@@ -21,8 +21,8 @@ from ndopt.errors import CheckpointError, PassError
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
 from ndopt.passmanager import PassContext
-from passes import aimet_support as aq
-from passes.aimet_sim import QuantizedComponent, flat_tensors
+from passes._aimet import support as aq
+from passes._aimet.sim import QuantizedComponent, flat_tensors
 
 if TYPE_CHECKING:
     from passes.aimet_quantization import AimetQuantization

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from ndopt.ir.pipeline import Pipeline
-from passes import aimet_support as aq
+from passes._aimet import support as aq
 
 # Ops that multiply two operands or normalise a distribution: none may run unquantized in the DiT.
 MATMUL_LIKE = frozenset({"matmul", "bmm", "mm", "addmm", "baddbmm", "linear", "conv1d", "conv2d", "conv3d",

@@ -1,8 +1,8 @@
-"""The estimates plot helper that ndopt/report.py calls."""
+"""ndopt.estimate_plots: the estimates plot of a plan or run report."""
 
 from __future__ import annotations
 
-from targets.plot import plot_estimates
+from ndopt.estimate_plots import plot_estimates
 
 
 def test_plot_estimates_writes_a_png(tmp_path):
