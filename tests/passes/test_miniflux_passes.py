@@ -130,6 +130,22 @@ def test_block_pruning_kinds_restricts_what_may_go(scored, tmp_path):
         _run([BlockPruning({"keep": 12, "kinds": ["joint"], "evaluate": False})], final, tmp_path / "joint")
 
 
+def test_block_pruning_fine_tunes_with_the_frontends_block_names(scored, tmp_path):
+    """Stage 1 matches the kept blocks' features by the names the frontend gives (`transformer_blocks.i`,
+    `single_transformer_blocks.j`); stage 2 trains on latents normalised with miniFLUX's constants."""
+    _, final, _ = scored
+    spec = {"steps": 2, "batch_size": 2, "checkpoint_every": 100}
+    cfg = {"keep": 18, "evaluate": False, "stage1": spec, "stage2": spec,
+           "data": {"clips": 4, "frames": 1, "height": 64, "width": 64}}
+    pruned, (m,) = _run([BlockPruning(cfg)], final, tmp_path)
+    assert m["blocks"] == [4, 3]
+    tuned = pruned["dit"].module
+    kept = final["dit"].module
+    assert not torch.equal(tuned.transformer_blocks[0].attn.to_q.weight, kept.transformer_blocks[0].attn.to_q.weight)
+    cached = [p.name for p in tmp_path.rglob("latents-*.safetensors")]  # NDOPT_CACHE=0: in the pass dir
+    assert cached and all("pyramid-flow-miniflux" in n for n in cached)  # never SD3-normalised latents
+
+
 # ---- encoder substitution (T5 -> DT5 + adapter, CLIP-L kept) ------------------------------------------
 @pytest.fixture(scope="module")
 def substituted(mf, tmp_path_factory):

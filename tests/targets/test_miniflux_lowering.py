@@ -114,7 +114,7 @@ def test_the_bundle_gives_the_torch_samplers_latents(bundles, exact):
     assert np.abs(res.video - video.numpy()).max() <= 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.nightly  # ~45 s on one core: the suite keeps the SD3 QDQ lowering tests; `pytest -m nightly`
 def test_quantized_pipeline_lowers_with_qdq_graphs(quantized):
     q, bundle = quantized
     man = _checked(bundle, QUANTIZED_TARGET, q)
