@@ -51,9 +51,9 @@ from ndopt.ir.component import QUANTIZED_BY_DEFAULT as ROLES
 from ndopt.ir.component import QUANTIZED_WHEN_CALLED as OPTIONAL_ROLES
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
-from ndopt.precision import PRECISION_BITS
 from ndopt.model import ModelInterface, interface_for
 from ndopt.passmanager import Lossy, Pass, PassConfig, PassContext, PassResult, register
+from ndopt.precision import PRECISION_BITS
 from passes._aimet import state as aimet_state
 from passes._aimet import support as aq
 from passes._aimet.sim import (

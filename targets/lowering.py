@@ -31,8 +31,8 @@ from torch import nn
 from ndopt.errors import LoweringError
 from ndopt.ir.component import Component
 from ndopt.ir.pipeline import Pipeline
-from ndopt.precision import weight_bytes
 from ndopt.ir.spec import CallSignature, TensorSpec
+from ndopt.precision import weight_bytes
 
 log = logging.getLogger("ndopt")
 

@@ -163,6 +163,7 @@ class SnapdragonTarget:
         self.check_encodings(pipeline)
         t0 = time.perf_counter()
         plans = plan_graphs(pipeline)
+        release_memory()  # what the passes freed: at real widths gigabytes the exports below could not reuse
         lowered: list[LoweredGraph] = []
         with progress(f"lowering for {self.name}", total=len(plans)) as advance:
             for plan in plans:
@@ -196,8 +197,8 @@ class SnapdragonTarget:
                                                                           tmp, self.spec.legality)
                                 release_memory()
                     models = [(f"{lg.plan.name}.onnx", lg.model) for lg in lgs]
-                    for q in (quantized[lg.plan.name] for lg in lgs if lg.plan.name in quantized):
-                        models += [(q.qdq, q.qdq_model), (q.encodings_graph, q.encodings_model)]
+                    models += [m for q in (quantized[lg.plan.name] for lg in lgs if lg.plan.name in quantized)
+                               for m in ((q.qdq, q.qdq_model), (q.encodings_graph, q.encodings_model))]
                     priced = {f"{lg.plan.name}.onnx" for lg in lgs}  # the float graphs: what the estimator prices
                     shared[name], weights[name] = write_component(name, models, tmp, priced, precisions[name])
                     for lg in lgs:

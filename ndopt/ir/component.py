@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ndopt.precision import weight_bytes
 from ndopt.ir.spec import Port
+from ndopt.precision import weight_bytes
 
 # The paper's nouns (STYLE.md rule 3): recipes, passes and reports use these roles.
 ROLES = (

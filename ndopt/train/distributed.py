@@ -1,9 +1,10 @@
 """torchrun support for the training engine: process group, DDP / FSDP wrapping, reductions.
 
 Under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) the engine joins the process group (NCCL on
-CUDA, gloo on CPU), wraps each trainable module in DistributedDataParallel, or shards it with FSDP
-(`torch.distributed.fsdp.fully_shard`, one unit per repeated block plus the root) when it is large,
-and averages logged metrics over processes. Outside torchrun everything here is a no-op.
+CUDA, gloo on CPU), wraps each trainable module in DistributedDataParallel, or shards a copy of it
+with FSDP (`torch.distributed.fsdp.fully_shard`, one unit per repeated block plus the root) when it is
+large, whose full weights every process loads back into the module when training ends, and averages
+logged metrics over processes. Outside torchrun everything here is a no-op.
 """
 
 from __future__ import annotations

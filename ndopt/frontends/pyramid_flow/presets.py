@@ -64,7 +64,7 @@ def _smoke_spec(name: str) -> PresetSpec:
     real vocabularies) but shallow and small, built with seeded random weights on a real device: the
     dtype, memory and shape paths of the real widths, end to end on a CPU (tests/test_real_width_smoke.py).
 
-    Depths shrink (2 DiT blocks, 2 layers per text encoder, 1 resnet per VAE block), and so do the
+    Depths shrink (2 DiT blocks, 2 layers per text encoder; the VAE is the real one), and so do the
     resolution, frames and steps; every width stays. Special token ids are the bundled tiny
     tokenizer's (the real tokenizers are not shipped); its ids lie inside the real vocabularies."""
     from dataclasses import replace as _replace
@@ -75,9 +75,9 @@ def _smoke_spec(name: str) -> PresetSpec:
                               "eos_token_id": tok.eos_token_id},
                     clip_l={**real.clip_l, "num_hidden_layers": 2, **ids},
                     clip_g={**real.clip_g, "num_hidden_layers": 2, **ids})
-    vae = _replace(vae_mod.CausalVAEConfig(), encoder_layers_per_block=(1,) * 4, decoder_layers_per_block=(1,) * 4)
-    return PresetSpec(name, dit_mod.MMDiTConfig(num_layers=2), vae, text, height=64, width=64, latent_frames=2,
-                      steps=(2, 2, 2), video_steps=(1, 1, 1), prompt_suffix="", negative_prompt="")
+    return PresetSpec(name, dit_mod.MMDiTConfig(num_layers=2), vae_mod.CausalVAEConfig(), text, height=64,
+                      width=64, latent_frames=2, steps=(2, 2, 2), video_steps=(1, 1, 1), prompt_suffix="",
+                      negative_prompt="")
 
 
 def preset_specs() -> dict[str, PresetSpec]:
