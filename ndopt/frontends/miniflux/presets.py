@@ -26,10 +26,8 @@ from ndopt.frontends.pyramid_flow import configs
 from ndopt.frontends.pyramid_flow import presets as sd3_presets
 from ndopt.frontends.pyramid_flow import vae as vae_mod
 from ndopt.frontends.pyramid_flow.dit import randomize_
-from ndopt.frontends.pyramid_flow.schedule import pyramid_flow_schedule
 from ndopt.io import atomic_write_json
-from ndopt.ir.component import Component
-from ndopt.ir.pipeline import SINK, Pipeline
+from ndopt.ir.pipeline import Pipeline
 from ndopt.ir.spec import Port, TensorSpec
 
 log = logging.getLogger("ndopt")
@@ -95,54 +93,12 @@ def preset_specs() -> dict[str, MiniFluxPresetSpec]:
 
 def assemble(name: str, text: torch.nn.Module, dit: dit_mod.PyramidFluxDiT, vae: torch.nn.Module,
              spec: MiniFluxPresetSpec) -> Pipeline:
-    """The Pipeline IR of a miniFLUX model from its modules."""
-    tcfg, dcfg = spec.text, dit.config
-    ctx, pooled, lat = tcfg.context_dim, tcfg.pooled_dim, dcfg.latent_channels
-    text_ports_in = (Port("t5_ids", TensorSpec(("B", "L"), "int64")), Port("t5_mask", TensorSpec(("B", "L"), "int64")),
-                     Port("clip_l_ids", TensorSpec(("B", tcfg.clip_max_length), "int64")))
-    text_ports_out = (Port("prompt_embeds", TensorSpec(("B", "L", ctx))),
-                      Port("prompt_attention_mask", TensorSpec(("B", "L"), "int64")),
-                      Port("pooled_projections", TensorSpec(("B", pooled))))
-    latents = TensorSpec(("B", lat, "t", "h", "w"))
-    video = TensorSpec(("B", 3, "F", "H", "W"))
-    encoder, decoder = vae_mod.split_vae(vae)
-    comps = [
-        Component("text_encoder", "text_encoder", text, text_ports_in, text_ports_out, entry="encode_tokens",
-                  attrs={"config": tcfg}),
-        Component("dit", "dit", dit,
-                  (Port("sample", latents, optional=True),  # the sampler's noisy latents (history: the encoder in i2v)
-                   Port("encoder_hidden_states", TensorSpec(("B", "L", ctx))),
-                   Port("encoder_attention_mask", TensorSpec(("B", "L"), "int64")),
-                   Port("pooled_projections", TensorSpec(("B", pooled))),
-                   Port("timestep_ratio", TensorSpec(("B",)), optional=True)),  # the schedule's timesteps
-                  (Port("latents", latents),), attrs={"config": dcfg, "context_dim": ctx,
-                                                       "text_len": tcfg.max_sequence_length}),
-        Component("vae_encoder", "vae_encoder", encoder, (Port("video", video),), (Port("latents", latents),),
-                  attrs={"config": spec.vae, "latent_channels": lat}),
-        Component("vae_decoder", "vae_decoder", decoder, (Port("z", latents),), (Port("video", video),),
-                  attrs={"config": spec.vae, "latent_channels": lat}),
-    ]
-    edges = [
-        ("prompt", "text_encoder", tuple((p.name, p.name) for p in text_ports_in)),
-        ("text_encoder", "dit", (("prompt_embeds", "encoder_hidden_states"),
-                                 ("prompt_attention_mask", "encoder_attention_mask"),
-                                 ("pooled_projections", "pooled_projections"))),
-        ("image", "vae_encoder", (("video", "video"),)),
-        ("vae_encoder", "dit", (("latents", "sample"),)),
-        ("dit", "vae_decoder", (("latents", "z"),)),
-        ("vae_decoder", SINK, (("video", "video"),)),
-    ]
-    schedule = pyramid_flow_schedule(latent_frames=spec.latent_frames, height=spec.height, width=spec.width,
-                                     steps=spec.steps, video_steps=spec.video_steps,
-                                     guidance_scale=spec.guidance_scale,
-                                     video_guidance_scale=spec.video_guidance_scale)
-    sampler = MiniFluxSampler(prompt_suffix=spec.prompt_suffix,
-                              **({} if spec.negative_prompt is None else {"negative_prompt": spec.negative_prompt}))
-    return Pipeline(
-        name=name, components={c.name: c for c in comps},
-        graph=Pipeline.build_graph(comps, ("prompt", "image"), edges), schedule=schedule, sampler=sampler,
-        sources={"prompt": text_ports_in, "image": (Port("video", video),)}, sink=(Port("video", video),),
-        inputs=("prompt",), frontend=FRONTEND)
+    """The Pipeline IR of a miniFLUX model from its modules (T5 + CLIP-L token inputs, no CLIP-G)."""
+    text_inputs = (Port("t5_ids", TensorSpec(("B", "L"), "int64")), Port("t5_mask", TensorSpec(("B", "L"), "int64")),
+                   Port("clip_l_ids", TensorSpec(("B", spec.text.clip_max_length), "int64")))
+    return sd3_presets.pyramidal_pipeline(name, text, dit, vae, spec, text_inputs=text_inputs,
+                                          latent_channels=dit.config.latent_channels,
+                                          sampler_class=MiniFluxSampler, frontend=FRONTEND)
 
 
 def _load_sd3_tiny_vae(vae: torch.nn.Module, config: vae_mod.CausalVAEConfig) -> bool:

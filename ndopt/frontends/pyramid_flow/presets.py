@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,12 +111,22 @@ def build_device(device: torch.device | str, seed: int) -> Iterator[None]:
 
 def assemble(name: str, text: torch.nn.Module, dit: torch.nn.Module, vae: torch.nn.Module,
              spec: PresetSpec) -> Pipeline:
-    """The Pipeline IR of a Pyramid-Flow model from its modules."""
+    """The Pipeline IR of a Pyramid-Flow SD3 model from its modules (T5 + CLIP-L + CLIP-G token inputs)."""
+    clip = ("B", spec.text.clip_max_length)
+    text_inputs = (Port("t5_ids", TensorSpec(("B", "L"), "int64")), Port("t5_mask", TensorSpec(("B", "L"), "int64")),
+                   Port("clip_l_ids", TensorSpec(clip, "int64")), Port("clip_g_ids", TensorSpec(clip, "int64")))
+    return pyramidal_pipeline(name, text, dit, vae, spec, text_inputs=text_inputs,
+                              latent_channels=dit.config.in_channels, sampler_class=PyramidFlowSampler)
+
+
+def pyramidal_pipeline(name: str, text: torch.nn.Module, dit: torch.nn.Module, vae: torch.nn.Module, spec: Any, *,
+                       text_inputs: tuple[Port, ...], latent_channels: int, sampler_class: type,
+                       frontend: str | None = None) -> Pipeline:
+    """The Pipeline IR every pyramidal-flow frontend shares: text_encoder -> dit -> vae_decoder -> video,
+    plus the VAE encoder fed by `image`. A frontend gives its text encoder's token inputs, the latent
+    channels, its sampler class and its name; `spec` is a preset spec (text/vae configs, size, schedule)."""
     tcfg, dcfg = spec.text, dit.config
-    ctx, pooled, lat = tcfg.context_dim, tcfg.pooled_dim, dcfg.in_channels
-    text_ports_in = (Port("t5_ids", TensorSpec(("B", "L"), "int64")), Port("t5_mask", TensorSpec(("B", "L"), "int64")),
-                     Port("clip_l_ids", TensorSpec(("B", tcfg.clip_max_length), "int64")),
-                     Port("clip_g_ids", TensorSpec(("B", tcfg.clip_max_length), "int64")))
+    ctx, pooled, lat = tcfg.context_dim, tcfg.pooled_dim, latent_channels
     text_ports_out = (Port("prompt_embeds", TensorSpec(("B", "L", ctx))),
                       Port("prompt_attention_mask", TensorSpec(("B", "L"), "int64")),
                       Port("pooled_projections", TensorSpec(("B", pooled))))
@@ -123,7 +134,7 @@ def assemble(name: str, text: torch.nn.Module, dit: torch.nn.Module, vae: torch.
     video = TensorSpec(("B", 3, "F", "H", "W"))
     encoder, decoder = vae_mod.split_vae(vae)
     comps = [
-        Component("text_encoder", "text_encoder", text, text_ports_in, text_ports_out, entry="encode_tokens",
+        Component("text_encoder", "text_encoder", text, text_inputs, text_ports_out, entry="encode_tokens",
                   attrs={"config": tcfg}),
         Component("dit", "dit", dit,
                   (Port("sample", latents, optional=True),  # the sampler's noisy latents (history: the encoder in i2v)
@@ -139,7 +150,7 @@ def assemble(name: str, text: torch.nn.Module, dit: torch.nn.Module, vae: torch.
                   attrs={"config": spec.vae, "latent_channels": lat}),
     ]
     edges = [
-        ("prompt", "text_encoder", tuple((p.name, p.name) for p in text_ports_in)),
+        ("prompt", "text_encoder", tuple((p.name, p.name) for p in text_inputs)),
         ("text_encoder", "dit", (("prompt_embeds", "encoder_hidden_states"),
                                  ("prompt_attention_mask", "encoder_attention_mask"),
                                  ("pooled_projections", "pooled_projections"))),
@@ -152,13 +163,13 @@ def assemble(name: str, text: torch.nn.Module, dit: torch.nn.Module, vae: torch.
                                      steps=spec.steps, video_steps=spec.video_steps,
                                      guidance_scale=spec.guidance_scale,
                                      video_guidance_scale=spec.video_guidance_scale)
-    sampler = PyramidFlowSampler(prompt_suffix=spec.prompt_suffix,
-                                 **({} if spec.negative_prompt is None else {"negative_prompt": spec.negative_prompt}))
+    sampler = sampler_class(prompt_suffix=spec.prompt_suffix,
+                            **({} if spec.negative_prompt is None else {"negative_prompt": spec.negative_prompt}))
     return Pipeline(
         name=name, components={c.name: c for c in comps},
         graph=Pipeline.build_graph(comps, ("prompt", "image"), edges), schedule=schedule, sampler=sampler,
-        sources={"prompt": text_ports_in, "image": (Port("video", video),)}, sink=(Port("video", video),),
-        inputs=("prompt",))
+        sources={"prompt": text_inputs, "image": (Port("video", video),)}, sink=(Port("video", video),),
+        inputs=("prompt",), **({} if frontend is None else {"frontend": frontend}))
 
 
 def bundled_weights(name: str) -> Path | None:
