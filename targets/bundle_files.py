@@ -6,7 +6,7 @@ each with the sha256 the runtime checks before it loads the file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ndopt.ir.component import Component
 from targets.lowering import GraphPlan, TensorIO
 from targets.quantized import is_quantized
 from targets.runtime import sha256 as sha256_file  # one definition: what the runtime verifies with
-from targets.shared_weights import SharedWeights, save_graph, shared_external_data
+from targets.shared_weights import SharedWeights
 
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT32: "int32",
            onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
@@ -33,16 +33,10 @@ def graph_io(values: Iterable[onnx.ValueInfoProto]) -> list[TensorIO]:
     return out
 
 
-def write_component(component: str, models: Sequence[tuple[str, onnx.ModelProto]], out_dir: Path,
-                    priced: set[str], precision: str) -> tuple[SharedWeights, dict[str, Any]]:
-    """Write every graph file of one component (float graphs, and a quantized component's QDQ and
-    encodings graphs) pointing into one `<component>.weights.bin`; returns what was written and the
-    manifest's `weights` record. `priced`: the files the estimator prices (the float graphs); the other
-    models (QDQ and encodings graphs) are left pointing into the weights file, their tensors not restored."""
-    with shared_external_data(component, models, out_dir, priced=priced, restore=priced) as sw:
-        for file, model in models:
-            save_graph(model, out_dir / file)
-    return sw, {**sw.to_json(), "precision": precision, "sha256": sha256_file(out_dir / sw.file) if sw.file else None}
+def weights_record(sw: SharedWeights, out_dir: Path, precision: str) -> dict[str, Any]:
+    """The manifest's `weights` record of one component's shared weights file (written by a
+    `SharedWeightsWriter` into `out_dir`): its sharing figures, precision and sha256."""
+    return {**sw.to_json(), "precision": precision, "sha256": sha256_file(out_dir / sw.file) if sw.file else None}
 
 
 def copy_encodings(component: Component, out_dir: Path, plan: GraphPlan) -> str | None:
@@ -72,4 +66,4 @@ def write_constants(consts: dict[str, dict[str, Any]], out_dir: Path) -> dict[st
     return out
 
 
-__all__ = ["copy_encodings", "graph_io", "sha256_file", "write_component", "write_constants"]
+__all__ = ["copy_encodings", "graph_io", "sha256_file", "weights_record", "write_constants"]

@@ -29,6 +29,11 @@ class LoweredGraph:
     numerics: NumericsReport
     simplify: str
     seconds: float
+    cached: bool = False  # kept by CACHE: its model must keep its tensors (another target reuses it)
+
+    @property
+    def ok(self) -> bool:
+        return self.legality.ok and self.numerics.ok
 
 
 class LoweredCache:

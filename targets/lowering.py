@@ -236,21 +236,37 @@ def simplify(model: onnx.ModelProto, name: str) -> tuple[onnx.ModelProto, str]:
     """onnxsim (before any quantization encodings are attached: it renames tensors).
 
     Returns the model and what happened ("ok", or why it was skipped)."""
-    if model_bytes(model) > EXTERNAL_DATA_BYTES:
-        log.info("%s: weights past 2 GB, onnxsim skipped (it serializes the whole model)", name)
-        return model, "skipped: weights past 2 GB"
     import onnxsim
 
+    # constant folding and shape inference only: onnxsim 0.8.1's graph optimizers rewrite the causal VAE
+    # decoder's GroupNorm reshapes into an invalid shape (onnxruntime rejects the result); fusing is the
+    # NPU converter's job anyway
+    options = {"check_n": 0, "perform_optimization": False}
     try:
         with _quiet_fds():
-            # constant folding and shape inference only: onnxsim 0.8.1's graph optimizers rewrite the
-            # causal VAE decoder's GroupNorm reshapes into an invalid shape (onnxruntime rejects the
-            # result); fusing is the NPU converter's job anyway
-            simplified, _ = onnxsim.simplify(model, check_n=0, perform_optimization=False)
+            if model_bytes(model) <= EXTERNAL_DATA_BYTES:
+                simplified, _ = onnxsim.simplify(model, **options)
+            else:  # past protobuf's 2 GB (a real-width text encoder): file to file, weights as external data
+                simplified = _simplify_file(model, onnxsim, options)
     except Exception as e:  # onnxsim fails on some valid graphs; the unsimplified graph is still correct
         log.warning("%s: onnxsim failed (%s); keeping the exported graph", name, e)
         return model, f"failed: {type(e).__name__}"
     return simplified, "ok"
+
+
+def _simplify_file(model: onnx.ModelProto, onnxsim: Any, options: dict[str, Any]) -> onnx.ModelProto:
+    """onnxsim on a model too large to serialize: written with external data, simplified from that file
+    into another, read back. Without this the exporter's shape arithmetic stays (int64, dynamic shapes)
+    and the graph fails legality. `model` keeps its tensors whatever happens."""
+    with tempfile.TemporaryDirectory(prefix="ndopt-onnxsim-") as d:
+        src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
+        onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="in.onnx.data", size_threshold=1024)  # moves the tensors out of `model`
+        try:
+            onnxsim.simplify(str(src), output_path=str(dst), **options)
+        finally:
+            onnx.load_external_data_for_model(model, d)
+        return onnx.load(str(dst), load_external_data=True)
 
 
 @contextlib.contextmanager

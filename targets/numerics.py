@@ -7,6 +7,9 @@ A graph passes when every float output satisfies |ort - torch| <= atol + rtol * 
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,8 @@ import torch
 
 from ndopt.errors import LoweringError
 from ndopt.ir.component import Component
-from targets.lowering import GraphPlan, call_kwargs
+from targets.lowering import EXTERNAL_DATA_BYTES, GraphPlan, call_kwargs
+from targets.onnx_costs import fits_protobuf
 
 ATOL = 1e-4
 RTOL = 1e-4
@@ -52,10 +56,33 @@ class NumericsReport:
                             for o in self.outputs}}
 
 
+@contextlib.contextmanager
+def loadable(model: onnx.ModelProto | Path) -> Iterator[str | onnx.ModelProto]:
+    """What onnx.checker and onnxruntime take for `model`: a path as a string; a model within protobuf's
+    2 GB limit as itself; a larger one (a real-width text encoder) as a file with external data in a
+    temporary directory: serialized whole it fails ("Failed to serialize proto"). The in-memory model
+    gets its tensors back when the block ends."""
+    if isinstance(model, Path):
+        yield str(model)
+        return
+    if fits_protobuf(model) and model.ByteSize() <= EXTERNAL_DATA_BYTES:
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="ndopt-check-") as d:
+        path = Path(d) / "graph.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="graph.onnx.data", size_threshold=1024)  # moves the tensors out of `model`
+        try:
+            yield str(path)
+        finally:
+            onnx.load_external_data_for_model(model, d)
+
+
 def check_model(model: onnx.ModelProto | Path, graph: str) -> None:
-    """onnx.checker with full_check; a path is checked in place (works past 2 GB)."""
+    """onnx.checker with full_check (a model past 2 GB is checked from a file: `loadable`)."""
     try:
-        onnx.checker.check_model(str(model) if isinstance(model, Path) else model, full_check=True)
+        with loadable(model) as src:
+            onnx.checker.check_model(src, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise LoweringError(f"graph {graph}: onnx.checker rejects it: {str(e).splitlines()[0]}; "
                             "this is a lowering bug: report it with the graph") from None
@@ -74,8 +101,9 @@ def onnxruntime_outputs(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarr
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    src = str(model) if isinstance(model, Path) else model.SerializeToString()
-    sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    with loadable(model) as src:
+        sess = ort.InferenceSession(src if isinstance(src, str) else src.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
 

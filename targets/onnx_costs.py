@@ -48,6 +48,8 @@ NORM_ONNX = frozenset({"LayerNormalization", "GroupNormalization", "InstanceNorm
                        "ReduceSumSquare", "LpNormalization", "ArgMax", "TopK", "GlobalAveragePool",
                        "GlobalMaxPool", "GlobalLpPool"})
 ROW_NORMS_ONNX = frozenset({"LayerNormalization", "Softmax", "LogSoftmax"})  # reduce along one (last) axis
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: the largest message protobuf serializes
+SHAPE_CONSTANT_BYTES = 4096  # initializers up to this size stay when shapes are inferred past the limit
 LAYOUT_RANK = 5  # transposes of tensors with this many non-unit dims or more are copies (`_moves_data`)
 VECTOR_LANES = 128  # a normalised row is processed in chunks of 128 16-bit values (two HVX registers)
 DEPTHWISE_MAX_CHANNELS = 8  # a grouped conv with at most this many input channels per group: `dwconv`
@@ -123,25 +125,41 @@ def onnx_tensor_types(model: Any) -> dict[str, tuple[int, tuple[int, ...] | None
     return out
 
 
+def fits_protobuf(model: Any) -> bool:
+    """Whether `model` serializes as one protobuf message (under 2 GB). Asking its size past that
+    raises by itself (EncodeError) on some protobuf builds."""
+    try:
+        return model.ByteSize() < PROTOBUF_LIMIT
+    except Exception:  # google.protobuf.message.EncodeError: "Failed to serialize proto"
+        return False
+
+
 def infer_shapes(model: Any, strict: bool = False) -> Any:
     """Shape inference that also works past 2 GB (it only reads the graph, not the weights).
     `strict`: raise onnx's InferenceError where shapes contradict each other."""
     import onnx
 
-    try:
+    if fits_protobuf(model):
         return onnx.shape_inference.infer_shapes(model, data_prop=True, strict_mode=strict)
-    except ValueError:  # > 2 GB: infer on a weightless copy, then copy the value infos back
-        light = onnx.ModelProto()
-        light.CopyFrom(model)
-        for init in light.graph.initializer:
-            init.ClearField("raw_data")
-            init.ClearField("float_data")
-            init.ClearField("external_data")
-            init.data_location = onnx.TensorProto.DEFAULT
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=False, strict_mode=strict)
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(inferred.graph.value_info)
-        return model
+    # past 2 GB onnx cannot serialize it (ValueError or EncodeError, by version): infer on a copy that holds
+    # the large tensors as bare shapes (small ones stay: shape arithmetic reads them; copying the whole
+    # model would double a multi-gigabyte proto), then copy the value infos back
+    light = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = model.graph
+    light.graph.name = g.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(light.graph, field).extend(getattr(g, field))
+    for init in g.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL and init.ByteSize() <= SHAPE_CONSTANT_BYTES:
+            light.graph.initializer.append(init)
+        else:
+            light.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+    inferred = onnx.shape_inference.infer_shapes(light, data_prop=True, strict_mode=strict)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def _moves_data(node: Any, types: Mapping[str, tuple[int, tuple[int, ...] | None]]) -> bool:

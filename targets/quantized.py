@@ -30,8 +30,8 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +107,8 @@ def is_quantized(component: Component) -> bool:
 
 @dataclass(frozen=True)
 class QuantizedGraph:
-    """What lowering writes for one graph of a quantized component: file names, and the two models
-    (their weights go to the component's shared weights file when they are saved)."""
+    """What lowering wrote for one graph of a quantized component: file names and checks (the two
+    graphs themselves went to the caller's `save` as they were made)."""
 
     qdq: str
     encodings: str
@@ -116,8 +116,6 @@ class QuantizedGraph:
     numerics: dict[str, Any]
     legality: dict[str, Any]
     encodings_count: dict[str, int]
-    qdq_model: onnx.ModelProto = field(repr=False, compare=False)
-    encodings_model: onnx.ModelProto = field(repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"qdq": self.qdq, "encodings": self.encodings, "encodings_graph": self.encodings_graph,
@@ -134,10 +132,10 @@ def _legality_summary(report: dict[str, Any], shown: int = 3) -> dict[str, Any]:
 
 
 def lower_quantized(component: Component, plan: GraphPlan, example: dict[str, torch.Tensor], out_dir: Path,
-                    rules: LegalityRules) -> QuantizedGraph:
+                    rules: LegalityRules, save: Callable[[str, onnx.ModelProto], None]) -> QuantizedGraph:
     """Export, legalize and check the QDQ graph of one graph, derive its encodings and write them into
-    `out_dir` (`<graph>.encodings`); the two graphs are returned for the caller to save with the
-    component's shared weights (see the module docstring)."""
+    `out_dir` (`<graph>.encodings`); the QDQ and encodings graphs go to `save(file, model)` (the
+    component's shared weights writer) and are dropped here, one graph's worth in memory at a time."""
     from targets.legality import legalize
 
     kwargs = call_kwargs(plan, example)
@@ -170,10 +168,14 @@ def lower_quantized(component: Component, plan: GraphPlan, example: dict[str, to
     stripped, enc = encodings_from_qdq(qdq)
     enc_name = f"{plan.name}.encodings"
     (out_dir / enc_name).write_text(json.dumps(enc, indent=1, sort_keys=True))
-    return QuantizedGraph(f"{plan.name}.qdq.onnx", enc_name, f"{plan.name}.encodings.onnx", numerics,
-                          report.to_json(),
-                          {"activation": len(enc["activation_encodings"]), "param": len(enc["param_encodings"])},
-                          qdq, stripped)
+    files = (f"{plan.name}.qdq.onnx", f"{plan.name}.encodings.onnx")
+    save(files[0], qdq)
+    del qdq
+    save(files[1], stripped)
+    del stripped
+    release_memory()
+    return QuantizedGraph(files[0], enc_name, files[1], numerics, report.to_json(),
+                          {"activation": len(enc["activation_encodings"]), "param": len(enc["param_encodings"])})
 
 
 # ---- QDQ graph clean-up -------------------------------------------------------------------------

@@ -16,8 +16,6 @@ builds the same sharing on the device side (one context binary per component, `t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,62 +66,76 @@ def _external(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL
 
 
-@contextmanager
-def shared_external_data(component: str, models: Sequence[tuple[str, onnx.ModelProto]], out_dir: Path,
-                         priced: Collection[str] | None = None,
-                         restore: Collection[str] | None = None) -> Iterator[SharedWeights]:
-    """Write `<component>.weights.bin` into `out_dir` and, inside the block, have every model's large
-    initializers point into it (save the models inside the block). The models are restored on exit:
-    the lowering cache keeps its in-memory graphs; `restore` limits that to the models of those files
-    (None: all): the copy kept to put back doubles a component's weights in memory, for graphs nothing
-    reads again (a quantized component's QDQ graphs). `models` are (file name, model); the unique
-    elements counted for the estimator are those of the `priced` files (None: all), since a runtime
-    loads one form of a quantized component (its QDQ graph or its float graph), not both."""
-    counted: set[str] = set()
-    name = weights_file(component)
-    info = SharedWeights(component, None)
-    offsets: dict[str, tuple[int, int]] = {}  # sha256 -> (offset, length)
-    saved: list[tuple[TensorProto, TensorProto]] = []
-    try:
-        with open(out_dir / name, "wb") as f:
-            for graph, model in models:
-                info.bytes_per_graph[graph] = 0
-                for t in model.graph.initializer:
-                    if _external(t) or t.data_type == TensorProto.STRING:
-                        continue
-                    data = raw_bytes(t)
-                    if len(data) < INLINE_BYTES:
-                        continue
-                    info.bytes_per_graph[graph] += len(data)
-                    key = hashlib.sha256(data).hexdigest()
-                    if key not in offsets:
-                        align = PAGE_ALIGN if len(data) >= PAGE_ALIGN_FROM else ALIGN
-                        pad = -f.tell() % align
-                        f.write(b"\0" * pad)
-                        offsets[key] = (f.tell(), len(data))
-                        f.write(data)
-                        info.tensors += 1
-                    if (priced is None or graph in priced) and key not in counted:
-                        counted.add(key)
-                        if t.data_type in _FLOATS:
-                            info.unique_float_elems += len(data) // _width(t.data_type)
-                        else:
-                            info.unique_other_bytes += len(data)
-                    if restore is None or graph in restore:
-                        original = TensorProto()
-                        original.CopyFrom(t)
-                        saved.append((t, original))
-                    _point_at(t, name, *offsets[key])
-                    info.references += 1
-            info.bytes = f.tell()
-        if not info.tensors:
-            (out_dir / name).unlink()
-        else:
-            info.file = name
-        yield info
-    finally:
-        for t, original in saved:
-            t.CopyFrom(original)
+class SharedWeightsWriter:
+    """Writes `<component>.weights.bin` one graph at a time: `add` points a model's large initializers
+    into the file (appending the tensors it has not seen), saves the graph file, and puts the model's
+    tensors back only when asked, so a caller can drop each graph once it is written. At real widths a
+    quantized component's QDQ and encodings graphs weigh gigabytes each; collected for one write, they
+    did not fit in memory. `close` (or leaving the `with` block) returns what was written."""
+
+    def __init__(self, component: str, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.name = weights_file(component)
+        self.info = SharedWeights(component, None)
+        self._offsets: dict[str, tuple[int, int]] = {}  # sha256 -> (offset, length)
+        self._counted: set[str] = set()
+        self._file = open(self.out_dir / self.name, "wb")  # noqa: SIM115 (held across add calls; close() closes it)
+
+    def __enter__(self) -> SharedWeightsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, graph: str, model: onnx.ModelProto, *, priced: bool = True, restore: bool = True) -> None:
+        """Save `model` as `out_dir/graph` pointing into the shared file. `priced`: its unique float
+        elements count for the estimator (a runtime loads one form of a quantized component, its QDQ or
+        its float graph, not both); `restore`: the in-memory model gets its tensors back afterwards
+        (the lowering cache keeps float graphs), else it is left pointing into the file."""
+        f, info = self._file, self.info
+        info.bytes_per_graph[graph] = 0
+        saved: list[tuple[TensorProto, TensorProto]] = []
+        try:
+            for t in model.graph.initializer:
+                if _external(t) or t.data_type == TensorProto.STRING:
+                    continue
+                data = raw_bytes(t)
+                if len(data) < INLINE_BYTES:
+                    continue
+                info.bytes_per_graph[graph] += len(data)
+                key = hashlib.sha256(data).hexdigest()
+                if key not in self._offsets:
+                    align = PAGE_ALIGN if len(data) >= PAGE_ALIGN_FROM else ALIGN
+                    f.write(b"\0" * (-f.tell() % align))
+                    self._offsets[key] = (f.tell(), len(data))
+                    f.write(data)
+                    info.tensors += 1
+                if priced and key not in self._counted:
+                    self._counted.add(key)
+                    if t.data_type in _FLOATS:
+                        info.unique_float_elems += len(data) // _width(t.data_type)
+                    else:
+                        info.unique_other_bytes += len(data)
+                if restore:
+                    original = TensorProto()
+                    original.CopyFrom(t)
+                    saved.append((t, original))
+                _point_at(t, self.name, *self._offsets[key])
+                info.references += 1
+            save_graph(model, self.out_dir / graph)
+        finally:
+            for t, original in saved:
+                t.CopyFrom(original)
+
+    def close(self) -> SharedWeights:
+        if not self._file.closed:
+            self.info.bytes = self._file.tell()
+            self._file.close()
+            if self.info.tensors:
+                self.info.file = self.name
+            else:
+                (self.out_dir / self.name).unlink()
+        return self.info
 
 
 def _width(data_type: int) -> int:
@@ -147,4 +159,4 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
         f.write(model.SerializeToString())
 
 
-__all__ = ["INLINE_BYTES", "SharedWeights", "raw_bytes", "save_graph", "shared_external_data", "weights_file"]
+__all__ = ["INLINE_BYTES", "SharedWeights", "SharedWeightsWriter", "raw_bytes", "save_graph", "weights_file"]

@@ -15,14 +15,12 @@ for AI Hub).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import onnx
 
 from ndopt import threads
 from ndopt.errors import LoweringError
@@ -32,7 +30,7 @@ from ndopt.ir.pipeline import Pipeline
 from ndopt.precision import PRECISION_BITS
 from ndopt.progress import progress
 from targets import aihub, bundle, hub_jobs
-from targets.bundle_files import copy_encodings, graph_io, sha256_file, write_component, write_constants
+from targets.bundle_files import copy_encodings, graph_io, sha256_file, weights_record, write_constants
 from targets.estimator import Estimate, estimate_graph, memory_plan
 from targets.legality import legalize
 from targets.lowered import CACHE, LoweredGraph
@@ -49,7 +47,7 @@ from targets.lowering import (
 from targets.numerics import NumericsReport, check_model, check_numerics
 from targets.onnx_costs import load_static_graph, onnx_graph_cost
 from targets.quantized import AIMET_LOG, QuantizedGraph, aimet_log, is_quantized, lower_quantized
-from targets.shared_weights import SharedWeights
+from targets.shared_weights import SharedWeights, SharedWeightsWriter
 from targets.spec import TargetSpec, specs, uncalibrated_warning
 from targets.torch_costs import torch_graph_cost
 
@@ -164,49 +162,48 @@ class SnapdragonTarget:
         t0 = time.perf_counter()
         plans = plan_graphs(pipeline)
         release_memory()  # what the passes freed: at real widths gigabytes the exports below could not reuse
-        lowered: list[LoweredGraph] = []
-        with progress(f"lowering for {self.name}", total=len(plans)) as advance:
-            for plan in plans:
-                lowered.append(self._lower_graph(pipeline[plan.component], plan))
-                release_memory()
-                advance(plan.name)
-        _raise_on_failures(self.name, lowered)
-        by_component: dict[str, list[LoweredGraph]] = {}
-        for lg in lowered:
-            by_component.setdefault(lg.plan.component, []).append(lg)
+        by_component: dict[str, list[GraphPlan]] = {}
+        for plan in plans:
+            by_component.setdefault(plan.component, []).append(plan)
         precisions = {n: self._precision_of(pipeline[n]) for n in by_component}
         precision = precision_label(precisions.values())
 
         out_dir = Path(out_dir)
+        lowered: list[LoweredGraph] = []
         graphs: dict[str, dict[str, Any]] = {}
         estimates: dict[str, dict[str, Any]] = {}
         weights: dict[str, dict[str, Any]] = {}
         shared: dict[str, SharedWeights] = {}
         quantized: dict[str, QuantizedGraph] = {}
         with atomic_dir(out_dir) as tmp:
-            # a component at a time: the QDQ graph and encodings of each of its graphs (quantized components),
-            # then every graph of it written into its one weights file; the QDQ graphs, written, leave memory
-            # before the next component's are made (at real widths a bundle's QDQ graphs pass 10 GB together)
-            with aimet_log(tmp / AIMET_LOG, out_dir / AIMET_LOG):  # one count line per bundle, not per graph
-                for name, lgs in by_component.items():
+            # a component at a time, a graph at a time: each float graph is written into the component's one
+            # weights file as soon as it is lowered, then (quantized components) each graph's QDQ and encodings
+            # graphs; a graph the lowering cache does not keep leaves memory once written (its tensors point
+            # into the file). At real widths a component's graphs held together passed the machine's memory.
+            with progress(f"lowering for {self.name}", total=len(plans)) as advance, \
+                    aimet_log(tmp / AIMET_LOG, out_dir / AIMET_LOG):  # one count line per bundle, not per graph
+                for name, cplans in by_component.items():
                     comp = pipeline[name]
-                    if is_quantized(comp):
-                        with threads.for_module(comp.module):
-                            for lg in lgs:
-                                quantized[lg.plan.name] = lower_quantized(comp, lg.plan, example_inputs(lg.plan),
-                                                                          tmp, self.spec.legality)
-                                release_memory()
-                    models = [(f"{lg.plan.name}.onnx", lg.model) for lg in lgs]
-                    models += [m for q in (quantized[lg.plan.name] for lg in lgs if lg.plan.name in quantized)
-                               for m in ((q.qdq, q.qdq_model), (q.encodings_graph, q.encodings_model))]
-                    priced = {f"{lg.plan.name}.onnx" for lg in lgs}  # the float graphs: what the estimator prices
-                    shared[name], weights[name] = write_component(name, models, tmp, priced, precisions[name])
-                    for lg in lgs:
-                        if lg.plan.name in quantized:
-                            quantized[lg.plan.name] = replace(quantized[lg.plan.name], qdq_model=onnx.ModelProto(),
-                                                              encodings_model=onnx.ModelProto())
-                    del models
+                    with SharedWeightsWriter(name, tmp) as writer:
+                        mine = []
+                        for plan in cplans:
+                            lg = self._lower_graph(comp, plan)
+                            mine.append(lg)
+                            if lg.ok:  # the float graphs: what the estimator prices
+                                writer.add(f"{plan.name}.onnx", lg.model, priced=True, restore=lg.cached)
+                            release_memory()
+                            advance(plan.name)
+                        if is_quantized(comp) and all(lg.ok for lg in mine):
+                            save = functools.partial(writer.add, priced=False, restore=False)
+                            with threads.for_module(comp.module):
+                                for plan in cplans:
+                                    quantized[plan.name] = lower_quantized(comp, plan, example_inputs(plan), tmp,
+                                                                           self.spec.legality, save)
+                    lowered += mine
+                    shared[name] = writer.info
+                    weights[name] = weights_record(writer.info, tmp, precisions[name])
                     release_memory()
+            _raise_on_failures(self.name, lowered)
             for lg in lowered:
                 comp = pipeline[lg.plan.component]
                 prec = precisions[comp.name]
@@ -278,7 +275,7 @@ class SnapdragonTarget:
         hit = CACHE.get(key)
         if hit is not None:
             log.debug("%s: %s reused from this process's lowering cache", self.name, plan.name)
-            return LoweredGraph(plan, hit.model, hit.legality, hit.numerics, hit.simplify, 0.0)
+            return LoweredGraph(plan, hit.model, hit.legality, hit.numerics, hit.simplify, 0.0, cached=True)
         t0 = time.perf_counter()
         example = example_inputs(plan)
         reference = getattr(component.module, "reference", None)
@@ -297,7 +294,8 @@ class SnapdragonTarget:
                 numerics = check_numerics(model, component, plan, example)
             else:
                 numerics = NumericsReport(plan.name)
-        lg = LoweredGraph(plan, model, report, numerics, simplified, round(time.perf_counter() - t0, 3))
+        lg = LoweredGraph(plan, model, report, numerics, simplified, round(time.perf_counter() - t0, 3),
+                          cached=key is not None)
         CACHE.put(key, lg)
         return lg
 

@@ -4,6 +4,7 @@ onnx.checker, the legality rules and onnxruntime-vs-torch numerics (1e-4); the b
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import onnx
 import pytest
 import torch
 from conftest import TARGETS, bundle_files
+from onnx import numpy_helper
 
 from ndopt.errors import LoweringError
 from targets import registry
@@ -148,6 +150,63 @@ def test_meta_pipeline_is_refused_with_what_to_do(tmp_path):
     meta = load_model("pyramid-flow-sd3-384p", meta=True)
     with pytest.raises(LoweringError, match="meta device.*ndopt plan"):
         registry()["snapdragon-8-elite"].lower(meta, tmp_path / "b")
+
+
+def test_graphs_past_protobufs_limit_are_checked_from_a_file(monkeypatch):
+    """A graph past 2 GB (a real-width text encoder) cannot be serialized whole: onnx.checker and
+    onnxruntime get it as a file with external data, and the in-memory model keeps its tensors."""
+    from targets import numerics
+
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    buf = io.BytesIO()
+    torch.onnx.export(lin, (torch.randn(2, 64),), buf, input_names=["x"], opset_version=17, dynamo=False)
+    model = onnx.load_from_string(buf.getvalue())
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    seen = []
+    real_check = onnx.checker.check_model
+    monkeypatch.setattr(numerics, "EXTERNAL_DATA_BYTES", 1024)
+    monkeypatch.setattr(numerics.onnx.checker, "check_model", lambda src, **kw: (seen.append(src), real_check(src, **kw)))
+    numerics.check_model(model, "g")
+    got = numerics.onnxruntime_outputs(model, {"x": np.ones((2, 64), np.float32)})[0]
+    np.testing.assert_allclose(got, lin(torch.ones(2, 64)).detach().numpy(), atol=1e-5)
+    assert isinstance(seen[0], str) and seen[0].endswith(".onnx")  # checked from a file, not the proto
+    # the tensors are back in memory, nothing left pointing at the deleted file
+    assert all(t.data_location == onnx.TensorProto.DEFAULT and not t.external_data for t in model.graph.initializer)
+    assert all(np.array_equal(numpy_helper.to_array(t), before[t.name]) for t in model.graph.initializer)
+    # shape inference (legality, costs) reads the graph only: past the limit it runs on a weightless copy
+    from targets import onnx_costs
+
+    want = {v.name: v.type for v in onnx_costs.infer_shapes(onnx.ModelProto.FromString(model.SerializeToString())).graph.value_info}
+    monkeypatch.setattr(onnx_costs, "PROTOBUF_LIMIT", 1024)
+    got = {v.name: v.type for v in onnx_costs.infer_shapes(model).graph.value_info}
+    assert got == want and want and model.graph.initializer[0].raw_data  # weights untouched
+
+
+def test_onnxsim_runs_past_protobufs_limit(monkeypatch):
+    """Past 2 GB onnxsim goes file to file (weights as external data) and folds the same shape arithmetic
+    as in memory: skipping it left int64 shape ops that fail legality (a real-width text encoder)."""
+    from targets import lowering
+
+    class Flat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.lin(x).reshape(x.shape[0], x.shape[1] // 2, -1).sum(-1)
+
+    buf = io.BytesIO()
+    torch.onnx.export(Flat(), (torch.randn(2, 64),), buf, input_names=["x"], opset_version=17, dynamo=False,
+                      do_constant_folding=False)
+    model = onnx.load_from_string(buf.getvalue())
+    want, how = lowering.simplify(onnx.load_from_string(buf.getvalue()), "g")
+    monkeypatch.setattr(lowering, "EXTERNAL_DATA_BYTES", 1024)
+    got, how_big = lowering.simplify(model, "g")
+    assert how == how_big == "ok" and [n.op_type for n in got.graph.node] == [n.op_type for n in want.graph.node]
+    assert "Shape" not in {n.op_type for n in got.graph.node} and len(got.graph.node) < len(model.graph.node)
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in got.graph.initializer)
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_allclose(onnxruntime_outputs(got, {"x": x})[0], onnxruntime_outputs(model, {"x": x})[0], rtol=1e-6)
 
 
 def test_external_data_past_the_threshold(tmp_path):

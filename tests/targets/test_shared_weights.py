@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from targets.lowering import example_inputs, plan_graphs
 from targets.numerics import ATOL, RTOL, compare, onnxruntime_outputs, torch_reference
-from targets.shared_weights import ALIGN, INLINE_BYTES, save_graph, shared_external_data
+from targets.shared_weights import ALIGN, INLINE_BYTES, SharedWeightsWriter
 
 
 def _graph(names: tuple[str, str], bias: float) -> onnx.ModelProto:
@@ -29,12 +29,13 @@ def _graph(names: tuple[str, str], bias: float) -> onnx.ModelProto:
 
 def test_dedupes_by_content_keeps_small_tensors_inline(tmp_path):
     a, b = _graph(("W", "b"), 1.0), _graph(("renamed_weight", "b"), 2.0)  # same W under another name
-    with shared_external_data("comp", [("ga", a), ("gb", b)], tmp_path) as sw:
-        for name, m in (("ga", a), ("gb", b)):
-            save_graph(m, tmp_path / f"{name}.onnx")
+    with SharedWeightsWriter("comp", tmp_path) as writer:
+        writer.add("ga.onnx", a)
+        writer.add("gb.onnx", b)
+    sw = writer.info
     assert sw.file == "comp.weights.bin" and sw.tensors == 1 and sw.references == 2
     assert (tmp_path / sw.file).stat().st_size == sw.bytes == 64 * 64 * 4
-    assert sw.to_json()["bytes_without_sharing"] == 2 * 64 * 64 * 4
+    assert sw.to_json()["bytes_without_sharing"] == 2 * 64 * 64 * 4 and sw.unique_float_elems == 64 * 64
     on_disk = onnx.load(str(tmp_path / "gb.onnx"), load_external_data=False)
     w = next(t for t in on_disk.graph.initializer if t.name == "renamed_weight")
     fields = {e.key: e.value for e in w.external_data}
@@ -49,6 +50,31 @@ def test_dedupes_by_content_keeps_small_tensors_inline(tmp_path):
         got = onnxruntime_outputs(tmp_path / f"{name}.onnx", {"x": x})[0]
         want = x @ (np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096) + bias
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_an_unrestored_graph_lets_go_of_its_tensors(tmp_path):
+    """restore=False (a QDQ graph, saved and dropped): the in-memory model keeps only pointers into the
+    file, so its weights leave memory as soon as it is written; priced=False: not counted for the estimator."""
+    a, q = _graph(("W", "b"), 1.0), _graph(("W_q", "b"), 1.0)
+    with SharedWeightsWriter("comp", tmp_path) as writer:
+        writer.add("a.onnx", a)
+        writer.add("a.qdq.onnx", q, priced=False, restore=False)
+    big = next(t for t in q.graph.initializer if t.name == "W_q")
+    assert big.data_location == TensorProto.EXTERNAL and not big.raw_data
+    assert writer.info.tensors == 1 and writer.info.unique_float_elems == 64 * 64
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_allclose(onnxruntime_outputs(tmp_path / "a.qdq.onnx", {"x": x})[0],
+                               onnxruntime_outputs(tmp_path / "a.onnx", {"x": x})[0])
+
+
+def test_a_component_of_small_tensors_writes_no_file(tmp_path):
+    small = helper.make_model(helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [numpy_helper.from_array(np.ones(2, np.float32), "c")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    with SharedWeightsWriter("tiny", tmp_path) as writer:
+        writer.add("g.onnx", small)
+    assert writer.info.file is None and not (tmp_path / "tiny.weights.bin").exists() and (tmp_path / "g.onnx").is_file()
 
 
 @pytest.mark.slow
