@@ -289,9 +289,11 @@ class SnapdragonTarget:
             model, simplified = simplify(model, plan.name)
             release_memory()
             model, report = legalize(model, self.spec.legality, plan.name)
+            release_memory()
             if report.ok:
                 check_model(model, plan.name)
                 numerics = check_numerics(model, component, plan, example)
+                release_memory()  # the onnxruntime session's copy of the weights
             else:
                 numerics = NumericsReport(plan.name)
         lg = LoweredGraph(plan, model, report, numerics, simplified, round(time.perf_counter() - t0, 3),
