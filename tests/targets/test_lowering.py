@@ -4,6 +4,7 @@ onnx.checker, the legality rules and onnxruntime-vs-torch numerics (1e-4); the b
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 
@@ -227,3 +228,30 @@ def test_external_data_past_the_threshold(tmp_path):
     est = SnapdragonTarget(specs()["snapdragon-8-elite"]).estimate_onnx(tmp_path / "g.onnx", "w8a16")
     assert set(est) == {"latency_ms", "peak_memory_mb"} and est["latency_ms"] > 0
     assert save_model(model, tmp_path / "h.onnx") == ["h.onnx"] and EXTERNAL_DATA_BYTES > 2**30
+
+
+@pytest.mark.slow
+def test_bundle_graphs_share_one_file_per_component(lowered_runs, tiny):
+    """The tiny bundle: six DiT graphs point into dit.weights.bin (targets.shared_weights), written once;
+    each graph runs in onnxruntime from the bundle directory and matches torch as the manifest says.
+    (Here, beside the other tests of `lowered_runs`: one xdist worker lowers it once.)"""
+    run = lowered_runs["snapdragon-8-elite"]
+    bundle, man = run["bundle"], run["manifest"]
+    for g in man["graphs"].values():
+        assert g["external_data"] == f"{g['component']}.weights.bin" and (bundle / g["external_data"]).is_file()
+    assert not list(bundle.glob("*.onnx.data"))
+    dit = man["weights"]["dit"]
+    assert len(dit["files"]) == 6 and dit["bytes"] == (bundle / "dit.weights.bin").stat().st_size
+    assert dit["sha256"] == hashlib.sha256((bundle / "dit.weights.bin").read_bytes()).hexdigest()
+    assert dit["bytes_without_sharing"] > 5 * dit["bytes"]  # six graphs, one copy
+    assert dit["bytes"] >= sum(p.numel() * 4 for p in tiny["dit"].module.parameters()) * 0.9
+    # the memory plan loads each component's weights once
+    assert man["memory_plan"]["weights_mb"]["dit"] < 1.1 * dit["bytes"] / 2**20
+    for p in plan_graphs(tiny):
+        example = example_inputs(p, seed=3)
+        feeds = {io.name: example[io.name].numpy().astype(np.int32 if io.dtype == "int32" else np.float32)
+                 for io in p.inputs}
+        got = onnxruntime_outputs(bundle / f"{p.name}.onnx", feeds)
+        rep = compare(p.name, [o.name for o in tiny[p.component].outputs],
+                      torch_reference(tiny[p.component], p, example), got, ATOL, RTOL)
+        assert rep.ok, rep.to_json()
