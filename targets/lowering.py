@@ -244,7 +244,7 @@ def simplify(model: onnx.ModelProto, name: str) -> tuple[onnx.ModelProto, str]:
     options = {"check_n": 0, "perform_optimization": False}
     try:
         with _quiet_fds():
-            if model_bytes(model) <= EXTERNAL_DATA_BYTES:
+            if not needs_file(model):
                 simplified, _ = onnxsim.simplify(model, **options)
             else:  # past protobuf's 2 GB (a real-width text encoder): file to file, weights as external data
                 simplified = _simplify_file(model, onnxsim, options)
@@ -255,18 +255,33 @@ def simplify(model: onnx.ModelProto, name: str) -> tuple[onnx.ModelProto, str]:
 
 
 def _simplify_file(model: onnx.ModelProto, onnxsim: Any, options: dict[str, Any]) -> onnx.ModelProto:
-    """onnxsim on a model too large to serialize: written with external data, simplified from that file
-    into another, read back. Without this the exporter's shape arithmetic stays (int64, dynamic shapes)
-    and the graph fails legality. `model` keeps its tensors whatever happens."""
-    with tempfile.TemporaryDirectory(prefix="ndopt-onnxsim-") as d:
-        src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
-        onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="in.onnx.data", size_threshold=1024)  # moves the tensors out of `model`
+    """onnxsim on a model too large to serialize: simplified from a file (`on_disk`) into another, read
+    back. Without this the exporter's shape arithmetic stays (int64, dynamic shapes) and the graph fails
+    legality. `model` keeps its tensors whatever happens."""
+    with on_disk(model) as src:
+        dst = src.with_name("simplified.onnx")
+        onnxsim.simplify(str(src), output_path=str(dst), **options)
+        return onnx.load(str(dst), load_external_data=True)
+
+
+def needs_file(model: onnx.ModelProto) -> bool:
+    """Whether `model`'s weights pass protobuf's 2 GB limit: it cannot be serialized whole, so onnxsim,
+    onnx.checker and onnxruntime must take it from a file (`on_disk`)."""
+    return model_bytes(model) > EXTERNAL_DATA_BYTES
+
+
+@contextlib.contextmanager
+def on_disk(model: onnx.ModelProto) -> Iterator[Path]:
+    """`model` written into a temporary directory with its tensors as external data; the in-memory model
+    gets its tensors back when the block ends (onnx moves them out while saving)."""
+    with tempfile.TemporaryDirectory(prefix="ndopt-graph-") as d:
+        path = Path(d) / "graph.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="graph.onnx.data", size_threshold=1024)
         try:
-            onnxsim.simplify(str(src), output_path=str(dst), **options)
+            yield path
         finally:
             onnx.load_external_data_for_model(model, d)
-        return onnx.load(str(dst), load_external_data=True)
 
 
 @contextlib.contextmanager

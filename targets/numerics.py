@@ -8,7 +8,6 @@ A graph passes when every float output satisfies |ort - torch| <= atol + rtol * 
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,7 @@ import torch
 
 from ndopt.errors import LoweringError
 from ndopt.ir.component import Component
-from targets.lowering import EXTERNAL_DATA_BYTES, GraphPlan, call_kwargs
-from targets.onnx_costs import fits_protobuf
+from targets.lowering import GraphPlan, call_kwargs, needs_file, on_disk
 
 ATOL = 1e-4
 RTOL = 1e-4
@@ -59,23 +57,15 @@ class NumericsReport:
 @contextlib.contextmanager
 def loadable(model: onnx.ModelProto | Path) -> Iterator[str | onnx.ModelProto]:
     """What onnx.checker and onnxruntime take for `model`: a path as a string; a model within protobuf's
-    2 GB limit as itself; a larger one (a real-width text encoder) as a file with external data in a
-    temporary directory: serialized whole it fails ("Failed to serialize proto"). The in-memory model
-    gets its tensors back when the block ends."""
+    2 GB limit as itself; a larger one (a real-width text encoder) from a file (`lowering.on_disk`):
+    serialized whole it fails ("Failed to serialize proto")."""
     if isinstance(model, Path):
         yield str(model)
-        return
-    if fits_protobuf(model) and model.ByteSize() <= EXTERNAL_DATA_BYTES:
+    elif not needs_file(model):
         yield model
-        return
-    with tempfile.TemporaryDirectory(prefix="ndopt-check-") as d:
-        path = Path(d) / "graph.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="graph.onnx.data", size_threshold=1024)  # moves the tensors out of `model`
-        try:
+    else:
+        with on_disk(model) as path:
             yield str(path)
-        finally:
-            onnx.load_external_data_for_model(model, d)
 
 
 def check_model(model: onnx.ModelProto | Path, graph: str) -> None:

@@ -156,7 +156,7 @@ def test_meta_pipeline_is_refused_with_what_to_do(tmp_path):
 def test_graphs_past_protobufs_limit_are_checked_from_a_file(monkeypatch):
     """A graph past 2 GB (a real-width text encoder) cannot be serialized whole: onnx.checker and
     onnxruntime get it as a file with external data, and the in-memory model keeps its tensors."""
-    from targets import numerics
+    from targets import lowering, numerics
 
     lin = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
     buf = io.BytesIO()
@@ -165,7 +165,7 @@ def test_graphs_past_protobufs_limit_are_checked_from_a_file(monkeypatch):
     before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     seen = []
     real_check = onnx.checker.check_model
-    monkeypatch.setattr(numerics, "EXTERNAL_DATA_BYTES", 1024)
+    monkeypatch.setattr(lowering, "EXTERNAL_DATA_BYTES", 1024)
     monkeypatch.setattr(numerics.onnx.checker, "check_model", lambda src, **kw: (seen.append(src), real_check(src, **kw)))
     numerics.check_model(model, "g")
     got = numerics.onnxruntime_outputs(model, {"x": np.ones((2, 64), np.float32)})[0]
