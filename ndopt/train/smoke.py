@@ -17,7 +17,6 @@ with `--baseline` each component's largest weight change against the same passes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from ndopt.io import atomic_write_json
 from ndopt.ir.pipeline import Pipeline
 from ndopt.recipe import Recipe, load_recipe
 from ndopt.train import engine
+from ndopt.train.data import module_fingerprint
 
 log = logging.getLogger("ndopt")
 RESULT = "smoke.json"
@@ -51,17 +51,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         except ValueError:
             out[key] = raw
     return out
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of a module's state dict (names, dtypes, shapes and bytes): equal weights, equal hash."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
-            h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def _largest_change(a: torch.nn.Module, b: torch.nn.Module) -> float | None:
@@ -121,7 +110,7 @@ def smoke(recipe: str | Path, names: Sequence[str], out: Path, *, model: str | N
     # the components the passes made or changed (passes share the ones they leave alone)
     changed = {n: c for n, c in final.components.items()
                if n not in base.components or c.module is not base.components[n].module}
-    prints = {name: weights_fingerprint(c.module) for name, c in changed.items()}
+    prints = {name: module_fingerprint(c.module) for name, c in changed.items()}
     every = [prints] * env.world
     if env.active:
         every = [None] * env.world
