@@ -40,6 +40,22 @@ class ProbeSpec(_Strict):
     enabled: bool = True
 
 
+class VideoSpec(_Strict):
+    """The video the optimized pipeline makes, is saved for and is lowered at (each field left out: the
+    model's own). `frames` are video frames (1 + 8k for Pyramid-Flow's causal VAE); or `latent_frames`."""
+
+    frames: int | None = Field(None, ge=1)
+    latent_frames: int | None = Field(None, ge=1)
+    height: int | None = Field(None, ge=1)
+    width: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> VideoSpec:
+        if self.frames is not None and self.latent_frames is not None:
+            raise ValueError("give either `frames` or `latent_frames`, not both")
+        return self
+
+
 class FidelitySpec(_Strict):
     """What happens when a lossy pass leaves its budget: stop with FidelityError, or warn."""
 
@@ -55,6 +71,7 @@ class RecipeModel(_Strict):
     target: str | None = None
     targets: list[str] | None = None
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
+    video: VideoSpec | None = None
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
     output: str = "runs"
     seed: int = Field(0, ge=0, le=2**63 - 1)

@@ -177,6 +177,23 @@ def plot_frames(run_dir: Path, prompts: list[str], original: Any, optimized: Any
     return run_dir / "frames.png"
 
 
+def _frames(orig: dict[str, Any]) -> str:
+    """The first and the worst frame's pixel PSNR against the unoptimized pipeline (and which frame)."""
+    if "pixel_psnr_worst_frame" not in orig:
+        return "-"
+    return (f"{_num(orig['pixel_psnr_first_frame'])} / {_num(orig['pixel_psnr_worst_frame'])} "
+            f"(frame {orig['worst_frame']})")
+
+
+def _motion(fid: dict[str, Any]) -> str:
+    """Probe prompts whose motion follows the caption: unoptimized -> after the pass."""
+    after, before = fid.get("motion"), fid.get("motion_original")
+    if not after or not before:
+        return "-"
+    n = len(after["wanted"])
+    return f"{round(before['rate'] * n)}/{n} -> {round(after['rate'] * n)}/{n}"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# ndopt run `{report['recipe']['name']}`", "",
              f"- model: `{report['recipe']['model']}`", f"- status: **{report['status']}**"]
@@ -196,7 +213,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "![frames](frames.png)"]
     lines += ["", "## Passes", "",
               "| # | pass | modified | params | DiT calls/video | FLOPs/video | latent PSNR (vs prev) | budget | "
-              "pixel PSNR (vs orig) | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "pixel PSNR (vs orig) | first / worst frame | temporal PSNR | motion | seconds |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fewer(s: dict[str, Any], key: str) -> str:  # x fewer than the unoptimized pipeline
         r = s.get("ratios", {}).get(key)
@@ -210,6 +228,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{s['cost']['dit_calls_per_video']}{fewer(s, 'dit_calls_per_video')} | "
                      f"{_num(s['cost']['flops_per_video'])}{fewer(s, 'flops_per_video')} | "
                      f"{_num(prev.get('latent_psnr'))} | {_budget(fid)} | {_num(orig.get('pixel_psnr'))} | "
+                     f"{_frames(orig)} | {_num(orig.get('temporal_psnr'))} | {_motion(fid)} | "
                      f"{s.get('seconds', '-')} |")
     if report["steps"]:
         first, last = report.get("baseline") or report["steps"][0]["cost"], report["steps"][-1]["cost"]
@@ -269,6 +288,33 @@ def plot_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
         out["fidelity"] = run_dir / "fidelity.png"
+        out.update(_plot_fidelity_frames(run_dir, fid))
     out.update(_plot_estimates(run_dir, _lowering_estimates(report)))
     report["plots"] = {k: str(v) for k, v in out.items()}
     return out
+
+
+def _plot_fidelity_frames(run_dir: Path, fid: list[tuple[str, dict[str, Any]]]) -> dict[str, Path]:
+    """fidelity_frames.png: pixel and latent PSNR against the unoptimized pipeline on every frame, one
+    line per pass that changed the probe's output (exact passes that left it bit-identical are off the chart)."""
+    import matplotlib.pyplot as plt
+
+    rows = [(n, f["vs_original"]) for n, f in fid if "pixel_psnr_frames" in f["vs_original"]
+            and not all(math.isinf(v) for v in f["vs_original"]["pixel_psnr_frames"])]
+    if not rows:
+        return {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, orig in rows:
+        axes[0].plot([min(v, 100.0) for v in orig["pixel_psnr_frames"]], "o-", label=name)
+        axes[1].plot([min(v, 100.0) for v in orig["latent_psnr_frames"]], "s-", label=name)
+    axes[0].set_xlabel("video frame")
+    axes[0].set_ylabel("pixel PSNR vs original (dB)")
+    axes[1].set_xlabel("latent frame")
+    axes[1].set_ylabel("latent PSNR vs original (dB)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("fidelity per frame after each pass (capped at 100 dB)")
+    fig.tight_layout()
+    with atomic_path(run_dir / "fidelity_frames.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return {"fidelity_frames": run_dir / "fidelity_frames.png"}

@@ -62,7 +62,25 @@ def _load_recipe_model(r: Recipe, override: str | None, **kwargs: Any) -> Pipeli
         if override:
             raise
         raise r.error("model", str(e)) from None
-    return hybrid_pipeline(pipeline, seed=r.spec.seed) if r.spec.first_frame == HYBRID else pipeline
+    if r.spec.first_frame == HYBRID:
+        pipeline = hybrid_pipeline(pipeline, seed=r.spec.seed)
+    return _at_recipe_size(pipeline, r)
+
+
+def _at_recipe_size(pipeline: Pipeline, r: Recipe) -> Pipeline:
+    """The pipeline at the recipe's `video` size (frames, height, width), checked against the model's limits."""
+    v = r.spec.video
+    if v is None:
+        return pipeline
+    s = pipeline.schedule
+    try:
+        latent = (V.video_frames_to_latent(v.frames, pipeline, "video.frames") if v.frames is not None
+                  else v.latent_frames)
+        V.check_size(pipeline, latent_frames=latent, height=v.height, width=v.width,
+                     frames_option="video.latent_frames")
+    except NdoptError as e:
+        raise r.error("video", str(e)) from None
+    return pipeline.replace(schedule=s.with_frames(s.latent_frames if latent is None else latent, v.height, v.width))
 
 
 def _recipe(ref: str | Path | Recipe) -> Recipe:
@@ -170,6 +188,7 @@ def preflight(r: Recipe) -> None:
         return
     if r.spec.first_frame == HYBRID:
         skeleton = hybrid_pipeline(skeleton, seed=r.spec.seed)
+    skeleton = _at_recipe_size(skeleton, r)
     p = r.spec.probe
     if p.enabled:
         try:

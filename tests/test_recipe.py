@@ -45,6 +45,12 @@ BAD = {
     "bad_name": ("name: '../escape'\nmodel: pyramid-flow-tiny\n", 1, ["name", "pattern"]),
     "target_and_targets": ("name: x\nmodel: pyramid-flow-tiny\ntarget: snapdragon-8-elite\n"
                            "targets: [snapdragon-x-elite]\n", 1, ["either `target` or `targets`"]),
+    "video_frames_not_1_plus_8k": ("name: x\nmodel: pyramid-flow-tiny\nvideo:\n  frames: 10\n", 3,
+                                   ["video", "video.frames 10", "1 + 8k"]),
+    "video_height_not_a_multiple": ("name: x\nmodel: pyramid-flow-tiny\nvideo: {height: 100}\n", 3,
+                                    ["video", "--height 100", "multiple of 64"]),
+    "video_frames_and_latent_frames": ("name: x\nmodel: pyramid-flow-tiny\nvideo: {frames: 9, latent_frames: 2}\n",
+                                       3, ["video", "either `frames` or `latent_frames`"]),
     "unknown_model": ("name: x\nmodel: pyramid-flow-huge\n", 2, ["model", "unknown model", "pyramid-flow-tiny"]),
 }
 
@@ -119,3 +125,18 @@ def test_quantization_htp_config_must_agree_with_the_targets():
     ok = parse_recipe(base.format(extra="      hexagon: v73\n", target="target: snapdragon-x-elite"), "r.yaml")
     assert ok.targets == ["snapdragon-x-elite"]
     parse_recipe(base.format(extra="", target="target: snapdragon-x-elite"), "r.yaml")  # the pass takes the target's
+
+
+def test_recipe_video_size_sets_what_is_planned(tmp_path, monkeypatch):
+    """`video:` sizes the pipeline the recipe optimizes, saves and lowers (here: what the plan costs)."""
+    import ndopt
+
+    for plot in ("plot_report", "_plot_estimates"):
+        monkeypatch.setattr(f"ndopt.report.{plot}", lambda *a: {})
+    path = tmp_path / "sized.yaml"
+    path.write_text("name: sized\nmodel: pyramid-flow-tiny\nvideo: {frames: 1, width: 128}\n")
+    sized = ndopt.plan(path, report_dir=tmp_path / "a")
+    assert sized["latent_frames"] == 1 and sized["resolution"] == [64, 128]
+    path.write_text("name: sized\nmodel: pyramid-flow-tiny\n")
+    own = ndopt.plan(path, report_dir=tmp_path / "b")
+    assert own["latent_frames"] == 2 and own["resolution"] == [64, 64]

@@ -17,6 +17,7 @@ import torch
 from ndopt import threads
 from ndopt.errors import FidelityError
 from ndopt.eval.metrics import latent_metrics, pixel_psnr
+from ndopt.eval.video import caption_direction, motion_direction, video_metrics
 from ndopt.ir.fingerprint import sampled_identity
 from ndopt.ir.pipeline import Pipeline
 
@@ -64,9 +65,20 @@ class FidelityProbe:
         if out.latents.shape != ref.latents.shape:
             raise FidelityError(f"probe latents changed shape: {tuple(out.latents.shape)} vs "
                                 f"{tuple(ref.latents.shape)}")
-        m = latent_metrics(out.latents, ref.latents)
-        m["pixel_psnr"] = pixel_psnr(out.video, ref.video) if out.video.shape == ref.video.shape else -math.inf
+        m: dict[str, Any] = latent_metrics(out.latents, ref.latents)
+        if out.video.shape != ref.video.shape:
+            m["pixel_psnr"] = -math.inf
+            return m
+        m["pixel_psnr"] = pixel_psnr(out.video, ref.video)
+        m.update(video_metrics(out.latents, ref.latents, out.video, ref.video))
         return m
+
+    def motion(self, out: ProbeOutput) -> dict[str, Any]:
+        """Motion following of the probe's videos: each prompt's detected direction vs its caption's."""
+        wanted = [caption_direction(p) for p in self.settings.prompts]
+        found = [motion_direction(v) for v in out.video]
+        return {"rate": sum(w == f for w, f in zip(wanted, found)) / max(1, len(wanted)),
+                "wanted": wanted, "found": found}
 
 
 @dataclass
@@ -105,7 +117,8 @@ class FidelityInstrument:
         self.reused += same
         step = self.compare_checked(out, self._previous, p, kind)
         total = self.probe.compare(out, self.reference)
-        record["fidelity"] = {"contract": kind, "vs_previous": step, "vs_original": total, **self.contract(p)}
+        record["fidelity"] = {"contract": kind, "vs_previous": step, "vs_original": total, **self.contract(p),
+                              "motion": self.probe.motion(out), "motion_original": self.probe.motion(self.reference)}
         if same:  # the components it samples, their weights and the schedule are the ones sampled last time
             record["fidelity"]["reused"] = "sampled pipeline unchanged: the previous probe outputs stand"
         self._previous = out

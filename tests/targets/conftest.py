@@ -61,6 +61,7 @@ passes:
       export: none
       calibration: {prompts: [a red circle moving left on a dark background, a blue square moving up on a light background]}
 target: snapdragon-x-elite
+video: {latent_frames: 1}  # one frame: three DiT layouts to lower and quantize-export, not six
 probe: {enabled: false}
 seed: 0
 """

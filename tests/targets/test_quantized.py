@@ -34,7 +34,7 @@ def test_run_quantizes_with_the_targets_htp_config(quantized_run):
 def test_every_quantized_graph_ships_qdq_and_encodings(quantized_run):
     bundle, man = quantized_run["bundle"], quantized_run["manifest"]
     quantized = {n: g for n, g in man["graphs"].items() if g["component"] in ("dit", "vae_decoder")}
-    assert len(quantized) == 7  # six DiT layouts and the decoder
+    assert len(quantized) == 4  # the recipe's one latent frame: three DiT layouts (one per stage) and the decoder
     for name, g in quantized.items():
         assert g["precision"] == "w8a16" and g["qdq"] == f"{name}.qdq.onnx" and g["encodings"] == f"{name}.encodings"
         assert g["qdq_numerics"]["ok"] and g["qdq_numerics"]["rel_err"] <= 1e-2, g["qdq_numerics"]
@@ -63,7 +63,7 @@ def test_estimates_price_each_component_at_its_precision(quantized_run):
     assert man["weights"]["text_encoder"]["precision"] == "fp16"
     # the DiT's file holds its float and quantized-value weights; the runtime loads one form, at 8 bits
     dit = man["weights"]["dit"]
-    assert len(dit["files"]) == 18 and man["memory_plan"]["weights_mb"]["dit"] < 0.3 * dit["bytes"] / 2**20
+    assert len(dit["files"]) == 9 and man["memory_plan"]["weights_mb"]["dit"] < 0.3 * dit["bytes"] / 2**20
     low = quantized_run["report"]["lowering"]["snapdragon-x-elite"]
     assert low["precision"] == "mixed" and low["estimate"]["components"]["text_encoder"]["precision"] == "fp16"
 
@@ -236,7 +236,7 @@ def test_lower_submits_the_qdq_graph_of_quantized_components(monkeypatch, creden
     text = Path(first["ndopt:text_encoder__prompt"]["model"])
     assert text.name == "text_encoder__prompt.onnx"
     assert {lk["name"] for lk in hub.links} == {"ndopt:text_encoder", "ndopt:dit", "ndopt:vae_decoder"}
-    assert len(next(lk for lk in hub.links if lk["name"] == "ndopt:dit")["models"]) == 6
+    assert len(next(lk for lk in hub.links if lk["name"] == "ndopt:dit")["models"]) == 3  # one per DiT layout
 
 
 @pytest.mark.slow
