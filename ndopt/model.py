@@ -296,8 +296,9 @@ class ModelInterface:
         """The name of a hybrid pipeline's base (before the hybrid components joined it)."""
         return pipeline.name
 
-    def untrained(self, preset: str, seed: int) -> Pipeline:
-        """The preset's modules with the upstream initialisation (never bundled weights)."""
+    def untrained(self, preset: str, seed: int, architecture: Mapping[str, Mapping[str, Any]] | None = None) -> Pipeline:
+        """The preset's modules with the upstream initialisation (never bundled weights); `architecture`
+        overrides fields of its component configs ({"vae": {...}, "dit": {...}}: a wider teacher)."""
         raise self._missing("untrained")
 
     def save_weights(self, pipeline: Pipeline, path: Path | None = None) -> Path:

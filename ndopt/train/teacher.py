@@ -40,7 +40,7 @@ from ndopt.train.objectives import (
     VAEReconstruction,
     standardize_latents,
 )
-from ndopt.train.prompt_following import held_out_scenes, prompt_following
+from ndopt.train.prompt_following import held_out_scenes, prompt_following, video_following
 
 log = logging.getLogger("ndopt")
 
@@ -95,6 +95,9 @@ class TeacherConfig(_Strict):
     seed: int = 0
     data: dict[str, Any] = Field(default_factory=dict)  # ProceduralConfig fields
     vae: list[VAESpec] = Field(min_length=1)  # phases, in order (e.g. images first, then clips)
+    # fields of the preset's component configs to override ({"vae": {...}, "dit": {...}}): a wider
+    # teacher; the weights record what they were trained with, and the preset loads that
+    architecture: dict[str, dict[str, Any]] = Field(default_factory=dict)
     vae_init: str = "default"  # "default": PyTorch's init (trains faster than upstream's N(0, 0.02) here)
     latent_clips: int = Field(4096, ge=1)
     dit: DiTSpec
@@ -117,12 +120,30 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> TeacherConfig:
         raise NdoptError(f"{path}: invalid teacher config: {e}") from None
 
 
-def fresh_pipeline(seed: int) -> Pipeline:
+def fresh_pipeline(seed: int, architecture: dict[str, dict[str, Any]] | None = None) -> Pipeline:
     """The tiny preset's modules with upstream's initialisation (never the bundled weights), from its
-    frontend (`ModelInterface.untrained`)."""
+    frontend (`ModelInterface.untrained`), with the teacher config's architecture overrides."""
     from ndopt.model import frontend_of
 
-    return frontend_of(PRESET).require("untrained", user="the teacher trainer").untrained(PRESET, seed)
+    iface = frontend_of(PRESET).require("untrained", user="the teacher trainer")
+    return iface.untrained(PRESET, seed, architecture) if architecture else iface.untrained(PRESET, seed)
+
+
+@torch.no_grad()
+def vae_reconstruction(pipeline: Pipeline, config: ProceduralConfig, n: int = 16, frames: int = 9,
+                       seed: int = 4321) -> list[float]:
+    """Pixel PSNR (dB) of the VAE's reconstruction of `n` held-out clips, per latent frame (latent frame 0
+    is video frame 0; latent frame k the `temporal` video frames it compresses)."""
+    from ndopt.eval.metrics import pixel_psnr
+
+    ds = ProceduralVideos(dc_replace(config, frames=frames), seed=seed, held_out=True)
+    video = torch.stack([ds[i].video for i in range(n)])
+    enc, dec = pipeline["vae_encoder"].module, pipeline["vae_decoder"].module
+    z = enc(video)
+    rec = dec(z)
+    per = (frames - 1) // max(1, z.shape[2] - 1) if z.shape[2] > 1 else 1
+    groups = [[0]] + [list(range(1 + per * (k - 1), 1 + per * k)) for k in range(1, z.shape[2])]
+    return [pixel_psnr(rec[:, :, g], video[:, :, g]) for g in groups]
 
 
 def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, device: str = "cpu",
@@ -130,7 +151,7 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
     """Run the three phases (resuming each from its checkpoints) and evaluate; returns the pipeline."""
     t0 = time.perf_counter()
     out = Path(out)
-    pipe = fresh_pipeline(config.seed)
+    pipe = fresh_pipeline(config.seed, config.architecture)
     data_cfg = config.procedural()
     dev = torch.device(device)
     report: dict[str, Any] = {"config": config.model_dump(), "scale": scale, "phases": {}}
@@ -150,6 +171,9 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
                       config=vae.train_config(config.seed + i, config.checkpoint_every, scale),
                       run_dir=out / f"vae{i}", device=dev, name=f"teacher/vae{i}", show_progress=show_progress).fit()
         report["phases"][f"vae{i}"] = {"final": res.final, "seconds": res.seconds}
+    report["vae_reconstruction_db"] = vae_reconstruction(pipe, data_cfg)
+    log.info("teacher: VAE reconstruction of held-out clips per latent frame: %s dB",
+             ", ".join(f"{x:.2f}" for x in report["vae_reconstruction_db"]))
     calib = torch.stack([ProceduralVideos(data_cfg, seed=config.seed + 99)[i].video for i in range(32)]).to(dev)
     report["standardize"] = standardize_latents(enc, dec, calib)
 
@@ -176,6 +200,8 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
     pf = prompt_following(pipe, held_out_scenes(ev.prompts, data_cfg), seed=ev.seed, steps=ev.steps,
                           config=data_cfg)
     report["prompt_following"] = pf.to_json()
+    report["video_following"] = video_following(pipe, held_out_scenes(ev.prompts, data_cfg), seed=ev.seed,
+                                                steps=ev.steps, config=data_cfg).to_json()
     report["seconds"] = time.perf_counter() - t0
     log.info("teacher: prompt following on %d held-out prompts: %.0f%%", pf.n, 100 * pf.rate)
     atomic_write_json(out / "report.json", report)

@@ -93,3 +93,23 @@ def test_probe_reports_every_frame_and_motion():
     assert len(m["pixel_psnr_frames"]) == 9 and m["pixel_psnr"] < 30 and "temporal_psnr" in m
     assert probe.motion(ref) == {"rate": 1.0, "wanted": ["left"], "found": ["left"]}
     assert probe.motion(out)["found"] == ["right"] and probe.motion(out)["rate"] == 0.0
+
+
+def test_report_tables_and_plots_fidelity_per_frame(tmp_path):
+    from ndopt.report import plot_report, render_markdown
+
+    _, v = _clip(direction="left")
+    probe = FidelityProbe(ProbeSettings(prompts=("a red circle moving left on a dark background",)))
+    ref = ProbeOutput(torch.randn(1, 16, 2, 8, 8), v[None])
+    noisy = ProbeOutput(ref.latents + 0.05, (v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0)))[None])
+    cost = {"params_total": 10, "flops_per_video": 100, "dit_calls_per_video": 6}
+    fid = {"contract": "lossy", "vs_previous": probe.compare(noisy, ref), "vs_original": probe.compare(noisy, ref),
+           "metric": "latent_psnr", "budget_db": 10.0, "motion": probe.motion(noisy), "motion_original": probe.motion(ref)}
+    report = {"recipe": {"name": "r", "model": "m"}, "status": "ok", "steps": [
+        {"index": 1, "name": "lossy_one", "modified": True, "cost": cost, "fidelity": fid}]}
+    paths = plot_report(tmp_path, report)
+    assert paths["fidelity_frames"].read_bytes()[:4] == b"\x89PNG"
+    md = render_markdown(report)
+    first, worst = fid["vs_original"]["pixel_psnr_first_frame"], fid["vs_original"]["pixel_psnr_worst_frame"]
+    assert f"{first:.2f} / {worst:.2f} (frame {fid['vs_original']['worst_frame']})" in md
+    assert "| 1/1 -> 1/1 |" in md and "first / worst frame" in md

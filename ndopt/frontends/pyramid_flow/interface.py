@@ -242,7 +242,9 @@ class PyramidFlowInterface(ModelInterface):
 
         return pipeline.name.removesuffix(SUFFIX) if pipeline.schedule.first_frame == HYBRID else pipeline.name
 
-    def untrained(self, preset: str, seed: int) -> Pipeline:
+    def untrained(self, preset: str, seed: int, architecture: Mapping[str, Mapping[str, Any]] | None = None) -> Pipeline:
+        import dataclasses
+
         from ndopt.frontends.pyramid_flow import dit as dit_mod
         from ndopt.frontends.pyramid_flow import text as text_mod
         from ndopt.frontends.pyramid_flow import vae as vae_mod
@@ -252,6 +254,15 @@ class PyramidFlowInterface(ModelInterface):
         if preset not in specs:
             raise NdoptError(f"unknown preset {preset!r}; {self.name} presets: {', '.join(specs)}")
         spec = specs[preset]
+        for part, fields in (architecture or {}).items():
+            if part not in ("vae", "dit"):
+                raise NdoptError(f"architecture: unknown part {part!r}; give vae and/or dit")
+            try:
+                cfg = dataclasses.replace(getattr(spec, part), **{k: tuple(v) if isinstance(v, list) else v
+                                                                  for k, v in fields.items()})
+            except (TypeError, ValueError) as e:
+                raise NdoptError(f"architecture.{part}: {e}") from None
+            spec = dataclasses.replace(spec, **{part: cfg})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             text = text_mod.SD3TextEncoder(spec.text, text_mod.tiny_tokenizers()

@@ -10,6 +10,7 @@ together, before any module is built.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,13 +84,13 @@ def _smoke_spec(name: str) -> PresetSpec:
 
 def preset_specs() -> dict[str, PresetSpec]:
     return {
-        "pyramid-flow-tiny": PresetSpec(
+        "pyramid-flow-tiny": _trained_architecture(PresetSpec(
             "pyramid-flow-tiny", dit_mod.tiny_config(), vae_mod.tiny_config(), text_mod.tiny_config(),
             height=64, width=64, latent_frames=2, prompt_suffix="", negative_prompt="",
             # the trained tiny teacher follows prompts in 13/16 held-out samples at CFG 5 (12/16 at
             # upstream's 7, 11/16 at 10, where its latents are 2.3x wider than at 5): measured on the
             # bundled weights (`python -m ndopt.train.teacher`, then tests/train/test_tiny_teacher.py)
-            guidance_scale=5.0),
+            guidance_scale=5.0)),
         "pyramid-flow-sd3-384p": _real_spec("pyramid-flow-sd3-384p", 384, 640),
         "pyramid-flow-sd3-768p": _real_spec("pyramid-flow-sd3-768p", 768, 1280),
         "pyramid-flow-sd3-smoke": _smoke_spec("pyramid-flow-sd3-smoke"),
@@ -192,8 +193,68 @@ def _load_bundled(path: Path, text: torch.nn.Module, dit: torch.nn.Module, vae: 
         ckpt.load_into(module, part, source=f"{path} [{prefix.rstrip('.')}]")
 
 
+def _trained_architecture(spec: PresetSpec) -> PresetSpec:
+    """A preset with bundled weights takes the VAE / DiT configs recorded in them (a retrained teacher may
+    be wider than the code's defaults); read once per file version."""
+    path = bundled_weights(spec.name)
+    if path is None:
+        return spec
+    return with_architecture(spec, _cached_architecture(str(path), path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_architecture(path: str, mtime_ns: int) -> dict[str, Any]:
+    return weights_architecture(Path(path))
+
+
+ARCH_KEYS = {"vae": "ndopt.vae_config", "dit": "ndopt.dit_config"}  # safetensors metadata of bundled weights
+
+
+def _config_from(cls: type, raw: Any, where: str) -> Any:
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(raw, dict) or set(raw) - fields:
+        raise CheckpointError(f"{where}: {cls.__name__} metadata {raw!r}: not an object of {sorted(fields)}")
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid {cls.__name__} metadata: {e}") from None
+
+
+def weights_architecture(path: Path) -> dict[str, Any]:
+    """The VAE and DiT configs a bundled weights file was trained with (its metadata); {} for older files,
+    which hold the preset's own architecture."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: cannot read the bundled weights ({e}); reinstall ndopt") from None
+    out: dict[str, Any] = {}
+    for part, cls in (("vae", vae_mod.CausalVAEConfig), ("dit", dit_mod.MMDiTConfig)):
+        if ARCH_KEYS[part] in meta:
+            try:
+                raw = json.loads(meta[ARCH_KEYS[part]])
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: metadata {ARCH_KEYS[part]} is not JSON ({e})") from None
+            out[part] = _config_from(cls, raw, str(path))
+    return out
+
+
+def with_architecture(spec: PresetSpec, arch: dict[str, Any]) -> PresetSpec:
+    """The preset with the VAE / DiT configs its weights were trained with."""
+    from dataclasses import replace
+
+    return replace(spec, **{k: v for k, v in arch.items() if k in ("vae", "dit")})
+
+
 def save_bundled(path: Path, pipeline: Pipeline) -> None:
-    """Write a pipeline's weights in the bundled-weights format (used by the teacher's training)."""
+    """Write a pipeline's weights in the bundled-weights format (used by the teacher's training), with
+    the VAE and DiT configs in the metadata, so a preset whose teacher was retrained wider loads."""
     from safetensors.torch import save_file
 
     from ndopt.io import atomic_path
@@ -205,8 +266,13 @@ def save_bundled(path: Path, pipeline: Pipeline) -> None:
     for prefix, module in (("text_encoder.", pipeline.by_role("text_encoder")[0].module),
                            ("dit.", pipeline.by_role("dit")[0].module), ("vae.", enc.module), ("vae.", dec.module)):
         sd.update({prefix + k: v.detach().contiguous().clone() for k, v in module.state_dict().items()})
+    import dataclasses
+    import json
+
+    configs_ = {"vae": enc.module.config, "dit": pipeline.by_role("dit")[0].module.config}
+    meta = {ARCH_KEYS[k]: json.dumps(dataclasses.asdict(c)) for k, c in configs_.items()}
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp))
+        save_file(sd, str(tmp), metadata=meta)
 
 
 def build_preset(name: str, device: torch.device | str = "cpu", seed: int = 0) -> Pipeline:
