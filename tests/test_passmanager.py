@@ -97,6 +97,10 @@ def test_small_lossy_change_is_within_budget_and_reported(tiny, tmp_path):
     fid = recs[0].record["fidelity"]
     assert 30.0 < fid["vs_previous"]["latent_psnr"] < float("inf")
     assert fid["vs_original"] == fid["vs_previous"]
+    # the video-level figures beside the clip's: one latent frame of one video frame here
+    orig = fid["vs_original"]
+    assert len(orig["pixel_psnr_frames"]) == 1 and orig["pixel_psnr_worst_frame"] == orig["pixel_psnr_first_frame"]
+    assert fid["motion"]["wanted"] == ["left"] and len(fid["motion_original"]["found"]) == 1
 
 
 def test_exact_pass_that_changes_numbers_fails(tiny, tmp_path):
