@@ -53,3 +53,32 @@ def test_untrained_pipeline_does_not_follow_prompts(teacher_and_random):
     """The control that makes the check above mean something: random weights fail it."""
     _, untrained = teacher_and_random
     assert untrained.rate < 0.3, untrained.to_json()
+
+
+# ---- the video bars (issue: a tiny teacher that makes the caption's video) --------------------------
+# The bundled teacher predates them: its VAE keeps latent frame 0 (20.7 dB) but not frame 1 (11.7 dB),
+# and its clips follow the caption's colour and shape on every frame 0/16 and its motion 5/16
+# (bench/bench_video_fidelity.py). The next teacher (ndopt/train/tiny_teacher_video.yaml) is trained
+# for them; strict xfails turn into failures the day it is installed, so these markers go with it.
+TEACHER_NOT_YET_RETRAINED = pytest.mark.xfail(strict=True, reason="the bundled teacher predates the video bars")
+
+
+@needs_teacher
+@TEACHER_NOT_YET_RETRAINED
+def test_vae_reconstructs_every_latent_frame_of_held_out_clips():
+    from ndopt.train.teacher import vae_reconstruction
+
+    db = vae_reconstruction(load_model("pyramid-flow-tiny"), load_config(DEFAULT_CONFIG).procedural())
+    assert len(db) == 2 and min(db) >= 26.0, db
+
+
+@pytest.mark.nightly  # 16 clips of 9 frames at 6-6-6 steps with CFG: ~30 s on one core
+@needs_teacher
+@TEACHER_NOT_YET_RETRAINED
+def test_teacher_follows_colour_shape_and_motion_on_every_frame():
+    from ndopt.train.prompt_following import video_following
+
+    cfg = load_config(DEFAULT_CONFIG)
+    got = video_following(load_model("pyramid-flow-tiny"), held_out_scenes(16, cfg.procedural()), seed=cfg.eval.seed,
+                          steps=tuple(cfg.eval.steps), config=cfg.procedural())
+    assert got.count("every_frame") >= 12 and got.count("moves") >= 12, got.to_json()
