@@ -207,15 +207,22 @@ def export_graph(component: Component, plan: GraphPlan, example: dict[str, torch
             m.training = training
 
 
-def release_memory() -> None:
-    """Give freed memory back to the OS between graphs. Exporting, simplifying and checking a graph
-    allocates and frees its weights several times over (torch's exporter, protobuf, onnxsim,
-    onnxruntime); glibc keeps what was freed in its heap, fragmented, and the next graph's allocations
-    do not fit in it, so at real widths a bundle's lowering grew by a gigabyte or more per graph."""
+RELEASE_ABOVE = 64 * 2**20  # weights under this are freed into a heap the next graph reuses as it is
+
+
+def release_memory(nbytes: int | None = None) -> None:
+    """Give freed memory back to the OS between graphs of `nbytes` of weights (None: whatever the size).
+    Exporting, simplifying and checking a graph allocates and frees its weights several times over
+    (torch's exporter, protobuf, onnxsim, onnxruntime); glibc keeps what was freed in its heap,
+    fragmented, and the next graph's allocations do not fit in it, so at real widths a bundle's lowering
+    grew by a gigabyte or more per graph. Small graphs skip it: the full garbage collection it needs
+    costs ~0.5 s in a process holding torch, transformers and AIMET (20 s of a tiny quantized bundle)."""
     import ctypes
     import gc
     import sys
 
+    if nbytes is not None and nbytes < RELEASE_ABOVE:
+        return
     gc.collect()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim

@@ -43,7 +43,7 @@ from onnx import TensorProto, numpy_helper
 from ndopt.errors import LoweringError
 from ndopt.io import TMP_PREFIX
 from ndopt.ir.component import Component
-from targets.lowering import GraphPlan, call_kwargs, release_memory
+from targets.lowering import GraphPlan, call_kwargs, release_memory, weight_bytes
 from targets.numerics import onnxruntime_outputs, torch_reference
 from targets.spec import LegalityRules
 
@@ -152,9 +152,10 @@ def lower_quantized(component: Component, plan: GraphPlan, example: dict[str, to
                                 f"failed: {type(e).__name__}: {e}; rerun aimet_quantization, or lower the float "
                                 "pipeline") from e
         qdq = onnx.load(str(raw))
-    release_memory()  # the export's transient copies (several times the weights at real widths)
+    nbytes = weight_bytes(component.module)
+    release_memory(nbytes)  # the export's transient copies (several times the weights at real widths)
     qdq = simplify_qdq(qdq, plan.name)
-    release_memory()
+    release_memory(nbytes)
     qdq, report = legalize(qdq, rules, f"{plan.name}.qdq")
     if not report.ok:
         shown = "; ".join(str(v) for v in report.errors[:3])
@@ -173,7 +174,7 @@ def lower_quantized(component: Component, plan: GraphPlan, example: dict[str, to
     del qdq
     save(files[1], stripped)
     del stripped
-    release_memory()
+    release_memory(nbytes)
     return QuantizedGraph(files[0], enc_name, files[1], numerics, report.to_json(),
                           {"activation": len(enc["activation_encodings"]), "param": len(enc["param_encodings"])})
 

@@ -43,6 +43,7 @@ from targets.lowering import (
     plan_graphs,
     release_memory,
     simplify,
+    weight_bytes,
 )
 from targets.numerics import NumericsReport, check_model, check_numerics
 from targets.onnx_costs import load_static_graph, onnx_graph_cost
@@ -161,7 +162,7 @@ class SnapdragonTarget:
         self.check_encodings(pipeline)
         t0 = time.perf_counter()
         plans = plan_graphs(pipeline)
-        release_memory()  # what the passes freed: at real widths gigabytes the exports below could not reuse
+        release_memory(sum(weight_bytes(c.module) for c in pipeline.components.values()))  # what the passes freed
         by_component: dict[str, list[GraphPlan]] = {}
         for plan in plans:
             by_component.setdefault(plan.component, []).append(plan)
@@ -184,6 +185,7 @@ class SnapdragonTarget:
                     aimet_log(tmp / AIMET_LOG, out_dir / AIMET_LOG):  # one count line per bundle, not per graph
                 for name, cplans in by_component.items():
                     comp = pipeline[name]
+                    nbytes = weight_bytes(comp.module)
                     with SharedWeightsWriter(name, tmp) as writer:
                         mine = []
                         for plan in cplans:
@@ -191,7 +193,7 @@ class SnapdragonTarget:
                             mine.append(lg)
                             if lg.ok:  # the float graphs: what the estimator prices
                                 writer.add(f"{plan.name}.onnx", lg.model, priced=True, restore=lg.cached)
-                            release_memory()
+                            release_memory(nbytes)
                             advance(plan.name)
                         if is_quantized(comp) and all(lg.ok for lg in mine):
                             save = functools.partial(writer.add, priced=False, restore=False)
@@ -202,7 +204,7 @@ class SnapdragonTarget:
                     lowered += mine
                     shared[name] = writer.info
                     weights[name] = weights_record(writer.info, tmp, precisions[name])
-                    release_memory()
+                    release_memory(nbytes)
             _raise_on_failures(self.name, lowered)
             for lg in lowered:
                 comp = pipeline[lg.plan.component]
@@ -283,17 +285,18 @@ class SnapdragonTarget:
             # an AIMET sim (the quantization pass): the graph is the float model, its quantizer
             # encodings travel beside it (QNN's float graph + encodings flow); numerics vs that float model
             component = component.with_module(reference)
+        nbytes = weight_bytes(component.module)
         with threads.for_module(component.module):
             model = export_graph(component, plan, example, self.spec.opset)
-            release_memory()  # the exporter's transient copies of the weights
+            release_memory(nbytes)  # the exporter's transient copies of the weights
             model, simplified = simplify(model, plan.name)
-            release_memory()
+            release_memory(nbytes)
             model, report = legalize(model, self.spec.legality, plan.name)
-            release_memory()
+            release_memory(nbytes)
             if report.ok:
                 check_model(model, plan.name)
                 numerics = check_numerics(model, component, plan, example)
-                release_memory()  # the onnxruntime session's copy of the weights
+                release_memory(nbytes)  # the onnxruntime session's copy of the weights
             else:
                 numerics = NumericsReport(plan.name)
         lg = LoweredGraph(plan, model, report, numerics, simplified, round(time.perf_counter() - t0, 3),

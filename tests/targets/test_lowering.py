@@ -113,38 +113,6 @@ def test_failed_lowering_leaves_previous_bundle(tiny, tmp_path, monkeypatch, off
     assert json.loads((out / "manifest.json").read_text()) == {"previous": True}
 
 
-@pytest.mark.slow
-def test_constant_tables_carry_their_sha256(tiny, tmp_path, offline):
-    """A folded schedule's timestep-embedding table is written with np.save; the manifest records the
-    file's sha256 (what the runtime checks before loading it) next to its shape and timesteps."""
-    import hashlib
-
-    from ndopt.passmanager import PassContext
-    from passes.cfg_folding import CfgFolding
-    from passes.dead_component_elimination import DeadComponentElimination
-    from passes.schedule_folding import ScheduleFolding
-    from targets.bundle import TIMESTEP_TABLE, constants
-
-    ctx = PassContext(tmp_path / "ctx")
-    small = DeadComponentElimination().run(tiny.replace(schedule=tiny.schedule.with_steps((1, 1, 1), (1, 1, 1))),
-                                           ctx).pipeline
-    folded = ScheduleFolding().run(CfgFolding().run(small, ctx).pipeline, ctx).pipeline
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on shared cores
-    try:
-        registry()["snapdragon-8-elite"].lower(folded, tmp_path / "bundle", ctx)
-    finally:
-        torch.set_num_threads(n)
-    man = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    (name,) = man["constants"]
-    entry, path = man["constants"][name], tmp_path / "bundle" / name
-    assert name == TIMESTEP_TABLE and [p.name for p in (tmp_path / "bundle").glob("*.npy")] == [name]
-    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    want = constants(folded)[TIMESTEP_TABLE]
-    assert entry["shape"] == list(want["array"].shape) and entry["timesteps"] == want["timesteps"]
-    np.testing.assert_array_equal(np.load(path), want["array"])
-
-
 def test_meta_pipeline_is_refused_with_what_to_do(tmp_path):
     from ndopt.frontends import load_model
 

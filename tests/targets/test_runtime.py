@@ -243,3 +243,22 @@ def test_resize_follows_torch_interpolate():
 
 def runtime_bilinear() -> dict:
     return {"mode": "bilinear", "align_corners": False, "antialias": False}
+
+
+@pytest.mark.slow
+def test_constant_tables_carry_their_sha256(lowered):
+    """A folded schedule's timestep-embedding table is written with np.save; the manifest records the
+    file's sha256 (what the runtime checks before loading it) next to its shape and timesteps."""
+    import hashlib
+
+    from targets.bundle import TIMESTEP_TABLE, constants
+
+    folded, bundle = lowered["folded"]
+    man = json.loads((bundle / "manifest.json").read_text())
+    (name,) = man["constants"]
+    entry, path = man["constants"][name], bundle / name
+    assert name == TIMESTEP_TABLE and [p.name for p in bundle.glob("*.npy")] == [name]
+    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    want = constants(folded)[TIMESTEP_TABLE]
+    assert entry["shape"] == list(want["array"].shape) and entry["timesteps"] == want["timesteps"]
+    np.testing.assert_array_equal(np.load(path), want["array"])
