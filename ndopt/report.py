@@ -307,6 +307,10 @@ def _plot_fidelity_frames(run_dir: Path, fid: list[tuple[str, dict[str, Any]]]) 
     for name, orig in rows:
         axes[0].plot([min(v, 100.0) for v in orig["pixel_psnr_frames"]], "o-", label=name)
         axes[1].plot([min(v, 100.0) for v in orig["latent_psnr_frames"]], "s-", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_xlabel("video frame")
     axes[0].set_ylabel("pixel PSNR vs original (dB)")
     axes[1].set_xlabel("latent frame")
