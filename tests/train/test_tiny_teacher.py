@@ -19,8 +19,9 @@ WEIGHTS = bundled_weights("pyramid-flow-tiny")
 needs_teacher = pytest.mark.skipif(WEIGHTS is None, reason="no bundled tiny teacher weights in this build")
 
 
-def test_the_recipe_that_trained_the_teacher_is_valid():
-    cfg = load_config(DEFAULT_CONFIG)
+@pytest.mark.parametrize("name", ["tiny_teacher.yaml", "tiny_teacher_video.yaml"])
+def test_the_recipe_that_trained_the_teacher_is_valid(name):
+    cfg = load_config(DEFAULT_CONFIG.with_name(name))
     assert cfg.dit.steps > 0 and cfg.vae and cfg.latent_clips > 0
     train = {ProceduralVideos(cfg.procedural(), seed=1).scene(i)[0].caption for i in range(300)}
     held = [s.caption for s in held_out_scenes(16, cfg.procedural())]
