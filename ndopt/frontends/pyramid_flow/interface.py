@@ -248,21 +248,18 @@ class PyramidFlowInterface(ModelInterface):
         from ndopt.frontends.pyramid_flow import dit as dit_mod
         from ndopt.frontends.pyramid_flow import text as text_mod
         from ndopt.frontends.pyramid_flow import vae as vae_mod
-        from ndopt.frontends.pyramid_flow.presets import assemble, preset_specs
+        from ndopt.frontends.pyramid_flow.presets import ARCH_CLASSES, architecture_json, assemble, preset_specs
 
         specs = preset_specs()
         if preset not in specs:
             raise NdoptError(f"unknown preset {preset!r}; {self.name} presets: {', '.join(specs)}")
         spec = specs[preset]
         for part, fields in (architecture or {}).items():
-            if part not in ("vae", "dit"):
+            if part not in ARCH_CLASSES:
                 raise NdoptError(f"architecture: unknown part {part!r}; give vae and/or dit")
-            try:
-                cfg = dataclasses.replace(getattr(spec, part), **{k: tuple(v) if isinstance(v, list) else v
-                                                                  for k, v in fields.items()})
-            except (TypeError, ValueError) as e:
-                raise NdoptError(f"architecture.{part}: {e}") from None
-            spec = dataclasses.replace(spec, **{part: cfg})
+            # the preset's config with the overrides, read back as a config.json is (type and range checked)
+            raw = {**architecture_json(part, getattr(spec, part)), **fields}
+            spec = dataclasses.replace(spec, **{part: ARCH_CLASSES[part].from_dict(raw, f"architecture.{part}")})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             text = text_mod.SD3TextEncoder(spec.text, text_mod.tiny_tokenizers()

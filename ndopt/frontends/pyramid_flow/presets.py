@@ -210,16 +210,12 @@ def _cached_architecture(path: str, mtime_ns: int) -> dict[str, Any]:
 ARCH_KEYS = {"vae": "ndopt.vae_config", "dit": "ndopt.dit_config"}  # safetensors metadata of bundled weights
 
 
-def _config_from(cls: type, raw: Any, where: str) -> Any:
-    import dataclasses
+def architecture_json(part: str, config: Any) -> dict[str, Any]:
+    """A VAE or DiT config as its upstream `config.json` dict (what `<Config>.from_dict` reads back, checked)."""
+    return config.to_dict() if part == "vae" else dit_config_json(config)
 
-    fields = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(raw, dict) or set(raw) - fields:
-        raise CheckpointError(f"{where}: {cls.__name__} metadata {raw!r}: not an object of {sorted(fields)}")
-    try:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: invalid {cls.__name__} metadata: {e}") from None
+
+ARCH_CLASSES = {"vae": vae_mod.CausalVAEConfig, "dit": dit_mod.MMDiTConfig}
 
 
 def weights_architecture(path: Path) -> dict[str, Any]:
@@ -235,13 +231,13 @@ def weights_architecture(path: Path) -> dict[str, Any]:
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{path}: cannot read the bundled weights ({e}); reinstall ndopt") from None
     out: dict[str, Any] = {}
-    for part, cls in (("vae", vae_mod.CausalVAEConfig), ("dit", dit_mod.MMDiTConfig)):
+    for part, cls in ARCH_CLASSES.items():
         if ARCH_KEYS[part] in meta:
             try:
                 raw = json.loads(meta[ARCH_KEYS[part]])
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{path}: metadata {ARCH_KEYS[part]} is not JSON ({e})") from None
-            out[part] = _config_from(cls, raw, str(path))
+            out[part] = cls.from_dict(raw, f"{path}: {cls.__name__} metadata")  # type and range checked
     return out
 
 
@@ -266,11 +262,10 @@ def save_bundled(path: Path, pipeline: Pipeline) -> None:
     for prefix, module in (("text_encoder.", pipeline.by_role("text_encoder")[0].module),
                            ("dit.", pipeline.by_role("dit")[0].module), ("vae.", enc.module), ("vae.", dec.module)):
         sd.update({prefix + k: v.detach().contiguous().clone() for k, v in module.state_dict().items()})
-    import dataclasses
     import json
 
     configs_ = {"vae": enc.module.config, "dit": pipeline.by_role("dit")[0].module.config}
-    meta = {ARCH_KEYS[k]: json.dumps(dataclasses.asdict(c)) for k, c in configs_.items()}
+    meta = {ARCH_KEYS[k]: json.dumps(architecture_json(k, c)) for k, c in configs_.items()}
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata=meta)
 
