@@ -248,7 +248,12 @@ class PyramidFlowInterface(ModelInterface):
         from ndopt.frontends.pyramid_flow import dit as dit_mod
         from ndopt.frontends.pyramid_flow import text as text_mod
         from ndopt.frontends.pyramid_flow import vae as vae_mod
-        from ndopt.frontends.pyramid_flow.presets import ARCH_CLASSES, architecture_json, assemble, preset_specs
+        from ndopt.frontends.pyramid_flow.presets import (
+            ARCH_CLASSES,
+            architecture_json,
+            assemble,
+            preset_specs,
+        )
 
         specs = preset_specs()
         if preset not in specs:
