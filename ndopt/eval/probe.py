@@ -95,12 +95,14 @@ class FidelityInstrument:
     _previous: ProbeOutput | None = None
     _sampled: tuple[Pipeline, tuple] | None = None  # the pipeline behind _previous (kept alive) and its fingerprint
     reused: int = 0  # samplings skipped because the sampled pipeline was unchanged
+    _reference_motion: dict[str, Any] | None = None  # the unoptimized pipeline's motion following (read once)
 
     def before(self, index, p, pipeline, ctx) -> None:
         if ctx.plan:
             return
         if self.reference is None:
             self.reference = self.probe.outputs(pipeline)
+            self._reference_motion = self.probe.motion(self.reference)
             self._previous = self.reference
             self._sampled = (pipeline, sampled_identity(pipeline))
 
@@ -118,7 +120,7 @@ class FidelityInstrument:
         step = self.compare_checked(out, self._previous, p, kind)
         total = self.probe.compare(out, self.reference)
         record["fidelity"] = {"contract": kind, "vs_previous": step, "vs_original": total, **self.contract(p),
-                              "motion": self.probe.motion(out), "motion_original": self.probe.motion(self.reference)}
+                              "motion": self.probe.motion(out), "motion_original": self._reference_motion}
         if same:  # the components it samples, their weights and the schedule are the ones sampled last time
             record["fidelity"]["reused"] = "sampled pipeline unchanged: the previous probe outputs stand"
         self._previous = out

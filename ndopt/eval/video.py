@@ -71,6 +71,27 @@ def foreground(frame: Tensor, threshold: float = 0.2) -> Tensor:
     return (img - bg).norm(dim=0) > threshold * 3 ** 0.5
 
 
+def object_mask(frame: Tensor, threshold: float = 0.2) -> Tensor | None:
+    """`foreground` of a [3, H, W] frame, or None when fewer than 1/200 of its pixels (at least 4) stand
+    out: no object to read a colour, a kind or a position from."""
+    h, w = frame.shape[-2:]
+    mask = foreground(frame, threshold)
+    return None if int(mask.sum()) < max(4, h * w // 200) else mask
+
+
+def pixel_grid(h: int, w: int) -> tuple[Tensor, Tensor]:
+    """(xs [1, W], ys [H, 1]): pixel centres, the coordinates of `centroid` and the procedural renderer."""
+    return (torch.arange(w, dtype=torch.float32)[None, :] + 0.5, torch.arange(h, dtype=torch.float32)[:, None] + 0.5)
+
+
+def centroid(mask: Tensor) -> tuple[float, float]:
+    """(x, y) in pixels of a non-empty [H, W] mask's centre of mass."""
+    xs, ys = pixel_grid(*mask.shape)
+    m = mask.float()
+    n = float(m.sum())
+    return float((m * xs).sum()) / n, float((m * ys).sum()) / n
+
+
 @dataclass(frozen=True)
 class Track:
     """The object's centroid (x, y, pixels) in each frame where it was found, None where it was not."""
@@ -97,15 +118,8 @@ class Track:
 def shape_track(video: Tensor, threshold: float = 0.2) -> Track:
     """The track of the object in a [3, F, H, W] clip: per frame, the centroid of its foreground
     (None when fewer than 1/200 of the pixels, at least 4, stand out)."""
-    h, w = video.shape[-2:]
-    ys = torch.arange(h, dtype=torch.float32)[:, None] + 0.5
-    xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5
-    out = []
-    for t in range(video.shape[1]):
-        m = foreground(video[:, t], threshold).float()
-        n = float(m.sum())
-        out.append(None if n < max(4, h * w // 200) else (float((m * xs).sum()) / n, float((m * ys).sum()) / n))
-    return Track(tuple(out))
+    masks = (object_mask(video[:, t], threshold) for t in range(video.shape[1]))
+    return Track(tuple(None if m is None else centroid(m) for m in masks))
 
 
 def motion_direction(video: Tensor, *, still_below: float = 0.5, threshold: float = 0.2) -> str | None:

@@ -1,7 +1,7 @@
 """Does a tiny pipeline follow its prompt? The generated shape's colour, kind and motion vs the caption.
 
 Each decoded frame is split into background (pixels close to the median border colour) and
-foreground (`ndopt.eval.video.foreground`); every foreground pixel votes for its nearest palette
+foreground (`ndopt.eval.video.object_mask`); every foreground pixel votes for its nearest palette
 colour, and the winner is the shape's colour. The shape's kind is the procedural shape whose ideal
 mask, rendered at the foreground's centroid and area, overlaps it best (IoU), and its motion is the
 direction of its fitted centroid velocity (`ndopt.eval.video.motion_direction`).
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ndopt.eval.video import caption_direction, foreground, motion_direction
+from ndopt.eval.video import caption_direction, centroid, motion_direction, object_mask, pixel_grid
 from ndopt.ir.pipeline import Pipeline
 from ndopt.train.data import PALETTE, ProceduralConfig, ProceduralVideos, SceneSpec, _shape_mask
 
@@ -33,9 +33,8 @@ _ANGLES = (0.0, 0.1, 0.2, 0.3)  # the square's rotations the renderer draws (0..
 
 def shape_colour(frame: Tensor, colours: Sequence[str], threshold: float = 0.2) -> str | None:
     """The palette colour (among `colours`) of the object in a [3, H, W] frame in [-1, 1]; None if empty."""
-    h, w = frame.shape[-2:]
-    mask = foreground(frame, threshold)
-    if int(mask.sum()) < max(4, h * w // 200):
+    mask = object_mask(frame, threshold)
+    if mask is None:
         return None
     fg = ((frame.float().clamp(-1, 1) + 1) / 2)[:, mask].T  # [N, 3] in [0, 1]
     pal = torch.tensor([PALETTE[c] for c in colours])
@@ -46,21 +45,18 @@ def shape_colour(frame: Tensor, colours: Sequence[str], threshold: float = 0.2) 
 def shape_kind(frame: Tensor, shapes: Sequence[str], threshold: float = 0.2) -> str | None:
     """Which of `shapes` the object in a [3, H, W] frame is: the one whose ideal mask (at the object's
     centroid, sized to its area) overlaps its foreground best; None if there is no object."""
-    h, w = frame.shape[-2:]
-    mask = foreground(frame, threshold).float()
-    n = float(mask.sum())
-    if n < max(4, h * w // 200):
+    mask = object_mask(frame, threshold)
+    if mask is None:
         return None
-    ys = torch.arange(h, dtype=torch.float32)[:, None] + 0.5
-    xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5
-    cx, cy = float((mask * xs).sum()) / n, float((mask * ys).sum()) / n
+    n = int(mask.sum())
+    xs, ys = pixel_grid(*mask.shape)
+    cx, cy = centroid(mask)
     best, best_iou = None, -1.0
     for shape in shapes:
         r = math.sqrt(n / _AREA[shape])
         for angle in _ANGLES if shape in ("square", "box") else (0.0,):
             ideal = _shape_mask(shape, xs - cx, ys - cy, r, angle) > 0.5
-            inter = float((ideal & (mask > 0)).sum())
-            iou = inter / max(1.0, float((ideal | (mask > 0)).sum()))
+            iou = float((ideal & mask).sum()) / max(1.0, float((ideal | mask).sum()))
             if iou > best_iou:
                 best, best_iou = shape, iou
     return best
@@ -113,11 +109,11 @@ class VideoFollowing:
     def n(self) -> int:
         return len(self.clips)
 
-    def rate(self, what: str) -> float:
-        return sum(getattr(c, what) for c in self.clips) / max(1, self.n)
-
     def count(self, what: str) -> int:
         return sum(getattr(c, what) for c in self.clips)
+
+    def rate(self, what: str) -> float:
+        return self.count(what) / max(1, self.n)
 
     def to_json(self) -> dict:
         return {"n": self.n, "first_frame": self.rate("first_frame"), "every_frame": self.rate("every_frame"),
