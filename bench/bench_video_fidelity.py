@@ -43,12 +43,9 @@ def _db(x: float) -> str:
 
 
 def following(pipeline, n: int, steps) -> dict:
-    from ndopt.train.prompt_following import held_out_scenes, video_following
-    from ndopt.train.teacher import load_config
+    from ndopt.train.teacher_eval import teacher_video_following
 
-    cfg = load_config()
-    data = cfg.procedural()
-    r = video_following(pipeline, held_out_scenes(n, data), seed=cfg.eval.seed, steps=steps, config=data)
+    r = teacher_video_following(pipeline, n, steps=steps)
     return {k: r.count(k) for k in ("first_frame", "every_frame", "moves")} | {"n": r.n}
 
 
@@ -57,9 +54,7 @@ def main() -> None:
     ap.add_argument("--passes", default=",".join(PASSES))
     ap.add_argument("--prompts", type=int, default=16, help="held-out prompts of the following check")
     args = ap.parse_args()
-    from ndopt.train.teacher import load_config
-
-    eval_steps = tuple(load_config().eval.steps)
+    eval_steps = "eval"  # the teacher's evaluation steps; a step-distilled pipeline keeps its own (None)
     threads.set_override(1)  # tiny tensors: one thread (the figures are the same on two)
     rows, follow = [], {}
     teacher = ndopt.load_model("pyramid-flow-tiny")

@@ -9,7 +9,13 @@ other: teacher -> prompt_following, and this module -> both.
 from __future__ import annotations
 
 from ndopt.ir.pipeline import Pipeline
-from ndopt.train.prompt_following import PromptFollowing, held_out_scenes, prompt_following
+from ndopt.train.prompt_following import (
+    PromptFollowing,
+    VideoFollowing,
+    held_out_scenes,
+    prompt_following,
+    video_following,
+)
 from ndopt.train.teacher import load_config
 
 
@@ -23,6 +29,17 @@ def teacher_prompt_following(pipeline: Pipeline, n: int = 16, *, steps: tuple[in
     kw.setdefault("seed", cfg.eval.seed)
     return prompt_following(pipeline, held_out_scenes(n, data), steps=tuple(cfg.eval.steps) if steps == "eval" else steps,
                             config=data, **kw)
+
+
+def teacher_video_following(pipeline: Pipeline, n: int = 16, *, steps: tuple[int, int, int] | str | None = "eval",
+                            **kw) -> VideoFollowing:
+    """`teacher_prompt_following` over whole clips (`video_following`: every frame's colour and shape, and
+    the motion), with the same held-out scenes, evaluation steps and seed."""
+    cfg = load_config()
+    data = cfg.procedural()
+    kw.setdefault("seed", cfg.eval.seed)
+    return video_following(pipeline, held_out_scenes(n, data), steps=tuple(cfg.eval.steps) if steps == "eval" else steps,
+                           config=data, **kw)
 
 
 #: the bar of the tiny teacher's test (issue: trained tiny teacher), kept by every pipeline derived from it
