@@ -155,11 +155,13 @@ class StageInputs:
 
 def pyramid_flow_inputs(latents: Tensor, batch: Batch, schedule: Schedule, info: StepInfo, *,
                         corrupt_ratio: float = 1 / 3, units: int | None = None,
-                        stage_of: Callable[[int], int] | None = None) -> list[StageInputs]:
+                        stage_of: Callable[[int], int] | None = None,
+                        video_prob: float | None = None) -> list[StageInputs]:
     """The DiT inputs of one step (see the module docstring); one StageInputs per (stage) group.
 
     Sample k goes to stage `indices[k] % S` (upstream's sample_ratios [1, 1, 1] columns). For videos
-    the autoregressive unit trained is drawn per (step, stage), the same in every process."""
+    the autoregressive unit trained is drawn per (step, stage), the same in every process: uniformly
+    (upstream), or a later unit with probability `video_prob` (weights the frames that carry motion)."""
     n_stages = len(schedule.stages)
     b, _, t_lat, h, w = latents.shape
     need = 2 ** (n_stages - 1)
@@ -177,7 +179,13 @@ def pyramid_flow_inputs(latents: Tensor, batch: Batch, schedule: Schedule, info:
         if not rows:
             continue
         g = torch.Generator().manual_seed(_step_seed(info, f"unit{s}"))
-        unit = int(torch.randint(n_units, (1,), generator=g)) if n_units > 1 else 0
+        if n_units <= 1:
+            unit = 0
+        elif video_prob is None:
+            unit = int(torch.randint(n_units, (1,), generator=g))
+        else:
+            later = float(torch.rand((), generator=g)) < video_prob
+            unit = 1 + int(torch.randint(n_units - 1, (1,), generator=g)) if later else 0
         lo = 0 if unit == 0 else 1 + (unit - 1) * fpu
         hi = 1 if unit == 0 else 1 + unit * fpu
         clean = pyramid[s][rows, :, lo:hi]
@@ -239,13 +247,15 @@ class PyramidalFlowMatching:
     train_text_encoder: bool = False
     dit: str = "dit"
     uses: tuple[str, ...] = ("dit", "text_encoder")
+    video_prob: float | None = None  # None: units drawn uniformly (upstream); else P(a later unit)
 
     def __call__(self, modules: TrainModules, batch: Batch, info: StepInfo) -> LossOutput:
         if batch.latents is None:
             raise NdoptError("pyramidal flow matching needs latents: wrap the dataset in a LatentCache")
         cond = encode_prompts(modules, drop_captions(batch, self.uncond_prob), self.train_text_encoder)
         per_sample, metrics = [], {}
-        for inp in pyramid_flow_inputs(batch.latents, batch, self.schedule, info, corrupt_ratio=self.corrupt_ratio):
+        for inp in pyramid_flow_inputs(batch.latents, batch, self.schedule, info, corrupt_ratio=self.corrupt_ratio,
+                                       video_prob=self.video_prob):
             pred = modules[self.dit](**dit_kwargs(inp, cond))
             err = (pred.float() - inp.target.float()).pow(2).flatten(1).mean(1)
             per_sample.append(err)

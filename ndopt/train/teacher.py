@@ -83,6 +83,9 @@ class DiTSpec(PhaseSpec):
     text_len: int = 24
     uncond_prob: float = 0.1
     train_text_encoder: bool = True
+    # probability that a step's stage trains a later (motion-carrying) latent frame, not the first;
+    # None: uniform over the clip's frames, as upstream
+    video_prob: float | None = Field(None, ge=0, le=1)
 
 
 class EvalSpec(_Strict):
@@ -187,7 +190,7 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
     d = config.dit
     te = PromptEncoder(pipe["text_encoder"].module, d.text_len)
     objective = PyramidalFlowMatching(pipe.schedule, uncond_prob=d.uncond_prob,
-                                      train_text_encoder=d.train_text_encoder)
+                                      train_text_encoder=d.train_text_encoder, video_prob=d.video_prob)
     trainable = {"dit": pipe["dit"].module}
     frozen = {}
     (trainable if d.train_text_encoder else frozen)["text_encoder"] = te

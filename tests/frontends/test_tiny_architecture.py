@@ -47,3 +47,29 @@ def test_bad_architecture_metadata_and_overrides(tmp_path):
         fresh_pipeline(0, {"vae": {"no_such_field": 1}})
     with pytest.raises(NdoptError, match="unknown part 'text'"):
         fresh_pipeline(0, {"text": {}})
+
+
+def test_bundled_weights_load_into_meta_built_modules(tmp_path, monkeypatch):
+    """The DiT and VAE are built on the meta device and take the file's tensors: every value comes from
+    the file (same output as an eagerly built, loaded preset), and a file missing a DiT key is refused
+    naming it, not left on the meta device."""
+    from safetensors.torch import load_file, save_file
+
+    pipe = fresh_pipeline(0)
+    path = tmp_path / "pyramid-flow-tiny.safetensors"
+    presets.save_bundled(path, pipe)
+    monkeypatch.setattr(presets, "bundled_weights", lambda name: path if name == "pyramid-flow-tiny" else None)
+    loaded = presets.build_preset("pyramid-flow-tiny")
+    for role in ("dit", "vae_decoder"):
+        mod = loaded[role].module
+        assert not any(t.is_meta for t in [*mod.parameters(), *mod.buffers()])
+        a, b = mod.state_dict(), pipe[role].module.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    z = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded["vae_decoder"].module(z), pipe["vae_decoder"].module(z))
+    sd = load_file(str(path))
+    gone = next(k for k in sd if k.startswith("dit."))
+    del sd[gone]
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match=gone.removeprefix("dit.").replace(".", r"\.")):
+        presets.build_preset("pyramid-flow-tiny")

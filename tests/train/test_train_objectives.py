@@ -98,6 +98,21 @@ def test_history_clips_for_the_second_latent_frame(tiny):
     assert units == {0, 1}
 
 
+def test_video_prob_weights_the_later_frames(tiny):
+    """video_prob=None draws units uniformly (upstream); 1.0 trains only later frames, 0.0 only the first,
+    and 0.75 about three in four."""
+    b = _batch(3, frames=3)
+
+    def units(prob, steps=40):
+        return [s.unit for step in range(steps)
+                for s in pyramid_flow_inputs(b.latents, b, tiny.schedule, StepInfo(step), video_prob=prob)]
+
+    assert set(units(1.0)) == {1, 2} and set(units(0.0)) == {0}
+    assert set(units(None)) == {0, 1, 2}
+    later = sum(u > 0 for u in units(0.75, 200)) / len(units(0.75, 200))
+    assert 0.65 < later < 0.85
+
+
 def test_flow_matching_loss_and_prompt_encoder_cut(tiny):
     te = tiny["text_encoder"].module
     full, short = te(["a red circle", ""]), PromptEncoder(te, 16)(["a red circle", ""])

@@ -190,7 +190,13 @@ def _load_bundled(path: Path, text: torch.nn.Module, dit: torch.nn.Module, vae: 
         raise CheckpointError(f"{path}: cannot read the bundled weights ({e}); reinstall ndopt") from None
     for prefix, module in (("text_encoder.", text), ("dit.", dit), ("vae.", vae)):
         part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        ckpt.load_into(module, part, source=f"{path} [{prefix.rstrip('.')}]")
+        on_meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+        if on_meta:  # own, aligned storage (views into the file buffer round differently in some kernels)
+            part = {k: v.clone() for k, v in part.items()}
+        ckpt.load_into(module, part, source=f"{path} [{prefix.rstrip('.')}]", assign=on_meta)
+        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if left:
+            raise CheckpointError(f"{path} [{prefix.rstrip('.')}]: no values for {left[:20]}; reinstall ndopt")
 
 
 def _trained_architecture(spec: PresetSpec) -> PresetSpec:
@@ -275,18 +281,21 @@ def build_preset(name: str, device: torch.device | str = "cpu", seed: int = 0) -
     if name not in specs:
         raise KeyError(name)
     spec = specs[name]
+    weights = bundled_weights(name) if str(device) != "meta" else None
     with build_device(device, seed):
         tokenizers = text_mod.tiny_tokenizers() if name.endswith(("tiny", "smoke")) else None
         text = text_mod.SD3TextEncoder(spec.text, tokenizers)
+    # with bundled weights the DiT and VAE are built on the meta device and take the file's tensors:
+    # no init to overwrite, and no sincos table (its import costs a second of every `ndopt generate`)
+    with build_device("meta" if weights is not None else device, seed):
         dit = dit_mod.PyramidMMDiT(spec.dit)
         vae = vae_mod.CausalVideoVAE(spec.vae)
-    if str(device) != "meta":
-        weights = bundled_weights(name)
-        if weights is not None:  # the trained tiny teacher (issue: training engine and tiny teacher)
-            _load_bundled(weights, text, dit, vae)
-        else:
-            g = torch.Generator().manual_seed(seed)
-            dit_mod.randomize_(dit, g)  # upstream init zeroes the output layers; a random preset must say something
+    if weights is not None:  # the trained tiny teacher (issue: training engine and tiny teacher)
+        _load_bundled(weights, text, dit, vae)
+        dit, vae = dit.to(device), vae.to(device)
+    elif str(device) != "meta":
+        g = torch.Generator().manual_seed(seed)
+        dit_mod.randomize_(dit, g)  # upstream init zeroes the output layers; a random preset must say something
     for m in (text, dit, vae):
         m.eval().requires_grad_(False)
     return assemble(name, text, dit, vae, spec)
