@@ -126,7 +126,9 @@ def _fidelity(cls: type[Pass]) -> str:
     if isinstance(f, Exact):
         return f"exact: the output stays within {f.tolerance:g} (relative L-inf) of the pipeline's before the pass"
     if isinstance(f, Lossy):
-        return f"lossy: {f.metric} vs the pipeline before the pass stays >= {f.budget_db:g} dB (the recipe's probe)"
+        frame = "" if f.frame_budget_db is None else f", its worst frame >= {f.frame_budget_db:g} dB"
+        return (f"lossy: {f.metric} vs the pipeline before the pass stays >= {f.budget_db:g} dB{frame} "
+                "(the recipe's probe)")
     return f"{f.kind}: the pipeline's output does not change"
 
 

@@ -46,11 +46,19 @@ class Exact:
 
 @dataclass(frozen=True)
 class Lossy:
-    """The pass may change the output; `metric` (latent_psnr or pixel_psnr) must stay >= budget."""
+    """The pass may change the output; `metric` (latent_psnr or pixel_psnr) must stay >= budget over the
+    probe's videos, and, where `frame_budget_db` is set, on their worst frame (the same metric per latent
+    or video frame): a pass that keeps the first frames and breaks the last fails."""
 
     metric: str = "latent_psnr"
     budget_db: float = 30.0
+    frame_budget_db: float | None = None
     kind: ClassVar[str] = "lossy"
+
+    @property
+    def frame_metric(self) -> str:
+        """The probe comparison's key of the worst frame's figure of `metric`."""
+        return f"{self.metric}_worst_frame"
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ class FidelitySpec(_Strict):
     """What happens when a lossy pass leaves its budget: stop with FidelityError, or warn."""
 
     policy: Literal["stop", "warn"] = "stop"
-    budgets: dict[str, float] = Field(default_factory=dict)
+    budgets: dict[str, float] = Field(default_factory=dict)  # pass -> dB over the probe's videos
+    frame_budgets: dict[str, float] = Field(default_factory=dict)  # pass -> dB on the worst frame
 
 
 class RecipeModel(_Strict):
@@ -281,7 +282,22 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     _check_targets(recipe, b)
     _check_requirements(recipe, b)
     _check_passes_against_targets(recipe, b)
+    _check_budgets(recipe, b)
     return recipe
+
+
+def _check_budgets(recipe: Recipe, b: _Builder) -> None:
+    """fidelity.budgets / frame_budgets name lossy passes of this recipe (a misspelt name would
+    silently leave the pass at its own budget)."""
+    from ndopt.passmanager import Lossy
+
+    lossy = {s.name for s, p in zip(recipe.passes, recipe.instantiate()) if isinstance(p.fidelity, Lossy)}
+    for field in ("budgets", "frame_budgets"):
+        for name in getattr(recipe.spec.fidelity, field):
+            if name not in lossy:
+                loc: Loc = ("fidelity", field, name)
+                raise b.error(b.line_of(loc), f"fidelity.{field}.{name}: not a lossy pass of this recipe; its "
+                              f"lossy passes: {', '.join(sorted(lossy)) or '(none)'}")
 
 
 def _check_targets(recipe: Recipe, b: _Builder) -> None:

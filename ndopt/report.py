@@ -131,11 +131,19 @@ def _pass_detail_lines(steps: list[dict[str, Any]], run_dir: str | None) -> list
 
 
 def _budget(fid: dict[str, Any]) -> str:
-    """The pass's fidelity contract as a table cell: `>= 20 dB` (lossy) or `exact 1e-05` (relative)."""
+    """The pass's fidelity contract as a table cell: `>= 20 dB` (lossy; `, worst frame >= 18 dB` with a
+    frame budget) or `exact 1e-05` (relative)."""
     if "budget_db" in fid:
-        ok = fid.get("vs_previous", {}).get(fid.get("metric", "latent_psnr"))
-        mark = "" if ok is None or isinstance(ok, str) else (" ok" if ok >= fid["budget_db"] else " **below**")
-        return f">= {fid['budget_db']:g} dB{mark}"
+        prev = fid.get("vs_previous", {})
+
+        def held(value: Any, budget: float) -> str:
+            return "" if value is None or isinstance(value, str) else (" ok" if value >= budget else " **below**")
+
+        cell = f">= {fid['budget_db']:g} dB{held(prev.get(fid.get('metric', 'latent_psnr')), fid['budget_db'])}"
+        if "frame_budget_db" in fid:
+            cell += (f", worst frame >= {fid['frame_budget_db']:g} dB"
+                     f"{held(prev.get(fid['frame_metric']), fid['frame_budget_db'])}")
+        return cell
     if "tolerance" in fid:
         return f"exact {fid['tolerance']:g}"
     return "-"

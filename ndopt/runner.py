@@ -134,7 +134,8 @@ def _run(recipe: str | Path | Recipe, *, model: str | None, target: str | None, 
     if r.spec.probe.enabled:
         p = r.spec.probe
         probe = FidelityProbe(ProbeSettings(tuple(p.prompts), p.seed, p.latent_frames, p.height, p.width))
-        instruments.append(FidelityInstrument(probe, r.spec.fidelity.policy, dict(r.spec.fidelity.budgets)))
+        instruments.append(FidelityInstrument(probe, r.spec.fidelity.policy, dict(r.spec.fidelity.budgets),
+                                              dict(r.spec.fidelity.frame_budgets)))
 
     def on_pass_done(pipe: Pipeline, rec: PassRecord) -> None:
         row = {"index": rec.index, "name": rec.name, "config": rec.config, **rec.record,

@@ -160,7 +160,7 @@ class AimetQuantization(Pass):
 
     name = "aimet_quantization"
     # The probe's budget: the tiny preset at W8A16 measures ~36 dB (12 steps, bench); W4A16 ~25 dB.
-    fidelity = Lossy(metric="latent_psnr", budget_db=20.0)
+    fidelity = Lossy(metric="latent_psnr", budget_db=20.0, frame_budget_db=18.0)
     provides = ("quantized",)
 
     class Config(PassConfig):

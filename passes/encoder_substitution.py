@@ -172,7 +172,7 @@ class EncoderSubstitution(Pass):
     # End-to-end latents of the probe vs the T5 pipeline. Tiny preset (seeded, 200 + 200 steps): the
     # four variants give 29.5-30.4 dB (one frame, 4-4-4 steps; 29.2 dB on the full schedule) where a
     # DiT that ignores the text gives 23.6 dB: the budget sits between the two.
-    fidelity = Lossy(metric="latent_psnr", budget_db=26.0)
+    fidelity = Lossy(metric="latent_psnr", budget_db=26.0, frame_budget_db=24.0)
 
     class Config(PassConfig):
         variant: Literal["replace", "extend", "lora", "trainable_dt5"] = Field(  # seed: RM is what ships

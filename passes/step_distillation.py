@@ -107,7 +107,7 @@ class StepDistillation(Pass):
     """Pyramidal DMD: a guidance-free student DiT for a k-k-k schedule (seed: 1-1-1 shipped)."""
 
     name = "step_distillation"
-    fidelity = Lossy(metric="latent_psnr", budget_db=10.0)  # a 1-step student vs the 20-step teacher
+    fidelity = Lossy(metric="latent_psnr", budget_db=10.0, frame_budget_db=8.0)  # a 1-step student vs the 20-step teacher
     provides = (GUIDANCE_FREE,)
     invalidates = (ANALYSIS_KEY,)  # importance scores describe the teacher's blocks
 

@@ -31,7 +31,7 @@ def test_one_pass_shows_its_facts_and_every_config_key():
     out = res.output
     assert "requires:    block_importance (from block_importance)" in out
     assert "provides:    -" in out and "invalidates: block_importance" in out
-    assert "lossy: latent_psnr" in out and ">= 12 dB" in out
+    assert "lossy: latent_psnr" in out and ">= 12 dB, its worst frame >= 10 dB" in out
     # nested configs under dotted keys, with type, constraint, default and description
     assert "  keep: int (>= 1) = 18\n      blocks to keep" in out
     assert "  data.clips: int (>= 1) = 512\n      clips encoded once" in out

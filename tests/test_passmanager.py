@@ -187,3 +187,49 @@ def test_fingerprint_sees_in_place_and_structural_changes(tiny):
     fp = module_identity(dit)
     dit.some_flag = True
     assert module_identity(dit) != fp
+
+
+def test_frame_budget_catches_a_pass_that_breaks_one_frame(caplog):
+    """A clip whose first latent frame is exact and whose last is off passes a clip-level budget but not
+    a worst-frame one; a recipe's frame_budgets override the pass's."""
+    from ndopt.eval.probe import ProbeOutput
+
+    class _Breaks(_Perturb):
+        name = "test_breaks"
+        fidelity = Lossy(metric="latent_psnr", budget_db=20.0, frame_budget_db=18.0)
+
+    g = torch.Generator().manual_seed(0)
+    ref = ProbeOutput(torch.randn(1, 16, 4, 8, 8, generator=g), torch.rand(1, 3, 25, 16, 16, generator=g) * 2 - 1)
+    lat = ref.latents.clone()
+    lat[:, :, 3] += 1.6 * torch.randn(lat[:, :, 3].shape, generator=g)  # one frame ~ 15 dB, the clip ~ 21 dB
+    out = ProbeOutput(lat, ref.video)
+    probe = FidelityProbe(PROBE)
+    step = probe.compare(out, ref)
+    assert step["latent_psnr"] > 20.0 > 18.0 > step["latent_psnr_worst_frame"], step
+    p = _Breaks()
+    with pytest.raises(FidelityError, match=r"test_breaks.*latent_psnr_worst_frame .* below its budget 18\.00 dB"):
+        FidelityInstrument(probe, "stop").compare_checked(out, ref, p, "lossy")
+    assert FidelityInstrument(probe).contract(p) == {"metric": "latent_psnr", "budget_db": 20.0,
+                                                     "frame_metric": "latent_psnr_worst_frame", "frame_budget_db": 18.0}
+    loose = FidelityInstrument(probe, "stop", frame_budgets={"test_breaks": 10.0})
+    assert loose.compare_checked(out, ref, p, "lossy")["latent_psnr_worst_frame"] < 18.0
+    with caplog.at_level(logging.WARNING, logger="ndopt"):
+        FidelityInstrument(probe, "warn").compare_checked(out, ref, p, "lossy")
+    assert "latent_psnr_worst_frame" in caplog.text
+
+    class _ClipOnly(_Perturb):  # the same pass without a frame budget: only the clip's figure is held
+        name = "test_clip_only"
+        fidelity = Lossy(metric="latent_psnr", budget_db=20.0)
+
+    assert "frame_budget_db" not in FidelityInstrument(probe).contract(_ClipOnly())
+    FidelityInstrument(probe, "stop").compare_checked(out, ref, _ClipOnly(), "lossy")
+
+
+def test_report_cell_shows_both_budgets():
+    from ndopt.report import _budget
+
+    fid = {"metric": "latent_psnr", "budget_db": 20.0, "frame_metric": "latent_psnr_worst_frame",
+           "frame_budget_db": 18.0, "vs_previous": {"latent_psnr": 21.0, "latent_psnr_worst_frame": 15.0}}
+    assert _budget(fid) == ">= 20 dB ok, worst frame >= 18 dB **below**"
+    assert _budget({k: v for k, v in fid.items() if "frame" not in k} | {"vs_previous": {"latent_psnr": 19.0}}) \
+        == ">= 20 dB **below**"

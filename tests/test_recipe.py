@@ -52,6 +52,10 @@ BAD = {
     "video_frames_and_latent_frames": ("name: x\nmodel: pyramid-flow-tiny\nvideo: {frames: 9, latent_frames: 2}\n",
                                        3, ["video", "either `frames` or `latent_frames`"]),
     "unknown_model": ("name: x\nmodel: pyramid-flow-huge\n", 2, ["model", "unknown model", "pyramid-flow-tiny"]),
+    "budget_for_a_pass_not_in_the_recipe": ("name: x\nmodel: pyramid-flow-tiny\npasses:\n  - encoder_substitution\n"
+                                            "fidelity:\n  frame_budgets:\n    block_prunning: 12\n", 7,
+                                            ["fidelity.frame_budgets.block_prunning", "not a lossy pass",
+                                             "encoder_substitution"]),
 }
 
 

@@ -91,6 +91,7 @@ class FidelityInstrument:
     probe: FidelityProbe
     policy: str = "stop"
     budgets: dict[str, float] = field(default_factory=dict)  # per-pass overrides of budget_db
+    frame_budgets: dict[str, float] = field(default_factory=dict)  # per-pass overrides of frame_budget_db
     reference: ProbeOutput | None = None
     _previous: ProbeOutput | None = None
     _sampled: tuple[Pipeline, tuple] | None = None  # the pipeline behind _previous (kept alive) and its fingerprint
@@ -132,8 +133,11 @@ class FidelityInstrument:
         if kind == "exact":
             return {"tolerance": p.fidelity.tolerance}
         if kind == "lossy":
-            budget = self.budgets.get(p.name, p.fidelity.budget_db)
-            return {"metric": p.fidelity.metric, "budget_db": budget}
+            out = {"metric": p.fidelity.metric, "budget_db": self.budgets.get(p.name, p.fidelity.budget_db)}
+            frame = self.frame_budgets.get(p.name, p.fidelity.frame_budget_db)
+            if frame is not None:
+                out.update(frame_metric=p.fidelity.frame_metric, frame_budget_db=frame)
+            return out
         return {}
 
     @property
@@ -152,12 +156,19 @@ class FidelityInstrument:
             if step["latent_rel_err"] != 0.0:
                 raise FidelityError(f"analysis pass {p.name!r} changed the pipeline output")
         else:
-            budget = self.budgets.get(p.name, p.fidelity.budget_db)
-            value = step[p.fidelity.metric]
-            if value < budget:
-                msg = (f"lossy pass {p.name!r}: {p.fidelity.metric} {value:.2f} dB is below its budget "
-                       f"{budget:.2f} dB")
-                if self.policy == "stop":
-                    raise FidelityError(msg + " (set fidelity.policy: warn in the recipe to go on)")
-                log.warning(msg)
+            c = self.contract(p)
+            checks = [(c["metric"], c["budget_db"], "")]
+            if "frame_budget_db" in c:
+                worst = step.get(c["frame_metric"])
+                if worst is None:  # the videos changed shape: no per-frame comparison
+                    worst = -math.inf
+                where = f" (frame {step['worst_frame']})" if c["metric"] == "pixel_psnr" and "worst_frame" in step else ""
+                checks.append((c["frame_metric"], c["frame_budget_db"], where, worst))
+            for metric, budget, where, *value in checks:
+                value = value[0] if value else step[metric]
+                if value < budget:
+                    msg = f"lossy pass {p.name!r}: {metric} {value:.2f} dB{where} is below its budget {budget:.2f} dB"
+                    if self.policy == "stop":
+                        raise FidelityError(msg + " (set fidelity.policy: warn in the recipe to go on)")
+                    log.warning(msg)
         return step
