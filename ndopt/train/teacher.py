@@ -33,7 +33,7 @@ from ndopt.errors import NdoptError
 from ndopt.io import atomic_write_json
 from ndopt.ir.pipeline import Pipeline
 from ndopt.train.data import LatentCache, ProceduralConfig, ProceduralVideos
-from ndopt.train.engine import TrainConfig, Trainer
+from ndopt.train.engine import TrainConfig, Trainer, TrainResult
 from ndopt.train.objectives import (
     PromptEncoder,
     PyramidalFlowMatching,
@@ -77,6 +77,9 @@ class VAESpec(PhaseSpec):
     latent_noise: float = 0.05
     foreground_weight: float = 0.0
     chroma_weight: float = 0.0
+    # False: the encoder is frozen and only the decoder trains (its latents, and so a DiT trained on
+    # them, stay valid: a decoder can keep improving after the DiT phase has started)
+    train_encoder: bool = True
 
 
 class DiTSpec(PhaseSpec):
@@ -149,6 +152,22 @@ def vae_reconstruction(pipeline: Pipeline, config: ProceduralConfig, n: int = 16
     return [pixel_psnr(rec[:, :, g], video[:, :, g]) for g in groups]
 
 
+def train_vae_phase(pipe: Pipeline, vae: VAESpec, index: int, config: TeacherConfig, out: Path, *,
+                    device: torch.device, scale: float = 1.0, show_progress: bool | None = None) -> TrainResult:
+    """VAE phase `index` of the teacher (resuming from out/vae<index>): encoder and decoder, or the
+    decoder alone against the frozen encoder (`train_encoder: false`)."""
+    enc, dec = pipe["vae_encoder"].module, pipe["vae_decoder"].module
+    trainable = {"vae_encoder": enc, "vae_decoder": dec} if vae.train_encoder else {"vae_decoder": dec}
+    return Trainer(trainable=trainable, frozen={} if vae.train_encoder else {"vae_encoder": enc},
+                   objective=VAEReconstruction(vae.latent_noise, foreground_weight=vae.foreground_weight,
+                                               chroma_weight=vae.chroma_weight),
+                   data=ProceduralVideos(dc_replace(config.procedural(), frames=vae.frames),
+                                         seed=config.seed + 100 * index),
+                   config=vae.train_config(config.seed + index, config.checkpoint_every, scale),
+                   run_dir=Path(out) / f"vae{index}", device=device, name=f"teacher/vae{index}",
+                   show_progress=show_progress).fit()
+
+
 def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, device: str = "cpu",
                   show_progress: bool | None = None) -> tuple[Pipeline, dict[str, Any]]:
     """Run the three phases (resuming each from its checkpoints) and evaluate; returns the pipeline."""
@@ -167,12 +186,7 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
                 if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear)):
                     m.reset_parameters()
     for i, vae in enumerate(config.vae):
-        res = Trainer(trainable={"vae_encoder": enc, "vae_decoder": dec},
-                      objective=VAEReconstruction(vae.latent_noise, foreground_weight=vae.foreground_weight,
-                                                  chroma_weight=vae.chroma_weight),
-                      data=ProceduralVideos(dc_replace(data_cfg, frames=vae.frames), seed=config.seed + 100 * i),
-                      config=vae.train_config(config.seed + i, config.checkpoint_every, scale),
-                      run_dir=out / f"vae{i}", device=dev, name=f"teacher/vae{i}", show_progress=show_progress).fit()
+        res = train_vae_phase(pipe, vae, i, config, out, device=dev, scale=scale, show_progress=show_progress)
         report["phases"][f"vae{i}"] = {"final": res.final, "seconds": res.seconds}
     report["vae_reconstruction_db"] = vae_reconstruction(pipe, data_cfg)
     log.info("teacher: VAE reconstruction of held-out clips per latent frame: %s dB",

@@ -81,3 +81,31 @@ def test_teacher_follows_colour_shape_and_motion_on_every_frame():
 
     got = teacher_video_following(load_model("pyramid-flow-tiny"))
     assert got.count("every_frame") >= 12 and got.count("moves") >= 12, got.to_json()
+
+
+def test_a_decoder_only_vae_phase_keeps_the_encoder(tmp_path):
+    """`train_encoder: false`: the decoder trains against the frozen encoder, whose latents (and a DiT
+    trained on them) stay valid; the default phase trains both."""
+    import torch
+
+    from ndopt.train.teacher import TeacherConfig, train_vae_phase
+
+    cfg = TeacherConfig(vae=[{"frames": 9, "steps": 2, "batch_size": 1, "lr": 1e-3},
+                             {"frames": 9, "steps": 2, "batch_size": 1, "lr": 1e-3, "train_encoder": False}],
+                        dit={"steps": 1, "batch_size": 1, "lr": 1e-3}, checkpoint_every=1)
+    pipe = fresh_pipeline(0)
+    enc, dec = pipe["vae_encoder"].module, pipe["vae_decoder"].module
+
+    def snap(m):
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    def changed(a, b):
+        return any(not torch.equal(a[k], b[k]) for k in a)
+
+    e0, d0 = snap(enc), snap(dec)
+    train_vae_phase(pipe, cfg.vae[0], 0, cfg, tmp_path, device=torch.device("cpu"), show_progress=False)
+    e1, d1 = snap(enc), snap(dec)
+    assert changed(e0, e1) and changed(d0, d1)
+    res = train_vae_phase(pipe, cfg.vae[1], 1, cfg, tmp_path, device=torch.device("cpu"), show_progress=False)
+    assert res.final["step"] == 2
+    assert not changed(e1, snap(enc)) and changed(d1, snap(dec))
