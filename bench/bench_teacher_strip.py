@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_teacher_strip.py [--weights runs/<teacher>/pyramid-flow-tiny.safetensors ...]
         [--out bench/teacher_strip.png]
 
-Each row is one pipeline's 9 frames of `PROMPT` (the tiny preset's schedule and CFG, seed 0), the
-same call as `ndopt generate`; candidates are weights files written by `python -m ndopt.train.teacher`,
-loaded as the preset's weights (the architecture they record included). Under each row: the colour
+Each row is one pipeline's 9 frames of the README prompt (`SCENE`'s caption; the tiny preset's
+schedule and CFG, seed 0), the same call as `ndopt generate`; candidates are weights files written
+by `python -m ndopt.train.teacher`, loaded as the preset's weights (the architecture they record included). Under each row: the colour
 and shape found on every frame and the detected direction of motion.
 """
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROMPT = "a red circle moving left on a dark background"
+SCENE = ("red", "circle", "left", "dark")  # SceneSpec fields: the README prompt is its caption
 
 CHILD = """
 import sys, json, torch
@@ -29,12 +29,13 @@ import numpy as np
 from ndopt.runner import generation_pipeline
 from ndopt.train.prompt_following import check_clip
 from ndopt.train.data import ProceduralConfig, SceneSpec
+scene = SceneSpec(*sys.argv[2].split(","))
 pipe = generation_pipeline("pyramid-flow-tiny", frames=9)
 with torch.no_grad():
-    lat = pipe.sampler.sample(pipe, [sys.argv[2]], generator=np.random.default_rng(0))
+    lat = pipe.sampler.sample(pipe, [scene.caption], generator=np.random.default_rng(0))
     video = pipe.sampler.decode(pipe, lat)[0]
 np.save(sys.argv[3], ((video.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).numpy())
-c = check_clip(video, SceneSpec("red", "circle", "left", "dark"), ProceduralConfig())
+c = check_clip(video, scene, ProceduralConfig())
 print(json.dumps({"colours": list(c.colours), "shapes": list(c.shapes), "motion": c.motion}))
 """
 
@@ -53,11 +54,14 @@ def main() -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from ndopt.train.data import SceneSpec
+
+    prompt = SceneSpec(*SCENE).caption
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for i, w in enumerate(["bundled", *args.weights]):
             frames = Path(d) / f"{i}.npy"  # each in its own process: the preset's weights are read once
-            r = subprocess.run([sys.executable, "-c", CHILD, w, PROMPT, str(frames)], capture_output=True, text=True)
+            r = subprocess.run([sys.executable, "-c", CHILD, w, ",".join(SCENE), str(frames)], capture_output=True, text=True)
             if r.returncode:
                 raise SystemExit(f"{w}: {r.stderr[-2000:]}")
             found = json.loads(r.stdout.strip().splitlines()[-1])
@@ -73,7 +77,7 @@ def main() -> None:
             ax.set_yticks([])
             ax.set_xlabel(f"{found['shapes'][t] or '-'}", fontsize=7)
         axes[r][0].set_ylabel(f"{label}\nmotion: {found['motion']}", fontsize=8)
-    fig.suptitle(f'"{PROMPT}", 9 frames, seed 0', fontsize=10)
+    fig.suptitle(f'"{prompt}", 9 frames, seed 0', fontsize=10)
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out}")

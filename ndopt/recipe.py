@@ -289,9 +289,9 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
 def _check_budgets(recipe: Recipe, b: _Builder) -> None:
     """fidelity.budgets / frame_budgets name lossy passes of this recipe (a misspelt name would
     silently leave the pass at its own budget)."""
-    from ndopt.passmanager import Lossy
+    from ndopt.passmanager import Lossy, get_pass
 
-    lossy = {s.name for s, p in zip(recipe.passes, recipe.instantiate()) if isinstance(p.fidelity, Lossy)}
+    lossy = {s.name for s in recipe.passes if isinstance(get_pass(s.name).fidelity, Lossy)}  # a class's contract
     for field in ("budgets", "frame_budgets"):
         for name in getattr(recipe.spec.fidelity, field):
             if name not in lossy:

@@ -157,15 +157,12 @@ class FidelityInstrument:
                 raise FidelityError(f"analysis pass {p.name!r} changed the pipeline output")
         else:
             c = self.contract(p)
-            checks = [(c["metric"], c["budget_db"], "")]
+            checks = [(c["metric"], c["budget_db"], step[c["metric"]], "")]  # (metric, budget, value, where)
             if "frame_budget_db" in c:
-                worst = step.get(c["frame_metric"])
-                if worst is None:  # the videos changed shape: no per-frame comparison
-                    worst = -math.inf
+                # no per-frame figures when the videos changed shape: that frame budget is missed too
                 where = f" (frame {step['worst_frame']})" if c["metric"] == "pixel_psnr" and "worst_frame" in step else ""
-                checks.append((c["frame_metric"], c["frame_budget_db"], where, worst))
-            for metric, budget, where, *value in checks:
-                value = value[0] if value else step[metric]
+                checks.append((c["frame_metric"], c["frame_budget_db"], step.get(c["frame_metric"], -math.inf), where))
+            for metric, budget, value, where in checks:
                 if value < budget:
                     msg = f"lossy pass {p.name!r}: {metric} {value:.2f} dB{where} is below its budget {budget:.2f} dB"
                     if self.policy == "stop":
