@@ -109,6 +109,17 @@ class TeacherConfig(_Strict):
     dit: DiTSpec
     checkpoint_every: int = 100
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    # the decoder-only VAE phases after the last joint one train in a second process beside the DiT:
+    # they read only the frozen encoder, the DiT only its latents, so neither waits for the other
+    # (the torch threads are split between them); False: every VAE phase runs first, in order
+    decoder_beside_dit: bool = False
+
+    def decoder_tail(self) -> int:
+        """Index of the first VAE phase of the trailing decoder-only run (len(vae) if there is none)."""
+        i = len(self.vae)
+        while i > 0 and not self.vae[i - 1].train_encoder:
+            i -= 1
+        return i
 
     def procedural(self) -> ProceduralConfig:
         return ProceduralConfig(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
@@ -185,33 +196,44 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
             for m in [*enc.modules(), *dec.modules()]:
                 if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear)):
                     m.reset_parameters()
-    for i, vae in enumerate(config.vae):
+    tail = config.decoder_tail() if config.decoder_beside_dit else len(config.vae)
+    for i, vae in enumerate(config.vae[:tail]):
         res = train_vae_phase(pipe, vae, i, config, out, device=dev, scale=scale, show_progress=show_progress)
         report["phases"][f"vae{i}"] = {"final": res.final, "seconds": res.seconds}
-    report["vae_reconstruction_db"] = vae_reconstruction(pipe, data_cfg)
-    log.info("teacher: VAE reconstruction of held-out clips per latent frame: %s dB",
-             ", ".join(f"{x:.2f}" for x in report["vae_reconstruction_db"]))
     calib = torch.stack([ProceduralVideos(data_cfg, seed=config.seed + 99)[i].video for i in range(32)]).to(dev)
     report["standardize"] = standardize_latents(enc, dec, calib)
 
-    clips = max(8, round(config.latent_clips * min(1.0, scale * 10)))
-    cache = LatentCache(ProceduralVideos(data_cfg, seed=config.seed + 1), enc, out / "cache", size=clips,
-                        name="procedural").load()
-    lat = cache.latents
-    report["latents"] = {"clips": clips, "mean": float(lat.mean()), "std": float(lat.std())}
-    log.info("teacher: latent pool %d clips, mean %.3f std %.3f", clips, float(lat.mean()), float(lat.std()))
+    beside = None
+    if tail < len(config.vae):
+        beside = _DecoderBeside(pipe, config, out, tail, scale=scale, device=device)
+    try:
+        clips = max(8, round(config.latent_clips * min(1.0, scale * 10)))
+        cache = LatentCache(ProceduralVideos(data_cfg, seed=config.seed + 1), enc, out / "cache", size=clips,
+                            name="procedural").load()
+        lat = cache.latents
+        report["latents"] = {"clips": clips, "mean": float(lat.mean()), "std": float(lat.std())}
+        log.info("teacher: latent pool %d clips, mean %.3f std %.3f", clips, float(lat.mean()), float(lat.std()))
 
-    d = config.dit
-    te = PromptEncoder(pipe["text_encoder"].module, d.text_len)
-    objective = PyramidalFlowMatching(pipe.schedule, uncond_prob=d.uncond_prob,
-                                      train_text_encoder=d.train_text_encoder, video_prob=d.video_prob)
-    trainable = {"dit": pipe["dit"].module}
-    frozen = {}
-    (trainable if d.train_text_encoder else frozen)["text_encoder"] = te
-    res = Trainer(trainable=trainable, frozen=frozen, objective=objective, data=cache,
-                  config=d.train_config(config.seed, config.checkpoint_every, scale), run_dir=out / "dit",
-                  device=dev, name="teacher/dit", show_progress=show_progress).fit()
-    report["phases"]["dit"] = {"final": res.final, "seconds": res.seconds}
+        d = config.dit
+        te = PromptEncoder(pipe["text_encoder"].module, d.text_len)
+        objective = PyramidalFlowMatching(pipe.schedule, uncond_prob=d.uncond_prob,
+                                          train_text_encoder=d.train_text_encoder, video_prob=d.video_prob)
+        trainable = {"dit": pipe["dit"].module}
+        frozen = {}
+        (trainable if d.train_text_encoder else frozen)["text_encoder"] = te
+        res = Trainer(trainable=trainable, frozen=frozen, objective=objective, data=cache,
+                      config=d.train_config(config.seed, config.checkpoint_every, scale), run_dir=out / "dit",
+                      device=dev, name="teacher/dit", show_progress=show_progress).fit()
+        report["phases"]["dit"] = {"final": res.final, "seconds": res.seconds}
+    except BaseException:
+        if beside is not None:
+            beside.stop()  # the DiT failed or was interrupted: the decoder stops too (both resume)
+        raise
+    if beside is not None:
+        beside.finish(report)
+    report["vae_reconstruction_db"] = vae_reconstruction(pipe, data_cfg)
+    log.info("teacher: VAE reconstruction of held-out clips per latent frame: %s dB",
+             ", ".join(f"{x:.2f}" for x in report["vae_reconstruction_db"]))
 
     ev = config.eval
     pf = prompt_following(pipe, held_out_scenes(ev.prompts, data_cfg), seed=ev.seed, steps=ev.steps,
@@ -223,6 +245,87 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
     log.info("teacher: prompt following on %d held-out prompts: %.0f%%", pf.n, 100 * pf.rate)
     atomic_write_json(out / "report.json", report)
     return pipe, report
+
+
+class _DecoderBeside:
+    """The trailing decoder-only VAE phases in a spawned process beside the DiT (`decoder_beside_dit`).
+
+    The standardized VAE is handed over in `<out>/vae_standardized.safetensors`; the child trains the
+    decoder phases (each resumable from `<out>/vae<i>`, as in-order phases are) and writes the decoder
+    to `<out>/vae_decoder.safetensors`, which `finish` loads into the pipeline. The threads are split:
+    the child takes half, the DiT the rest (at least one each)."""
+
+    def __init__(self, pipe: Pipeline, config: TeacherConfig, out: Path, first: int, *, scale: float,
+                 device: str) -> None:
+        import multiprocessing
+
+        from safetensors.torch import save_file
+
+        from ndopt.io import atomic_path
+
+        self.pipe, self.out, self.first = pipe, Path(out), first
+        self.threads = torch.get_num_threads()
+        child = max(1, self.threads // 2)
+        self.decoder_file = self.out / "vae_decoder.safetensors"
+        self.report_file = self.out / "vae_decoder.json"
+        state = {f"{name}.{k}": v.detach().cpu().contiguous()
+                 for name in ("vae_encoder", "vae_decoder") for k, v in pipe[name].module.state_dict().items()}
+        self.out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.out / "vae_standardized.safetensors") as tmp:
+            save_file(state, str(tmp))
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_train_decoder_beside, args=(config.model_dump(), str(self.out), first, scale, device, child),
+            name="teacher/decoder")
+        self.process.start()
+        torch.set_num_threads(max(1, self.threads - child))
+        log.info("teacher: VAE phases %d-%d (decoder only) train beside the DiT (pid %d, %d thread(s); DiT %d)",
+                 first, len(config.vae) - 1, self.process.pid, child, torch.get_num_threads())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join()
+        torch.set_num_threads(self.threads)
+
+    def finish(self, report: dict[str, Any]) -> None:
+        """Wait for the decoder phases and load their decoder into the pipeline."""
+        import json
+
+        from safetensors.torch import load_file
+
+        self.process.join()
+        torch.set_num_threads(self.threads)
+        if self.process.exitcode != 0 or not self.decoder_file.exists():
+            raise NdoptError(f"teacher: the decoder phases beside the DiT failed (exit code {self.process.exitcode}); "
+                             f"rerun the same command: they resume from {self.out}/vae{self.first}..")
+        self.pipe["vae_decoder"].module.load_state_dict(load_file(str(self.decoder_file)), strict=True)
+        report["phases"].update(json.loads(self.report_file.read_text()))
+
+
+def _train_decoder_beside(config: dict[str, Any], out: str, first: int, scale: float, device: str,
+                          threads: int) -> None:
+    """The child of `_DecoderBeside`: load the standardized VAE, train phases `first`.., save the decoder."""
+    from safetensors.torch import load_file, save_file
+
+    from ndopt.io import atomic_path
+    from ndopt.progress import setup_logging
+
+    torch.set_num_threads(threads)
+    setup_logging()
+    cfg, out_dir = TeacherConfig(**config), Path(out)
+    pipe = fresh_pipeline(cfg.seed, cfg.architecture)
+    state = load_file(str(out_dir / "vae_standardized.safetensors"))
+    for name in ("vae_encoder", "vae_decoder"):
+        own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        pipe[name].module.load_state_dict(own, strict=True)
+    phases = {}
+    for i in range(first, len(cfg.vae)):
+        res = train_vae_phase(pipe, cfg.vae[i], i, cfg, out_dir, device=torch.device(device), scale=scale,
+                              show_progress=False)
+        phases[f"vae{i}"] = {"final": res.final, "seconds": res.seconds}
+    dec = pipe["vae_decoder"].module
+    atomic_write_json(out_dir / "vae_decoder.json", phases)
+    with atomic_path(out_dir / "vae_decoder.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in dec.state_dict().items()}, str(tmp))
 
 
 def main(argv: list[str] | None = None) -> int:

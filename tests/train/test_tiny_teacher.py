@@ -109,3 +109,33 @@ def test_a_decoder_only_vae_phase_keeps_the_encoder(tmp_path):
     res = train_vae_phase(pipe, cfg.vae[1], 1, cfg, tmp_path, device=torch.device("cpu"), show_progress=False)
     assert res.final["step"] == 2
     assert not changed(e1, snap(enc)) and changed(d1, snap(dec))
+
+
+def test_decoder_phases_train_beside_the_dit_and_resume(tmp_path):
+    """`decoder_beside_dit`: the trailing decoder-only phases run in a second process while the DiT
+    trains; the encoder (and so the DiT's latents) is the standardized one, the decoder is the one the
+    child trained, and a rerun resumes both from their checkpoints instead of training again."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ndopt.train.teacher import TeacherConfig, train_teacher
+
+    cfg = TeacherConfig(vae=[{"frames": 9, "steps": 2, "batch_size": 1, "lr": 1e-3},
+                             {"frames": 9, "steps": 3, "batch_size": 1, "lr": 1e-3, "train_encoder": False}],
+                        dit={"steps": 2, "batch_size": 2, "lr": 1e-3}, latent_clips=8, checkpoint_every=1,
+                        decoder_beside_dit=True, eval={"prompts": 1, "steps": (1, 1, 1)})
+    assert cfg.decoder_tail() == 1
+    pipe, report = train_teacher(cfg, tmp_path, show_progress=False)
+    assert report["phases"]["vae1"]["final"]["step"] == 3 and report["phases"]["dit"]["final"]["step"] == 2
+    handed = load_file(str(tmp_path / "vae_standardized.safetensors"))
+    trained = load_file(str(tmp_path / "vae_decoder.safetensors"))
+    enc, dec = pipe["vae_encoder"].module.state_dict(), pipe["vae_decoder"].module.state_dict()
+    assert all(torch.equal(v, handed[f"vae_encoder.{k}"]) for k, v in enc.items())
+    assert all(torch.equal(v, trained[k]) for k, v in dec.items())
+    assert any(not torch.equal(v, handed[f"vae_decoder.{k}"]) for k, v in dec.items())
+    assert len(report["vae_reconstruction_db"]) == 2
+
+    again, report2 = train_teacher(cfg, tmp_path, show_progress=False)
+    assert report2["phases"]["vae1"]["final"] == report["phases"]["vae1"]["final"]
+    assert all(torch.equal(v, again["vae_decoder"].module.state_dict()[k]) for k, v in dec.items())
+    assert all(torch.equal(v, again["dit"].module.state_dict()[k]) for k, v in pipe["dit"].module.state_dict().items())
