@@ -27,6 +27,14 @@ def test_wider_teacher_round_trips_through_bundled_weights(tmp_path, monkeypatch
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert presets.build_preset("pyramid-flow-tiny", device="meta")["vae_decoder"].module.config == arch["vae"]
 
+    # the miniFLUX tiny preset reuses the SD3 teacher's VAE: at the widths the weights record
+    from ndopt.frontends.miniflux import presets as mf_presets
+
+    mf = mf_presets.build_preset(mf_presets.TINY)
+    assert mf["vae_decoder"].module.config == arch["vae"]
+    c = mf["vae_decoder"].module.state_dict()
+    assert all(torch.equal(c[k], b[k]) for k in b)
+
 
 def test_weights_without_metadata_keep_the_presets_architecture(tmp_path):
     from safetensors.torch import save_file
@@ -73,3 +81,22 @@ def test_bundled_weights_load_into_meta_built_modules(tmp_path, monkeypatch):
     save_file(sd, str(path))
     with pytest.raises(CheckpointError, match=gone.removeprefix("dit.").replace(".", r"\.")):
         presets.build_preset("pyramid-flow-tiny")
+
+
+def test_a_patch_1_dit_is_planned_at_its_own_patch_size():
+    """The call plan's DiT layouts carry the DiT's patch size (a patch-1 teacher has 4x the tokens of
+    patch 2): the traced call and its cost see the real token count, and the layout check accepts it."""
+    p2, p1 = fresh_pipeline(0), fresh_pipeline(0, {"dit": {"patch_size": 1}})
+    plans = [[s for s in p.call_plan() if s.component == "dit"] for p in (p2, p1)]
+    assert [s.key for s in plans[0]] == [s.key for s in plans[1]]
+    for a, b in zip(*plans):
+        la, lb = a.static_dict["layout"], b.static_dict["layout"]
+        assert (la.patch_size, lb.patch_size) == (2, 1) and lb.tokens == 4 * la.tokens
+    sig = plans[1][-1]
+    args = {k: (tuple(torch.randn(t.shape) for t in v) if isinstance(v, tuple)
+                else torch.zeros(v.shape, dtype=torch.long) if v.dtype == "int64" else torch.randn(v.shape))
+            for k, v in sig.args}
+    with torch.no_grad():
+        out = p1["dit"].module(**args, layout=sig.static_dict["layout"])
+        free = p1["dit"].module(**args)
+    assert out.shape == args["sample"][-1].shape and torch.equal(out, free)

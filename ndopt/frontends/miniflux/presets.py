@@ -83,7 +83,9 @@ def _smoke_spec(name: str) -> MiniFluxPresetSpec:
 
 def preset_specs() -> dict[str, MiniFluxPresetSpec]:
     return {
-        TINY: MiniFluxPresetSpec(TINY, dit_mod.tiny_config(), vae_mod.tiny_config(), text_mod.tiny_config(),
+        # the SD3 tiny preset's VAE, at the widths its bundled weights record: build_preset reuses them
+        TINY: MiniFluxPresetSpec(TINY, dit_mod.tiny_config(), sd3_presets.preset_specs()[SD3_TINY].vae,
+                                 text_mod.tiny_config(),
                                  height=64, width=64, latent_frames=2, prompt_suffix="", negative_prompt=""),
         "pyramid-flow-miniflux-384p": _real_spec("pyramid-flow-miniflux-384p", 384, 640),
         "pyramid-flow-miniflux-768p": _real_spec("pyramid-flow-miniflux-768p", 768, 1280),

@@ -77,13 +77,13 @@ def check_resolution(schedule: Schedule, patch_size: int) -> None:
                          f"stages, 8x VAE and patch {patch_size}, height and width must be multiples of {need}")
 
 
-def dit_layout(schedule: Schedule, unit: int, stage: int, batch: int, text_len: int) -> DiTLayout:
+def dit_layout(schedule: Schedule, unit: int, stage: int, batch: int, text_len: int, patch_size: int) -> DiTLayout:
     fpu = schedule.temporal.frame_per_unit
     clips = []
     for _, frames, s in history_clips(unit, stage, len(schedule.stages), fpu):
         clips.append((frames, *stage_hw(schedule, s)))
     clips.append((1 if unit == 0 else fpu, *stage_hw(schedule, stage)))
-    return DiTLayout(batch=batch, text_len=text_len, clips=tuple(clips))
+    return DiTLayout(batch=batch, text_len=text_len, clips=tuple(clips), patch_size=patch_size)
 
 
 Generators = torch.Generator | np.random.Generator | Sequence[torch.Generator | np.random.Generator]
@@ -212,7 +212,7 @@ class PyramidFlowSampler:
                     steps = stage.steps if unit == 0 else stage.video_steps
                     if steps == 0:
                         continue
-                    lay = dit_layout(sch, unit, s, batch, tl)
+                    lay = dit_layout(sch, unit, s, batch, tl, cfg.patch_size)
                     sample = tuple(TensorSpec((batch, cfg.in_channels, *c)) for c in lay.clips)
                     t, h, w = lay.clips[-1]
                     time_arg = (("timestep_embedding", TensorSpec((batch, cfg.inner_dim))) if folded_time(d)
