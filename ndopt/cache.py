@@ -1,7 +1,8 @@
 """ndopt's on-disk caches: work a later command can reuse, keyed so it never answers stale.
 
 Every key includes what the result depends on and the code that computes it (the source of ndopt,
-its passes and targets, the versions of torch, transformers and the other model libraries, and the
+its passes and targets with their bundled weights' headers (architecture and metadata, so a retrained
+teacher installed under the same name misses), the versions of torch, transformers and the other model libraries, and the
 installed plugins), so an edit or an upgrade misses instead of answering old figures:
 
 - `plans/`: a whole `ndopt plan` answer (its JSON and report files) for the same arguments, recipe
@@ -52,15 +53,30 @@ def shared_dir(kind: str) -> Path | None:
     return cache_dir() / kind / code_version()[:16] if enabled() else None
 
 
-def _hash_files(h: Any, root: Path, skip_dirs: tuple[str, ...] = ("weights", "__pycache__")) -> None:
+def _hash_files(h: Any, root: Path, skip_dirs: tuple[str, ...] = ("__pycache__",)) -> None:
     for p in sorted(root.rglob("*")):
         if any(part in skip_dirs for part in p.relative_to(root).parts) or not p.is_file():
             continue
         h.update(str(p.relative_to(root)).encode())
         if p.suffix in SOURCE_SUFFIXES and p.stat().st_size <= MAX_CONFIG_BYTES:
             h.update(p.read_bytes())
+        elif p.suffix == ".safetensors":
+            h.update(_safetensors_header(p))
         else:
             h.update(str(p.stat().st_size).encode())
+
+
+def _safetensors_header(path: Path) -> bytes:
+    """A safetensors file's JSON header (tensor names, shapes, offsets and the metadata: the architecture a
+    bundled teacher records, a student's teacher fingerprint): what plans depend on, read without the data.
+    A file too short or malformed for one counts by its size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 100 << 20):
+            return str(size).encode()
+        return head + f.read(n)
 
 
 @cache

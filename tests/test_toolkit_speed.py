@@ -186,3 +186,29 @@ def test_plan_key_follows_a_checkpoint_directory_the_recipe_names(cache_on, tmp_
     k = cache.plan_key(args)
     cfg.write_text('{"num_layers": 18}')  # the same recipe text, another model
     assert cache.plan_key(args) != k
+
+
+def test_the_code_version_sees_bundled_weights_headers(tmp_path):
+    """A teacher reinstalled under the same file name with another architecture (same byte count or not)
+    changes the code version, so plans cached for the old weights miss; the tensor data is not read."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    def digest(meta: dict[str, str]) -> str:
+        root = tmp_path / meta["arch"]
+        (root / "weights").mkdir(parents=True)
+        (root / "code.py").write_text("x = 1\n")
+        import torch
+
+        save_file({"w": torch.zeros(4)}, str(root / "weights" / "tiny.safetensors"), metadata=meta)
+        h = hashlib.sha256()
+        cache._hash_files(h, root)
+        return h.hexdigest()
+
+    a, b = digest({"arch": "p2"}), digest({"arch": "p1"})
+    assert a != b
+    (tmp_path / "p1" / "weights" / "tiny.safetensors").write_bytes(b"\x00" * 3)  # not a safetensors file
+    h = hashlib.sha256()
+    cache._hash_files(h, tmp_path / "p1")
+    assert h.hexdigest() != b
