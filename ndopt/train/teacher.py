@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.install:
         target = iface.save_weights(_to_cpu(pipe))
         log.info("teacher: installed as the tiny preset's weights: %s", target)
+        log.warning("teacher: the bundled students and tiny decoder were distilled from the previous teacher "
+                    "and now refuse to load; rebuild them: python -m ndopt.train.dependents --install")
     return 0
 
 
