@@ -164,9 +164,10 @@ def vae_reconstruction(pipeline: Pipeline, config: ProceduralConfig, n: int = 16
 
 
 def train_vae_phase(pipe: Pipeline, vae: VAESpec, index: int, config: TeacherConfig, out: Path, *,
-                    device: torch.device, scale: float = 1.0, show_progress: bool | None = None) -> TrainResult:
-    """VAE phase `index` of the teacher (resuming from out/vae<index>): encoder and decoder, or the
-    decoder alone against the frozen encoder (`train_encoder: false`)."""
+                    device: torch.device, scale: float = 1.0, show_progress: bool | None = None,
+                    suffix: str = "") -> TrainResult:
+    """VAE phase `index` of the teacher (resuming from out/vae<index><suffix>): encoder and decoder, or
+    the decoder alone against the frozen encoder (`train_encoder: false`)."""
     enc, dec = pipe["vae_encoder"].module, pipe["vae_decoder"].module
     trainable = {"vae_encoder": enc, "vae_decoder": dec} if vae.train_encoder else {"vae_decoder": dec}
     return Trainer(trainable=trainable, frozen={} if vae.train_encoder else {"vae_encoder": enc},
@@ -175,7 +176,7 @@ def train_vae_phase(pipe: Pipeline, vae: VAESpec, index: int, config: TeacherCon
                    data=ProceduralVideos(dc_replace(config.procedural(), frames=vae.frames),
                                          seed=config.seed + 100 * index),
                    config=vae.train_config(config.seed + index, config.checkpoint_every, scale),
-                   run_dir=Path(out) / f"vae{index}", device=device, name=f"teacher/vae{index}",
+                   run_dir=Path(out) / f"vae{index}{suffix}", device=device, name=f"teacher/vae{index}",
                    show_progress=show_progress).fit()
 
 
@@ -203,9 +204,7 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
     calib = torch.stack([ProceduralVideos(data_cfg, seed=config.seed + 99)[i].video for i in range(32)]).to(dev)
     report["standardize"] = standardize_latents(enc, dec, calib)
 
-    beside = None
-    if tail < len(config.vae):
-        beside = _DecoderBeside(pipe, config, out, tail, scale=scale, device=device)
+    beside = _DecoderBeside(pipe, config, out, tail, scale=scale, device=device) if tail < len(config.vae) else None
     try:
         clips = max(8, round(config.latent_clips * min(1.0, scale * 10)))
         cache = LatentCache(ProceduralVideos(data_cfg, seed=config.seed + 1), enc, out / "cache", size=clips,
@@ -225,12 +224,11 @@ def train_teacher(config: TeacherConfig, out: Path, *, scale: float = 1.0, devic
                       config=d.train_config(config.seed, config.checkpoint_every, scale), run_dir=out / "dit",
                       device=dev, name="teacher/dit", show_progress=show_progress).fit()
         report["phases"]["dit"] = {"final": res.final, "seconds": res.seconds}
-    except BaseException:
         if beside is not None:
-            beside.stop()  # the DiT failed or was interrupted: the decoder stops too (both resume)
-        raise
-    if beside is not None:
-        beside.finish(report)
+            beside.finish(report)
+    finally:
+        if beside is not None:
+            beside.close()  # on an error or an interrupt, the decoder stops too (at a step: both resume)
     report["vae_reconstruction_db"] = vae_reconstruction(pipe, data_cfg)
     log.info("teacher: VAE reconstruction of held-out clips per latent frame: %s dB",
              ", ".join(f"{x:.2f}" for x in report["vae_reconstruction_db"]))
@@ -251,13 +249,15 @@ class _DecoderBeside:
     """The trailing decoder-only VAE phases in a spawned process beside the DiT (`decoder_beside_dit`).
 
     The standardized VAE is handed over in `<out>/vae_standardized.safetensors`; the child trains the
-    decoder phases (each resumable from `<out>/vae<i>`, as in-order phases are) and writes the decoder
-    to `<out>/vae_decoder.safetensors`, which `finish` loads into the pipeline. The threads are split:
-    the child takes half, the DiT the rest (at least one each)."""
+    decoder phases (each resumable from `<out>/vae<i>-beside`: they train in the standardized latent
+    space, so never from an in-order run's `vae<i>`) and writes the decoder to
+    `<out>/vae_decoder.safetensors`, which `finish` loads into the pipeline. The threads are split: the
+    child takes half, the DiT the rest (at least one each). A child that fails is logged at once."""
 
     def __init__(self, pipe: Pipeline, config: TeacherConfig, out: Path, first: int, *, scale: float,
                  device: str) -> None:
         import multiprocessing
+        import threading
 
         from safetensors.torch import save_file
 
@@ -266,6 +266,8 @@ class _DecoderBeside:
         self.pipe, self.out, self.first = pipe, Path(out), first
         self.threads = torch.get_num_threads()
         child = max(1, self.threads // 2)
+        if self.threads < 2:
+            log.warning("teacher: decoder_beside_dit with 1 thread: the decoder and the DiT take one each")
         self.decoder_file = self.out / "vae_decoder.safetensors"
         self.report_file = self.out / "vae_decoder.json"
         state = {f"{name}.{k}": v.detach().cpu().contiguous()
@@ -278,13 +280,15 @@ class _DecoderBeside:
             name="teacher/decoder")
         self.process.start()
         torch.set_num_threads(max(1, self.threads - child))
+        threading.Thread(target=self._watch, daemon=True).start()
         log.info("teacher: VAE phases %d-%d (decoder only) train beside the DiT (pid %d, %d thread(s); DiT %d)",
                  first, len(config.vae) - 1, self.process.pid, child, torch.get_num_threads())
 
-    def stop(self) -> None:
-        self.process.terminate()
+    def _watch(self) -> None:
         self.process.join()
-        torch.set_num_threads(self.threads)
+        if self.process.exitcode:
+            log.error("teacher: the decoder phases beside the DiT stopped (exit code %s); the DiT goes on, and a "
+                      "rerun resumes them", self.process.exitcode)
 
     def finish(self, report: dict[str, Any]) -> None:
         """Wait for the decoder phases and load their decoder into the pipeline."""
@@ -293,22 +297,33 @@ class _DecoderBeside:
         from safetensors.torch import load_file
 
         self.process.join()
-        torch.set_num_threads(self.threads)
         if self.process.exitcode != 0 or not self.decoder_file.exists():
             raise NdoptError(f"teacher: the decoder phases beside the DiT failed (exit code {self.process.exitcode}); "
-                             f"rerun the same command: they resume from {self.out}/vae{self.first}..")
+                             f"rerun the same command: they resume from {self.out}/vae{self.first}-beside..")
         self.pipe["vae_decoder"].module.load_state_dict(load_file(str(self.decoder_file)), strict=True)
         report["phases"].update(json.loads(self.report_file.read_text()))
+
+    def close(self) -> None:
+        """Stop the child if it still runs (SIGTERM: it saves at its next step) and give the threads back."""
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        torch.set_num_threads(self.threads)
 
 
 def _train_decoder_beside(config: dict[str, Any], out: str, first: int, scale: float, device: str,
                           threads: int) -> None:
-    """The child of `_DecoderBeside`: load the standardized VAE, train phases `first`.., save the decoder."""
+    """The child of `_DecoderBeside`: load the standardized VAE, train phases `first`.., save the decoder.
+    Ctrl-C reaches the parent, which stops this process with SIGTERM; that stops at a step boundary."""
+    import signal
+
     from safetensors.torch import load_file, save_file
 
+    from ndopt import interrupt
     from ndopt.io import atomic_path
     from ndopt.progress import setup_logging
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     setup_logging()
     cfg, out_dir = TeacherConfig(**config), Path(out)
@@ -318,10 +333,11 @@ def _train_decoder_beside(config: dict[str, Any], out: str, first: int, scale: f
         own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         pipe[name].module.load_state_dict(own, strict=True)
     phases = {}
-    for i in range(first, len(cfg.vae)):
-        res = train_vae_phase(pipe, cfg.vae[i], i, cfg, out_dir, device=torch.device(device), scale=scale,
-                              show_progress=False)
-        phases[f"vae{i}"] = {"final": res.final, "seconds": res.seconds}
+    with interrupt.handle_signals():
+        for i in range(first, len(cfg.vae)):
+            res = train_vae_phase(pipe, cfg.vae[i], i, cfg, out_dir, device=torch.device(device), scale=scale,
+                                  show_progress=False, suffix="-beside")
+            phases[f"vae{i}"] = {"final": res.final, "seconds": res.seconds}
     dec = pipe["vae_decoder"].module
     atomic_write_json(out_dir / "vae_decoder.json", phases)
     with atomic_path(out_dir / "vae_decoder.safetensors") as tmp:
@@ -340,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     add_script_options(ap, "also write the weights into the package (the tiny preset's default weights)")
     args = ap.parse_args(argv)
     start_script(args)
-    pipe, _report = train_teacher(load_config(args.config), args.out, scale=args.scale, device=args.device)
+    from ndopt import interrupt
+
+    with interrupt.handle_signals():  # SIGTERM too stops at a step (and stops a decoder beside the DiT)
+        pipe, _report = train_teacher(load_config(args.config), args.out, scale=args.scale, device=args.device)
     pipe = pipe.replace()  # modules are back in eval mode; save from CPU
     iface = frontend_of(PRESET).require("save_weights", user="the teacher trainer")
     weights = iface.save_weights(_to_cpu(pipe), args.out / f"{PRESET}.safetensors")
