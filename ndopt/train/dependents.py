@@ -3,9 +3,9 @@ tiny decoder, each distilled from the bundled teacher by a shipped recipe.
 
     python -m ndopt.train.dependents [--out runs/dependents] [--jobs 2] [--only tiny-student ...] [--install]
 
-Each recipe runs as its own `ndopt run` process (its log in `<out>/<recipe>.log`), at most `--jobs` at
-once with the machine's cores split between them, longest first; a rerun resumes each from its
-checkpoints. With `--install`, each artifact that was built is copied into the package's weights once
+Each recipe runs as its own `ndopt run` process (its log in `<out>/<recipe>.log`, its run in
+`<out>/<recipe>-<teacher fingerprint>`), at most `--jobs` at once with the machine's cores split between
+them, longest first; a rerun for the same teacher resumes each from its checkpoints. With `--install`, each artifact that was built is copied into the package's weights once
 it loads against the bundled teacher (a student records the teacher DiT it was distilled from, the
 tiny decoder the VAE encoder): a stale artifact is never installed.
 """
@@ -19,8 +19,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ndopt.errors import NdoptError
 
@@ -51,38 +53,58 @@ def run_command(dep: Dependent, run_dir: Path, threads: int) -> list[str]:
     return [sys.executable, "-m", "ndopt.cli", "--threads", str(threads), "run", dep.recipe, "--out", str(run_dir)]
 
 
-def build(deps: tuple[Dependent, ...], out: Path, *, jobs: int = 2, cores: int | None = None,
-          command=run_command) -> dict[str, Path]:
+def fingerprint(dep: Dependent, teacher: Any) -> str:
+    """The fingerprint of the teacher component `dep` is distilled from (what its metadata records)."""
+    from ndopt.train.data import module_fingerprint
+
+    return module_fingerprint(teacher.by_role(dep.fingerprint[1])[0].module)
+
+
+def run_dir(dep: Dependent, out: Path, teacher: Any) -> Path:
+    """`<out>/<recipe>-<teacher fingerprint>`: a rerun resumes only a run of the same teacher (a finished
+    run of the previous teacher would otherwise be reloaded and saved with the new one's fingerprint)."""
+    return out / f"{dep.recipe}-{fingerprint(dep, teacher)[:12]}"
+
+
+def build(deps: tuple[Dependent, ...], out: Path, teacher: Any, *, jobs: int = 2, cores: int | None = None,
+          command: Callable[[Dependent, Path, int], list[str]] = run_command) -> dict[str, Path]:
     """Run each dependent's recipe (at most `jobs` at once); returns {recipe: artifact} of those that built.
-    Raises with every failed recipe and its log once all have ended."""
+    Raises with every failed recipe and its log once all have ended; on an interrupt, stops them all."""
+    if jobs < 1:
+        raise NdoptError(f"dependents: --jobs {jobs}: at least 1")
     out.mkdir(parents=True, exist_ok=True)
-    cores = cores or os.cpu_count() or 1
-    threads = max(1, cores // max(1, jobs))
+    threads = max(1, (cores or os.cpu_count() or 1) // max(1, min(jobs, len(deps))))
     queue = sorted(deps, key=lambda d: -d.minutes)
     running: dict[str, tuple[subprocess.Popen, Dependent, float]] = {}
     built: dict[str, Path] = {}
     failed: list[str] = []
-    while queue or running:
-        while queue and len(running) < jobs:
-            dep = queue.pop(0)
-            logf = open(out / f"{dep.recipe}.log", "ab")  # noqa: SIM115 (closed with the process)
-            proc = subprocess.Popen(command(dep, out / dep.recipe, threads), stdout=logf, stderr=subprocess.STDOUT)
-            logf.close()
-            running[dep.recipe] = (proc, dep, time.perf_counter())
-            log.info("dependents: %s started (pid %d, %d thread(s)), log %s", dep.recipe, proc.pid, threads,
-                     out / f"{dep.recipe}.log")
-        time.sleep(0.2)
-        for name, (proc, dep, t0) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
-            artifact = out / name / dep.artifact
-            if proc.returncode == 0 and artifact.is_file():
-                built[name] = artifact
-                log.info("dependents: %s built in %.1f min: %s", name, (time.perf_counter() - t0) / 60, artifact)
-            else:
-                failed.append(f"{name} (exit code {proc.returncode}{'' if artifact.is_file() else ', no ' + dep.artifact}; "
-                              f"log {out / f'{name}.log'})")
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                dep = queue.pop(0)
+                with open(out / f"{dep.recipe}.log", "ab") as logf:
+                    proc = subprocess.Popen(command(dep, run_dir(dep, out, teacher), threads), stdout=logf,
+                                            stderr=subprocess.STDOUT)
+                running[dep.recipe] = (proc, dep, time.perf_counter())
+                log.info("dependents: %s started (pid %d, %d thread(s)), log %s", dep.recipe, proc.pid, threads,
+                         out / f"{dep.recipe}.log")
+            time.sleep(0.2)
+            for name, (proc, dep, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                artifact = run_dir(dep, out, teacher) / dep.artifact
+                if proc.returncode == 0 and artifact.is_file():
+                    built[name] = artifact
+                    log.info("dependents: %s built in %.1f min: %s", name, (time.perf_counter() - t0) / 60, artifact)
+                else:
+                    missing = "" if artifact.is_file() else f", no {dep.artifact}"
+                    failed.append(f"{name} (exit code {proc.returncode}{missing}; log {out / f'{name}.log'})")
+    finally:
+        for proc, _, _ in running.values():  # an interrupt: each stops at its next training step
+            proc.terminate()
+        for proc, _, _ in running.values():
+            proc.wait()
     if failed:
         raise NdoptError("dependents failed: " + "; ".join(failed) + ". Rerun the same command: they resume.")
     return built
@@ -96,7 +118,7 @@ def install(deps: tuple[Dependent, ...], built: dict[str, Path], weights_dir: Pa
 
     todo = [d for d in deps if d.recipe in built]
     teacher = load_model("pyramid-flow-tiny") if todo else None
-    for dep in todo:
+    for dep in todo:  # every check first: nothing is installed if one is stale
         check_fits(dep, built[dep.recipe], teacher)
     done = []
     for dep in todo:
@@ -108,17 +130,15 @@ def install(deps: tuple[Dependent, ...], built: dict[str, Path], weights_dir: Pa
     return done
 
 
-def check_fits(dep: Dependent, path: Path, teacher) -> None:
+def check_fits(dep: Dependent, path: Path, teacher: Any) -> None:
     """The artifact records the fingerprint of the teacher component it was distilled from (a student
     its DiT, the tiny decoder the VAE encoder): it must be the bundled teacher's."""
     from safetensors import safe_open
 
-    from ndopt.train.data import module_fingerprint
-
     key, role = dep.fingerprint
     with safe_open(str(path), framework="pt") as f:
         recorded = (f.metadata() or {}).get(key)
-    have = module_fingerprint(teacher.by_role(role)[0].module)
+    have = fingerprint(dep, teacher)
     if recorded != have:
         raise NdoptError(f"dependents: {path} ({dep.recipe}) was distilled from another {role} (fingerprint "
                          f"{recorded}, the bundled teacher's is {have}); nothing was installed")
@@ -134,14 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--install", action="store_true", help="copy what was built into the package's weights")
     args = ap.parse_args(argv)
     setup_logging()
+    from ndopt import interrupt
+    from ndopt.frontends import load_model
+
     deps = tuple(d for d in DEPENDENTS if not args.only or d.recipe in args.only)
     try:
-        built = build(deps, args.out, jobs=args.jobs)
+        with interrupt.handle_signals():
+            built = build(deps, args.out, load_model("pyramid-flow-tiny"), jobs=args.jobs)
         if args.install:
             install(deps, built)
     except NdoptError as e:
         log.error("%s", e)
-        return 1
+        return 2
     return 0
 
 
