@@ -1,8 +1,9 @@
 """ndopt's on-disk caches: work a later command can reuse, keyed so it never answers stale.
 
 Every key includes what the result depends on and the code that computes it (the source of ndopt,
-its passes and targets with their bundled weights' headers (architecture and metadata, so a retrained
-teacher installed under the same name misses), the versions of torch, transformers and the other model libraries, and the
+its passes and targets with their bundled weights' headers (tensor shapes and metadata: a teacher
+reinstalled under the same name at another architecture misses; plans, built on the meta device, do
+not read weight values), the versions of torch, transformers and the other model libraries, and the
 installed plugins), so an edit or an upgrade misses instead of answering old figures:
 
 - `plans/`: a whole `ndopt plan` answer (its JSON and report files) for the same arguments, recipe

@@ -189,7 +189,7 @@ def test_plan_key_follows_a_checkpoint_directory_the_recipe_names(cache_on, tmp_
 
 
 def test_the_code_version_sees_bundled_weights_headers(tmp_path):
-    """A teacher reinstalled under the same file name with another architecture (same byte count or not)
+    """A teacher reinstalled under the same file name with another architecture (its header's metadata)
     changes the code version, so plans cached for the old weights miss; the tensor data is not read."""
     import hashlib
 
