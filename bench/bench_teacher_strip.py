@@ -65,7 +65,8 @@ def main() -> None:
             if r.returncode:
                 raise SystemExit(f"{w}: {r.stderr[-2000:]}")
             found = json.loads(r.stdout.strip().splitlines()[-1])
-            label = "bundled teacher" if w == "bundled" else Path(w).parent.name or w
+            stem = Path(w).stem
+            label = "bundled teacher" if w == "bundled" else stem if stem != "pyramid-flow-tiny" else Path(w).parent.name
             rows.append((label, np.load(frames), found))
             print(f"{label}: motion {found['motion']}; colours {found['colours']}; shapes {found['shapes']}")
     fig, axes = plt.subplots(len(rows), 9, figsize=(9 * 1.3, len(rows) * 1.6), squeeze=False)
