@@ -27,6 +27,7 @@ from typing import Any
 from ndopt.errors import NdoptError
 
 log = logging.getLogger("ndopt")
+TEACHER = "pyramid-flow-tiny"
 
 
 @dataclass(frozen=True)
@@ -113,21 +114,28 @@ def build(deps: tuple[Dependent, ...], out: Path, teacher: Any, *, jobs: int = 2
 def install(deps: tuple[Dependent, ...], built: dict[str, Path], weights_dir: Path | None = None) -> list[Path]:
     """Copy each built artifact over its bundled file (atomically), after checking that every one was
     distilled from the bundled teacher's weights: nothing is installed if one is stale."""
-    from ndopt.frontends import load_model
-    from ndopt.io import atomic_path, package_weights
+    from ndopt.io import atomic_path
+    from ndopt.model import frontend_of, load_model
 
     todo = [d for d in deps if d.recipe in built]
-    teacher = load_model("pyramid-flow-tiny") if todo else None
+    teacher = load_model(TEACHER) if todo else None
     for dep in todo:  # every check first: nothing is installed if one is stale
         check_fits(dep, built[dep.recipe], teacher)
     done = []
     for dep in todo:
-        target = (weights_dir / dep.weights) if weights_dir else package_weights("ndopt.frontends.pyramid_flow", dep.weights)
+        target = (weights_dir or _weights_dir(frontend_of(TEACHER))) / dep.weights
         with atomic_path(target) as tmp:
             shutil.copyfile(built[dep.recipe], tmp)
         log.info("dependents: installed %s", target)
         done.append(target)
     return done
+
+
+def _weights_dir(frontend: Any) -> Path:
+    teacher = frontend.bundled_weights(TEACHER)
+    if teacher is None:
+        raise NdoptError(f"dependents: no bundled {TEACHER} weights: install a teacher first")
+    return teacher.parent
 
 
 def check_fits(dep: Dependent, path: Path, teacher: Any) -> None:
@@ -155,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     setup_logging()
     from ndopt import interrupt
-    from ndopt.frontends import load_model
+    from ndopt.model import load_model
 
     deps = tuple(d for d in DEPENDENTS if not args.only or d.recipe in args.only)
     try:
         with interrupt.handle_signals():
-            built = build(deps, args.out, load_model("pyramid-flow-tiny"), jobs=args.jobs)
+            built = build(deps, args.out, load_model(TEACHER), jobs=args.jobs)
         if args.install:
             install(deps, built)
     except NdoptError as e:

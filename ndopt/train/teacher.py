@@ -279,14 +279,24 @@ class _DecoderBeside:
             target=_train_decoder_beside, args=(config.model_dump(), str(self.out), first, scale, device, child),
             name="teacher/decoder")
         self.process.start()
+        self._lock = threading.Lock()
         torch.set_num_threads(max(1, self.threads - child))
         threading.Thread(target=self._watch, daemon=True).start()
         log.info("teacher: VAE phases %d-%d (decoder only) train beside the DiT (pid %d, %d thread(s); DiT %d)",
                  first, len(config.vae) - 1, self.process.pid, child, torch.get_num_threads())
 
+    def _exitcode(self) -> int | None:
+        """Wait for the child, then reap it under a lock: two threads reaping at once race (one sees no
+        child and returns None before the other has stored the exit code)."""
+        from multiprocessing.connection import wait
+
+        wait([self.process.sentinel])
+        with self._lock:  # the sentinel fires as the child closes it, maybe before it can be reaped: join
+            self.process.join()
+            return self.process.exitcode
+
     def _watch(self) -> None:
-        self.process.join()
-        if self.process.exitcode:
+        if self._exitcode():
             log.error("teacher: the decoder phases beside the DiT stopped (exit code %s); the DiT goes on, and a "
                       "rerun resumes them", self.process.exitcode)
 
@@ -296,18 +306,20 @@ class _DecoderBeside:
 
         from safetensors.torch import load_file
 
-        self.process.join()
-        if self.process.exitcode != 0 or not self.decoder_file.exists():
-            raise NdoptError(f"teacher: the decoder phases beside the DiT failed (exit code {self.process.exitcode}); "
+        code = self._exitcode()
+        if code != 0 or not self.decoder_file.exists():
+            raise NdoptError(f"teacher: the decoder phases beside the DiT failed (exit code {code}); "
                              f"rerun the same command: they resume from {self.out}/vae{self.first}-beside..")
         self.pipe["vae_decoder"].module.load_state_dict(load_file(str(self.decoder_file)), strict=True)
         report["phases"].update(json.loads(self.report_file.read_text()))
 
     def close(self) -> None:
         """Stop the child if it still runs (SIGTERM: it saves at its next step) and give the threads back."""
-        if self.process.is_alive():
+        with self._lock:
+            alive = self.process.is_alive()
+        if alive:
             self.process.terminate()
-            self.process.join()
+            self._exitcode()
         torch.set_num_threads(self.threads)
 
 
